@@ -1,0 +1,44 @@
+"""frugalvision: efficient vision — fast architectures, cheap adaptation, industrial inspection, language x vision.
+
+Example:
+    >>> import frugalvision as fv
+    >>> fv.__version__
+    '0.1.0'
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import models  # registers our architectures in timm's registry
+from .bench import benchmark, count_flops, count_params
+from .config import build_config
+from .engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkpoint, seed_everything
+from .errors import CheckpointError, ConfigError, DataError, FrugalVisionError, MissingDependencyError
+from .export import export_onnx
+
+try:
+    __version__ = version("frugalvision")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FrugalVisionError",
+    "MissingDependencyError",
+    "TrainConfig",
+    "Trainer",
+    "__version__",
+    "benchmark",
+    "build_config",
+    "count_flops",
+    "count_params",
+    "evaluate",
+    "export_onnx",
+    "load_checkpoint",
+    "models",
+    "save_checkpoint",
+    "seed_everything",
+]

@@ -1,0 +1,30 @@
+"""Latency, throughput, params, FLOPs, peak memory and roofline, side by side."""
+
+from .core import (
+    BenchResult,
+    MachineInfo,
+    benchmark,
+    count_flops,
+    count_params,
+    machine_info,
+    matmul_peak_gflops,
+    peak_memory_mb,
+    results_to_markdown,
+    write_results,
+)
+from .run import BenchConfig, run_bench
+
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "MachineInfo",
+    "benchmark",
+    "count_flops",
+    "count_params",
+    "machine_info",
+    "matmul_peak_gflops",
+    "peak_memory_mb",
+    "results_to_markdown",
+    "run_bench",
+    "write_results",
+]

@@ -1,0 +1,435 @@
+"""Side-by-side model benchmarks: params, FLOPs, latency, throughput, peak memory and a roofline column.
+
+All models of one call are measured in the same process, with the same threads, in interleaved rounds
+(every round times each model once, in a rotating order), so slow drifts of a noisy machine hit every model
+alike; results are reported as ratios against the first model. A matmul probe run in the same call gives
+the machine's achievable GFLOP/s, and each model's achieved GFLOP/s is reported as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..utils.io import atomic_write_text
+
+__all__ = [
+    "BenchResult",
+    "MachineInfo",
+    "benchmark",
+    "count_flops",
+    "count_params",
+    "machine_info",
+    "matmul_peak_gflops",
+    "peak_memory_mb",
+    "results_to_markdown",
+    "write_results",
+]
+
+
+# --------------------------------------------------------------------------------------------- machine
+@dataclass
+class MachineInfo:
+    """The machine line of every result table."""
+
+    cpu: str
+    cores: int
+    threads: int
+    torch: str
+    device: str
+    onnxruntime: str | None = None
+    matmul_peak_gflops: float | None = None
+    date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+
+    def line(self) -> str:
+        """One human-readable line."""
+        parts = [f"{self.date}", f"CPU: {self.cpu}", f"{self.cores} cores", f"{self.threads} threads",
+                 f"torch {self.torch}", f"device {self.device}"]
+        if self.onnxruntime:
+            parts.append(f"onnxruntime {self.onnxruntime}")
+        if self.matmul_peak_gflops:
+            parts.append(f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s (fp32, measured)")
+        return " · ".join(parts)
+
+
+def _cpu_name() -> str:
+    with_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return with_name
+
+
+def machine_info(device: str | torch.device = "cpu") -> MachineInfo:
+    """Describe the machine and software the benchmark runs on."""
+    device = torch.device(device)
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    try:
+        import onnxruntime
+
+        ort_version: str | None = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return MachineInfo(_cpu_name(), os.cpu_count() or 1, torch.get_num_threads(), torch.__version__, dev, ort_version)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def matmul_peak_gflops(device: str | torch.device = "cpu", sizes: Sequence[int] = (512, 1024, 2048),
+                       seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """Achievable dense matmul GFLOP/s on ``device`` with the current threads (best over sizes and repeats).
+
+    Example:
+        >>> matmul_peak_gflops(sizes=(256,), seconds=0.05) > 0
+        True
+    """
+    device = torch.device(device)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=c)
+        _sync(device)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            _sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# --------------------------------------------------------------------------------------------- counters
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once).
+
+    Example:
+        >>> count_params(nn.Linear(3, 2))
+        8
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    """Forward FLOPs (a multiply-add counts 2) of ``model`` on ``example``, by ``torch.utils.flop_counter``.
+
+    Example:
+        >>> count_flops(nn.Linear(3, 2, bias=False), torch.randn(1, 3))
+        12
+    """
+    args = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(*args)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Track the bytes of tensor storages created by operators while active, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: dict[int, weakref.finalize] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.pop(key, None)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self._seen:
+                    continue
+                n = st.nbytes()
+                fin = weakref.finalize(st, self._free, key, n)
+                fin.atexit = False
+                self._seen[key] = fin
+                self.live += n
+                self.peak = max(self.peak, self.live)
+        return out
+
+
+@torch.no_grad()
+def peak_memory_mb(model: nn.Module, example: torch.Tensor) -> float:
+    """Peak memory of one forward pass beyond the weights and input, in MiB.
+
+    CUDA: the caching allocator's peak. CPU: the peak of live bytes of tensors created by operators during
+    the forward (intermediate activations and outputs), measured exactly by a dispatch-mode tracker.
+    """
+    device = example.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model(example)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with _LiveTensorBytes() as tracker:
+        out = model(example)
+        del out
+    return tracker.peak / 2**20
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+@dataclass
+class BenchResult:
+    """One row of a benchmark table."""
+
+    name: str
+    backend: str
+    params_m: float
+    gflops: float
+    latency_ms: float
+    latency_iqr_ms: float
+    throughput: float
+    batch_size: int
+    peak_mem_mb: float | None
+    achieved_gflops: float
+    peak_fraction: float | None
+    latency_ratio: float = 1.0
+    throughput_ratio: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _median_iqr(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 4:
+        return statistics.median(xs), 0.0
+    q = statistics.quantiles(xs, n=4)
+    return statistics.median(xs), q[2] - q[0]
+
+
+def _timer(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class _Entry:
+    name: str
+    backend: str
+    run1: Callable[[], Any]
+    runN: Callable[[], Any]
+    params: int
+    flops: int
+    mem_mb: float | None
+    lat: list[float] = field(default_factory=list)
+    thr: list[float] = field(default_factory=list)
+
+
+def benchmark(
+    models: dict[str, nn.Module] | Sequence[str],
+    img_size: int | tuple[int, int] | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+    throughput_repeats: int = 5,
+    onnx: bool = False,
+    channels_last: bool = False,
+    memory: bool = True,
+    progress: bool = True,
+    in_chans: int = 3,
+) -> tuple[list[BenchResult], MachineInfo]:
+    """Benchmark several models side by side in one process, interleaved, with ratios against the first.
+
+    Args:
+        models: Model names for ``timm.create_model`` (ours are registered there too) or ``{name: module}``.
+        img_size: Input resolution; each model's default config when omitted.
+        batch_size: Batch size for the throughput measurement (latency is always batch 1).
+        device: ``cpu`` or ``cuda``.
+        threads: torch (and onnxruntime) intra-op threads; unchanged when omitted.
+        warmup: Untimed runs per model and batch size before timing.
+        repeats: Timed batch-1 rounds.
+        throughput_repeats: Timed batch-N rounds.
+        onnx: Also export each model to ONNX and time it in onnxruntime (rows with backend ``onnxruntime``).
+        channels_last: Run eager models in channels-last memory format.
+        memory: Measure peak forward memory at batch N.
+        progress: Show a progress bar.
+        in_chans: Input channels.
+
+    Returns:
+        One :class:`BenchResult` per model and backend, and the machine description.
+
+    Example:
+        >>> rows, info = benchmark({"a": nn.Conv2d(3, 8, 3), "b": nn.Conv2d(3, 16, 3)}, img_size=16, batch_size=2,
+        ...                        repeats=3, throughput_repeats=2, warmup=1, progress=False)
+        >>> [r.name for r in rows], rows[0].latency_ratio
+        (['a', 'b'], 1.0)
+    """
+    import timm
+
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    info = machine_info(dev)
+    info.matmul_peak_gflops = matmul_peak_gflops(dev)
+    named: dict[str, nn.Module] = (
+        dict(models) if isinstance(models, dict) else {n: timm.create_model(n, pretrained=False) for n in models}
+    )
+    if not named:
+        raise ValueError("no models to benchmark")
+    entries: list[_Entry] = []
+    tmpdir = Path(tempfile.mkdtemp(prefix="fv-bench-")) if onnx else None
+    for name, model in named.items():
+        model = model.eval().to(dev)
+        size = img_size
+        if size is None:
+            size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (in_chans, 224, 224)))[1:]
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        x1 = torch.randn(1, in_chans, *hw, device=dev)
+        xN = torch.randn(batch_size, in_chans, *hw, device=dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x1, xN = (t.contiguous(memory_format=torch.channels_last) for t in (x1, xN))
+        flops = count_flops(model, x1)
+        params = count_params(model)
+        mem = peak_memory_mb(model, xN) if memory else None
+
+        def eager(m: nn.Module = model, x: torch.Tensor = x1) -> Callable[[], Any]:
+            def run() -> Any:
+                with torch.inference_mode():
+                    return m(x)
+            return run
+
+        entries.append(_Entry(name, "eager", eager(model, x1), eager(model, xN), params, flops, mem))
+        if onnx and tmpdir is not None:
+            from ..export import OrtRunner, export_onnx
+
+            path = tmpdir / f"{len(entries)}.onnx"
+            export_onnx(model.cpu(), path, x1.cpu(), check=True)
+            model.to(dev)
+            ort = OrtRunner(path, threads=torch.get_num_threads(), device=dev.type)
+            a1, aN = x1.cpu().numpy(), xN.cpu().numpy()
+            entries.append(_Entry(name, "onnxruntime", lambda o=ort, a=a1: o(a), lambda o=ort, a=aN: o(a),
+                                  params, flops, None))
+
+    from tqdm.auto import tqdm
+
+    total = len(entries) * (warmup * 2 + repeats + throughput_repeats)
+    bar = tqdm(total=total, desc="bench", disable=not progress, dynamic_ncols=True)
+    for e in entries:  # warm-up, both batch sizes
+        for _ in range(warmup):
+            e.run1()
+            e.runN()
+            bar.update(2)
+    order = list(range(len(entries)))
+    for r in range(repeats):
+        for i in order[r % len(order):] + order[: r % len(order)]:
+            entries[i].lat.append(_timer(entries[i].run1, dev) * 1e3)
+            bar.update(1)
+    for r in range(throughput_repeats):
+        for i in order[r % len(order):] + order[: r % len(order)]:
+            entries[i].thr.append(batch_size / _timer(entries[i].runN, dev))
+            bar.update(1)
+    bar.close()
+
+    rows: list[BenchResult] = []
+    for e in entries:
+        lat, iqr = _median_iqr(e.lat)
+        thr = statistics.median(e.thr)
+        achieved = e.flops * thr / 1e9
+        rows.append(BenchResult(
+            name=e.name, backend=e.backend, params_m=e.params / 1e6, gflops=e.flops / 1e9, latency_ms=lat,
+            latency_iqr_ms=iqr, throughput=thr, batch_size=batch_size, peak_mem_mb=e.mem_mb,
+            achieved_gflops=achieved,
+            peak_fraction=achieved / info.matmul_peak_gflops if info.matmul_peak_gflops else None,
+        ))
+    ref = rows[0]
+    for r in rows:
+        r.latency_ratio = ref.latency_ms / r.latency_ms  # >1: faster than the first row
+        r.throughput_ratio = r.throughput / ref.throughput
+    return rows, info
+
+
+# --------------------------------------------------------------------------------------------- output
+_COLUMNS = [
+    ("name", "model", "{}"), ("backend", "backend", "{}"), ("params_m", "params (M)", "{:.2f}"),
+    ("gflops", "GFLOPs (b1)", "{:.3f}"), ("latency_ms", "latency b1 (ms)", "{:.2f}"),
+    ("latency_iqr_ms", "IQR (ms)", "{:.2f}"), ("throughput", "throughput (img/s)", "{:.1f}"),
+    ("peak_mem_mb", "peak mem (MiB)", "{:.1f}"), ("achieved_gflops", "achieved GFLOP/s", "{:.1f}"),
+    ("peak_fraction", "of matmul peak", "{:.0%}"), ("latency_ratio", "speed-up b1", "{:.2f}x"),
+    ("throughput_ratio", "speed-up bN", "{:.2f}x"),
+]
+
+
+def results_to_markdown(rows: Sequence[BenchResult], info: MachineInfo, title: str = "Benchmark",
+                        command: str | None = None) -> str:
+    """A Markdown table with the machine line and the reproducing command."""
+    lines = [f"# {title}", "", f"Machine: {info.line()}", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    bs = rows[0].batch_size if rows else 0
+    lines += [f"Latency: batch 1, median of interleaved rounds. Throughput: batch {bs}. Speed-ups are relative "
+              "to the first row (>1 is faster).", ""]
+    lines.append("| " + " | ".join(h for _, h, _ in _COLUMNS) + " |")
+    lines.append("|" + "|".join("---" for _ in _COLUMNS) + "|")
+    for r in rows:
+        cells = []
+        for key, _, fmt in _COLUMNS:
+            v = getattr(r, key)
+            cells.append("—" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[BenchResult], info: MachineInfo, out: str | Path, title: str = "Benchmark",
+                  command: str | None = None) -> tuple[Path, Path]:
+    """Write ``out.csv`` and ``out.md`` atomically; returns both paths."""
+    out = Path(out)
+    csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
+    buf = io.StringIO()
+    fields = [k for k in asdict(rows[0]) if k != "extra"] + ["machine"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        d = {k: v for k, v in asdict(r).items() if k != "extra"}
+        d["machine"] = info.line()
+        writer.writerow(d)
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(md_path, results_to_markdown(rows, info, title, command))
+    return csv_path, md_path

@@ -1,0 +1,57 @@
+"""The ``frugalvision bench`` job: benchmark models by name and write CSV + Markdown tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .core import BenchResult, MachineInfo, benchmark, results_to_markdown, write_results
+
+__all__ = ["BenchConfig", "run_bench"]
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark models side by side.
+
+    Attributes:
+        models: timm model names (ours included); the first is the reference of the ratios.
+        img_size: Input resolution (each model's default when unset).
+        batch_size: Batch size of the throughput measurement.
+        threads: Intra-op threads for torch and onnxruntime (current setting when unset).
+        repeats: Timed batch-1 rounds.
+        throughput_repeats: Timed batch-N rounds.
+        warmup: Untimed runs before timing.
+        device: cpu or cuda.
+        onnx: Also export each model and time it in onnxruntime.
+        channels_last: Channels-last memory format for the eager models.
+        out: Write ``<out>.csv`` and ``<out>.md`` (e.g. ``benchmarks/results/mine``).
+        title: Title of the Markdown table.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["resnet18"])
+    img_size: int | None = None
+    batch_size: int = 32
+    threads: int | None = None
+    repeats: int = 20
+    throughput_repeats: int = 5
+    warmup: int = 3
+    device: str = "cpu"
+    onnx: bool = False
+    channels_last: bool = False
+    out: str | None = None
+    title: str = "Benchmark"
+
+
+def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchResult], MachineInfo, str]:
+    """Run :func:`~frugalvision.bench.benchmark` from a config; returns rows, machine and the Markdown table."""
+    from ..models import create_model
+
+    models = {n: create_model(n) for n in cfg.models}
+    rows, info = benchmark(models, img_size=cfg.img_size, batch_size=cfg.batch_size, device=cfg.device,
+                           threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
+                           throughput_repeats=cfg.throughput_repeats, onnx=cfg.onnx, channels_last=cfg.channels_last)
+    md = results_to_markdown(rows, info, cfg.title, command)
+    if cfg.out:
+        write_results(rows, info, Path(cfg.out), cfg.title, command)
+    return rows, info, md

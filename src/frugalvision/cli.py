@@ -1,0 +1,302 @@
+"""``frugalvision <command>``: a thin layer over the Python API.
+
+Every command is configured by a dataclass; values come from its defaults, then ``--config file.yaml``,
+then ``key=value`` overrides (``--key value`` and ``--flag`` work too). ``frugalvision <command> --help``
+lists every key with its type, default and meaning. Bad arguments exit with code 2 and one line on stderr;
+data and checkpoint problems exit with code 1 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .config import build_config
+from .errors import ConfigError, FrugalVisionError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@dataclass
+class _Command:
+    name: str
+    help: str
+    config: type | None
+    run: Callable[[Any, argparse.Namespace], int]
+    positional: str | None = None  # config field filled by bare positional words
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        text = klass.__doc__ or ""
+        m = re.search(r"Attributes:\n(.*?)(\n\s*\n|\Z)", text, re.S)
+        if not m:
+            continue
+        current = None
+        for line in m.group(1).splitlines():
+            fm = re.match(r"\s{8}(\w+):\s*(.*)", line)
+            if fm:
+                current = fm.group(1)
+                docs[current] = fm.group(2).strip()
+            elif current and line.strip():
+                docs[current] += " " + line.strip()
+    return docs
+
+
+def _config_help(cls: type) -> str:
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    lines = ["configuration keys (key=value, --key value, or in --config YAML):"]
+    own = getattr(cls, "__annotations__", {})
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        tp = str(hints[f.name]).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+        lines.append(f"  {f.name} ({tp}, default {default!r})")
+        if f.name in docs:
+            lines.append(f"      {docs[f.name]}")
+    return "\n".join(lines)
+
+
+def _split_tokens(tokens: Sequence[str], cls: type, positional: str | None) -> tuple[list[str], list[str]]:
+    """Turn leftover tokens into ``key=value`` overrides and bare positional words."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    overrides: list[str] = []
+    words: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key, eq, value = tok[2:].partition("=")
+            key = key.replace("-", "_")
+            if key not in fields:
+                raise ConfigError(f"unknown option --{key.replace('_', '-')}; valid keys: {', '.join(fields)}")
+            if not eq:
+                if hints[key] is bool:
+                    value = "true"
+                elif i + 1 < len(tokens):
+                    i += 1
+                    value = tokens[i]
+                else:
+                    raise ConfigError(f"option --{key.replace('_', '-')} needs a value")
+            overrides.append(f"{key}={value}")
+        elif "=" in tok and re.match(r"^[A-Za-z_][\w.]*=", tok):
+            overrides.append(tok)
+        else:
+            if positional is None:
+                raise ConfigError(f"unexpected argument {tok!r}; give settings as key=value")
+            words.append(tok)
+        i += 1
+    if words and positional is not None:
+        tp = hints[positional]
+        value = json.dumps(words) if typing.get_origin(tp) in (list, tuple) else words[0]
+        if typing.get_origin(tp) not in (list, tuple) and len(words) > 1:
+            raise ConfigError(f"expected one {positional}, got {' '.join(words)}")
+        overrides.insert(0, f"{positional}={value}")
+    return overrides, words
+
+
+# --------------------------------------------------------------------------------------------- commands
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _run_train(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.classification import train_classifier
+
+    _print_json(train_classifier(cfg))
+    return 0
+
+
+def _run_eval(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.classification import eval_classifier
+
+    _print_json(eval_classifier(cfg))
+    return 0
+
+
+def _run_export(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.classification import export_model
+
+    _print_json(export_model(cfg))
+    return 0
+
+
+def _run_bench(cfg: Any, args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    command = "frugalvision " + " ".join(shlex.quote(a) for a in args._argv)
+    _, _, md = run_bench(cfg, command)
+    print(md)
+    return 0
+
+
+def _run_demo(cfg: Any, args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(cfg)
+    print(f"report: {result['report_html']}")
+    return 0
+
+
+def _run_data(cfg: Any, args: argparse.Namespace) -> int:
+    from .data import BUNDLED, build_bundled, load_bundled
+
+    names = [cfg.name] if cfg.name != "all" else list(BUNDLED)
+    for n in names:
+        if n not in BUNDLED:
+            raise ConfigError(f"unknown bundled dataset {n!r}; available: {', '.join(BUNDLED)}, all")
+        folder = build_bundled(n, force=cfg.rebuild)
+        sizes = {s: len(load_bundled(n, s)) for s in ("train", "val", "test")}
+        print(f"{n}: {folder}  {sizes}  ({BUNDLED[n].description})")
+    return 0
+
+
+def _run_models(cfg: Any, args: argparse.Namespace) -> int:
+    import timm
+
+    from . import models
+
+    pattern = cfg.pattern or "*"
+    names = timm.list_models(pattern)
+    if not cfg.all:
+        names = [n for n in names if timm.models.model_entrypoint(n).__module__.startswith(models.__name__)]
+    print("\n".join(names) if names else f"no registered model matches {pattern!r}")
+    return 0
+
+
+def _run_info(cfg: Any, args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__
+    from .bench import machine_info
+    from .data import cache_dir
+
+    info = machine_info("cpu")
+    _print_json({"frugalvision": __version__, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                 "cpu": info.cpu, "cores": info.cores, "threads": info.threads, "cache_dir": str(cache_dir())})
+    return 0
+
+
+@dataclass
+class DataConfig:
+    """Build a bundled real-image dataset (no downloads) and print where it is.
+
+    Attributes:
+        name: textures, digits, faces, or all.
+        rebuild: Rebuild even if the cached copy exists.
+    """
+
+    name: str = "all"
+    rebuild: bool = False
+
+
+@dataclass
+class ModelsConfig:
+    """List registered models.
+
+    Attributes:
+        pattern: Shell-style filter (e.g. ``fastervit*``).
+        all: List every timm model, not only frugalvision's.
+    """
+
+    pattern: str | None = None
+    all: bool = False
+
+
+@dataclass
+class InfoConfig:
+    """Print versions, hardware and cache location."""
+
+
+def _commands() -> list[_Command]:
+    from .bench.run import BenchConfig
+    from .demo import DemoConfig
+    from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
+
+    return [
+        _Command("demo", "run the main pipeline end to end on bundled real data", DemoConfig, _run_demo),
+        _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig, _run_train),
+        _Command("eval", "evaluate a trained model file on a dataset split", EvalConfig, _run_eval),
+        _Command("export", "export a model file to ONNX with a parity check", ExportConfig, _run_export),
+        _Command("bench", "benchmark models side by side (latency, throughput, FLOPs, memory, roofline)",
+                 BenchConfig, _run_bench, positional="models"),
+        _Command("data", "build the bundled real-image datasets", DataConfig, _run_data, positional="name"),
+        _Command("models", "list registered models", ModelsConfig, _run_models, positional="pattern"),
+        _Command("info", "versions, hardware and cache location", InfoConfig, _run_info),
+    ]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
+    """The top-level parser and the command table."""
+    parser = _Parser(prog="frugalvision", description="Efficient vision: architectures, adaptation, inspection.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Run `frugalvision <command> --help` for a command's configuration keys.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"frugalvision {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    table = {}
+    for cmd in _commands():
+        desc = (cmd.config.__doc__ or cmd.help).strip().split("\n")[0] if cmd.config else cmd.help
+        desc = re.sub(r":\w+:`~?(?:[\w]+\.)*(\w+)`", r"\1", desc)
+        usage_pos = f" [{cmd.positional.upper()} ...]" if cmd.positional else ""
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=_config_help(cmd.config) if cmd.config else None,
+            usage=f"frugalvision {cmd.name}{usage_pos} [--config FILE] [key=value ...]",
+        )
+        p.add_argument("--config", metavar="FILE", help="YAML file of configuration keys")
+        table[cmd.name] = cmd
+    return parser, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``frugalvision`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, table = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    args, rest = parser.parse_known_args(argv)
+    args._argv = argv
+    cmd = table[args.command]
+    try:
+        overrides, _ = _split_tokens(rest, cmd.config, cmd.positional)
+        cfg = build_config(cmd.config, args.config, overrides)
+    except ConfigError as exc:
+        print(f"frugalvision {cmd.name}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return cmd.run(cfg, args)
+    except ConfigError as exc:
+        print(f"frugalvision {cmd.name}: error: {exc}", file=sys.stderr)
+        return 2
+    except FrugalVisionError as exc:
+        print(f"frugalvision {cmd.name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"frugalvision {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

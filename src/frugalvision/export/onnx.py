@@ -1,0 +1,220 @@
+"""ONNX export with an onnxruntime parity check, and a small onnxruntime runner for inference and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .._deps import require
+from ..errors import FrugalVisionError
+from ..utils.io import atomic_path
+
+__all__ = ["ExportResult", "OrtRunner", "export_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(FrugalVisionError, RuntimeError):
+    """The model could not be exported, or the exported graph disagrees with PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    """Where the model went and how closely onnxruntime reproduces PyTorch."""
+
+    path: Path
+    exporter: str
+    max_abs_err: float | None = None
+    max_rel_err: float | None = None
+    checked_batch_sizes: tuple[int, ...] = ()
+
+
+class OrtRunner:
+    """Run an ONNX file with onnxruntime on CPU (or CUDA when asked and available).
+
+    Args:
+        path: The ``.onnx`` file.
+        threads: Intra-op threads (``torch.get_num_threads()`` when omitted, so timings compare fairly).
+        device: ``cpu`` or ``cuda``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.onnx"
+        >>> _ = export_onnx(nn.Linear(4, 2).eval(), p, torch.randn(1, 4), exporter="torchscript")
+        >>> OrtRunner(p)(np.zeros((3, 4), np.float32))[0].shape
+        (3, 2)
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu") -> None:
+        ort = require("onnxruntime", "running ONNX models")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportError(f"onnxruntime cannot load {path}: {exc}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, *inputs: np.ndarray | torch.Tensor) -> list[np.ndarray]:
+        """Run the graph on numpy arrays or CPU tensors; returns the outputs as numpy arrays."""
+        feeds = {
+            n: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x))
+            for n, x in zip(self.input_names, inputs, strict=True)
+        }
+        return self.session.run(None, feeds)
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, exporter: str, opset: int,
+            dynamic_batch: bool, input_names: Sequence[str], output_names: Sequence[str] | None) -> None:
+    if exporter == "dynamo":
+        require("onnxscript", "ONNX export")
+        dyn = None
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            dyn = tuple({0: batch} for _ in args)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
+                                     input_names=list(input_names), output_names=list(output_names or []) or None,
+                                     verbose=False, optimize=True)
+            prog.save(str(path))
+    else:
+        axes = {n: {0: "batch"} for n in [*input_names, *(output_names or [])]} if dynamic_batch else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=min(opset, 20),
+                              input_names=list(input_names), output_names=list(output_names or []) or None,
+                              dynamic_axes=axes, do_constant_folding=True)
+
+
+@torch.no_grad()
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example: torch.Tensor | Sequence[torch.Tensor] | tuple[int, ...] = (1, 3, 224, 224),
+    dynamic_batch: bool = True,
+    opset: int = 18,
+    check: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto",
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] | None = None,
+) -> ExportResult:
+    """Export ``model`` (in eval mode, on CPU) to ONNX and check it against PyTorch with onnxruntime.
+
+    The file is written atomically. With ``check=True`` the graph is run on the example input and, when the
+    batch axis is dynamic, on a batch of a different size too (catching graphs that baked the batch size
+    in); any output differing by more than ``atol + rtol * |reference|`` raises and removes the file.
+
+    Args:
+        model: The model; exported as is (call ``fv.reparameterize_model`` first to export the fused form).
+        path: Output ``.onnx`` file.
+        example: Example input tensor(s) or an input shape.
+        dynamic_batch: Make the batch axis dynamic.
+        opset: ONNX opset version.
+        check: Compare onnxruntime with PyTorch.
+        atol: Absolute tolerance of the check.
+        rtol: Relative tolerance of the check.
+        exporter: ``dynamo`` (torch.export based), ``torchscript`` (legacy), or ``auto`` (dynamo, then
+            torchscript if it fails).
+        input_names: Graph input names.
+        output_names: Graph output names.
+
+    Returns:
+        The path, the exporter used and the measured errors.
+
+    Raises:
+        ExportError: If export fails with every exporter tried, or the parity check fails.
+    """
+    path = Path(path)
+    require("onnx", "ONNX export")
+    if isinstance(example, tuple) and all(isinstance(s, int) for s in example):
+        args: tuple[torch.Tensor, ...] = (torch.randn(*example),)
+    elif isinstance(example, torch.Tensor):
+        args = (example,)
+    else:
+        args = tuple(example)  # type: ignore[arg-type]
+    args = tuple(a.detach().cpu() for a in args)
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model = model.eval().cpu()
+    tried = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    errors: list[str] = []
+    used = None
+    try:
+        with atomic_path(path) as tmp:
+            for name in tried:
+                try:
+                    _export(model, args, tmp, name, opset, dynamic_batch, input_names, output_names)
+                    used = name
+                    break
+                except Exception as exc:  # exporters raise many types
+                    errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+                    log.info("ONNX export with %s failed: %s", name, errors[-1])
+            if used is None:
+                raise ExportError(f"ONNX export of {type(model).__name__} failed: " + " | ".join(errors))
+            result = ExportResult(path, used)
+            if check:
+                _check(model, args, tmp, dynamic_batch, atol, rtol, result)
+    finally:
+        model.to(device).train(was_training)
+    return result
+
+
+def _check(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, dynamic_batch: bool, atol: float,
+           rtol: float, result: ExportResult) -> None:
+    runner = OrtRunner(path, threads=torch.get_num_threads())
+    batches = [args]
+    if dynamic_batch:
+        n = args[0].shape[0]
+        other = 2 if n != 2 else 3
+        g = torch.Generator().manual_seed(0)
+        batches.append(tuple(
+            torch.randn((other, *a.shape[1:]), generator=g, dtype=a.dtype) if a.is_floating_point() else
+            a[:1].expand(other, *a.shape[1:]).clone() for a in args
+        ))
+    max_abs, max_rel = 0.0, 0.0
+    for b in batches:
+        ref = _flat_outputs(model(*b))
+        got = runner(*b)
+        if len(ref) != len(got):
+            raise ExportError(f"ONNX graph {path} returns {len(got)} outputs, PyTorch returns {len(ref)}")
+        for i, (r, g_) in enumerate(zip(ref, got, strict=True)):
+            g_t = torch.from_numpy(np.asarray(g_)).to(r.dtype)
+            if g_t.shape != r.shape:
+                raise ExportError(f"ONNX output {i} has shape {tuple(g_t.shape)}, PyTorch {tuple(r.shape)} "
+                                  f"(batch {b[0].shape[0]})")
+            diff = (g_t.double() - r.double()).abs()
+            max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+            denom = r.double().abs().max().clamp_min(1e-12)
+            max_rel = max(max_rel, float(diff.max() / denom) if diff.numel() else 0.0)
+            if not torch.allclose(g_t.double(), r.double(), atol=atol, rtol=rtol):
+                raise ExportError(
+                    f"ONNX output {i} differs from PyTorch by up to {float(diff.max()):.3g} at batch {b[0].shape[0]} "
+                    f"(atol={atol}, rtol={rtol}); the export is not faithful"
+                )
+    result.max_abs_err, result.max_rel_err = max_abs, max_rel
+    result.checked_batch_sizes = tuple(b[0].shape[0] for b in batches)

@@ -1,0 +1,5 @@
+"""Model families registered in timm's registry (``timm.create_model`` works after ``import frugalvision``)."""
+
+from .factory import create_model, load_model_file, read_model_info, save_model_file
+
+__all__ = ["create_model", "load_model_file", "read_model_info", "save_model_file"]

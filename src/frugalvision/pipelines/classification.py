@@ -1,0 +1,180 @@
+"""Image classification jobs: train, evaluate and export a timm model on a folder or a bundled dataset."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import config_to_dict
+from ..data import BUNDLED, ImageFolderDataset, build_bundled, build_transforms, data_config_of
+from ..engine import ClassificationTask, TrainConfig, Trainer, evaluate, resolve_device, seed_everything
+from ..errors import ConfigError, DataError
+from ..models import create_model, load_model_file, save_model_file
+from ..utils.io import atomic_write_text
+
+__all__ = ["ClassifyConfig", "EvalConfig", "ExportConfig", "export_model", "load_splits", "train_classifier"]
+
+
+@dataclass
+class ClassifyConfig(TrainConfig):
+    """Train a classifier (every :class:`~frugalvision.engine.TrainConfig` key applies too).
+
+    Attributes:
+        model: timm model name (``frugalvision models`` lists ours).
+        data: A bundled dataset name (textures, digits, faces) or a folder with ``train/`` and ``val/``
+            (and optionally ``test/``) image-folder splits.
+        img_size: Training and evaluation resolution.
+        weights: Initial weights file (safetensors or weights-only PyTorch); random init when unset.
+        drop_path_rate: Stochastic depth rate for models that support it.
+    """
+
+    model: str = "resnet18"
+    data: str = "textures"
+    img_size: int = 64
+    weights: str | None = None
+    drop_path_rate: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model file on a split of a dataset.
+
+    Attributes:
+        model_file: A model file written by ``frugalvision train`` (``model.safetensors``).
+        data: Bundled dataset name or image-folder root with split sub-folders.
+        split: Which split to evaluate.
+        batch_size: Evaluation batch size.
+        device: auto, cpu or cuda.
+    """
+
+    model_file: str = "runs/train/model.safetensors"
+    data: str = "textures"
+    split: str = "test"
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    """Export a model file to ONNX and check it with onnxruntime.
+
+    Attributes:
+        model_file: A model file written by ``frugalvision train``.
+        out: The ``.onnx`` file to write.
+        opset: ONNX opset.
+        check: Compare onnxruntime with PyTorch (tolerance 1e-4).
+        reparameterize: Fold multi-branch blocks and conv+BN pairs before export.
+    """
+
+    model_file: str = "runs/train/model.safetensors"
+    out: str = "model.onnx"
+    opset: int = 18
+    check: bool = True
+    reparameterize: bool = True
+
+
+def _resolve_data_root(data: str) -> Path:
+    if data in BUNDLED:
+        return build_bundled(data)
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"data {data!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor a folder")
+    return root
+
+
+def load_splits(data: str, img_size: int, mean: Any, std: Any, train_aug: bool = True
+                ) -> tuple[dict[str, ImageFolderDataset], list[str]]:
+    """Image-folder splits of ``data`` (augmented ``train``; ``val``/``test`` when present) and the class names."""
+    root = _resolve_data_root(data)
+    if not (root / "train").is_dir():
+        raise DataError(f"dataset folder {root} has no train/ sub-folder (expected train/, val/ and optionally test/)")
+    train = ImageFolderDataset(root / "train", build_transforms(img_size, train=train_aug, mean=mean, std=std))
+    out = {"train": train}
+    for s in ("val", "test"):
+        if (root / s).is_dir():
+            out[s] = ImageFolderDataset(root / s, build_transforms(img_size, train=False, mean=mean, std=std),
+                                        classes=train.classes)
+    return out, train.classes
+
+
+def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; writes ``model.safetensors``, ``metrics.json`` and ``config.yaml``.
+
+    Returns:
+        The final validation and test metrics and the output paths.
+    """
+    out = Path(cfg.output_dir or f"runs/train/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.output_dir = out
+    seed_everything(cfg.seed)
+    kwargs: dict[str, Any] = {}
+    if cfg.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    probe = create_model(cfg.model, **kwargs)
+    dc = data_config_of(probe)
+    splits, classes = load_splits(cfg.data, cfg.img_size, dc["mean"], dc["std"])
+    kwargs["num_classes"] = len(classes)
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, weights=None, **kwargs)
+    if cfg.weights:
+        _load_backbone_weights(model, cfg.weights)
+    train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
+    trainer = Trainer(model, train_cfg, splits["train"], splits.get("val"),
+                      ClassificationTask(label_smoothing=cfg.label_smoothing))
+    result = trainer.fit()
+    metrics: dict[str, Any] = {"val": result.final, "steps": result.steps, "wall_time_s": result.wall_time_s}
+    if "test" in splits:
+        metrics["test"] = trainer.evaluate(splits["test"])
+    if trainer.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_model_file(model, out / "model.safetensors", cfg.model, kwargs, classes=classes,
+                        img_size=cfg.img_size, mean=list(dc["mean"]), std=list(dc["std"]))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    metrics["output_dir"] = str(out)
+    return metrics
+
+
+def _load_backbone_weights(model: torch.nn.Module, weights: str) -> None:
+    """Load pretrained weights, skipping a classifier whose size differs (fine-tuning to new classes)."""
+    from ..engine.checkpoint import load_state_dict_file
+
+    sd = load_state_dict_file(weights)
+    own = model.state_dict()
+    skipped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    for k in skipped:
+        sd.pop(k)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = sorted(set(missing) - set(skipped))
+    if unexpected or bad:
+        raise ConfigError(f"weights {weights} do not fit the model: missing {bad[:3]}, unexpected {unexpected[:3]}")
+
+
+def eval_classifier(cfg: EvalConfig) -> dict[str, float]:
+    """Evaluate a model file on a dataset split."""
+    model, info = load_model_file(cfg.model_file)
+    root = _resolve_data_root(cfg.data)
+    if not (root / cfg.split).is_dir():
+        raise DataError(f"dataset folder {root} has no {cfg.split}/ split")
+    ds = ImageFolderDataset(root / cfg.split, build_transforms(info["img_size"], False, info["mean"], info["std"]),
+                            classes=info["classes"])
+    return evaluate(model, ds, ClassificationTask(), cfg.batch_size, resolve_device(cfg.device), progress=True)
+
+
+def export_model(cfg: ExportConfig) -> dict[str, Any]:
+    """Export a model file to ONNX (reparameterised first when asked), with the onnxruntime parity check."""
+    from ..export import export_onnx
+
+    model, info = load_model_file(cfg.model_file)
+    if cfg.reparameterize:
+        from timm.utils import reparameterize_model
+
+        model = reparameterize_model(model)
+    size = info.get("img_size", 224)
+    res = export_onnx(model, cfg.out, (1, 3, size, size), opset=cfg.opset, check=cfg.check)
+    return {"path": str(res.path), "exporter": res.exporter, "max_abs_err": res.max_abs_err}
