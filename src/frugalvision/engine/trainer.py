@@ -319,7 +319,8 @@ def evaluate(
     else:
         dist_info = DistInfo(*_dist_triplet())
         sampler = _EpochBatchSampler(len(data), batch_size, 0, dist_info, train=False)
-        loader = DataLoader(_SeededSamples(data, 0, num_workers == 0), batch_sampler=sampler, num_workers=num_workers)
+        loader = DataLoader(_SeededSamples(data, 0, num_workers == 0), batch_sampler=sampler, num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(0))
     was_training = model.training
     model.eval()
     metrics: list[Metric] = task.metrics()
@@ -431,6 +432,9 @@ class Trainer:
             num_workers=config.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # A private generator: creating an iterator must not draw from the global RNG, or a resumed run's
+            # dropout masks would shift relative to an uninterrupted one.
+            generator=torch.Generator().manual_seed(config.seed),
         )
         self.val_data = val_data
         self.callbacks = list(callbacks)

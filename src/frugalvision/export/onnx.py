@@ -166,19 +166,19 @@ def export_onnx(
     used = None
     try:
         with atomic_path(path) as tmp:
-            for name in tried:
+            for name in tried:  # the first exporter whose graph is faithful wins
                 try:
                     _export(model, args, tmp, name, opset, dynamic_batch, input_names, output_names)
+                    result = ExportResult(path, name)
+                    if check:
+                        _check(model, args, tmp, dynamic_batch, atol, rtol, result)
                     used = name
                     break
-                except Exception as exc:  # exporters raise many types
+                except Exception as exc:  # exporters and onnxruntime raise many types
                     errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
                     log.info("ONNX export with %s failed: %s", name, errors[-1])
             if used is None:
                 raise ExportError(f"ONNX export of {type(model).__name__} failed: " + " | ".join(errors))
-            result = ExportResult(path, used)
-            if check:
-                _check(model, args, tmp, dynamic_batch, atol, rtol, result)
     finally:
         model.to(device).train(was_training)
     return result
@@ -199,7 +199,11 @@ def _check(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, dynamic
     max_abs, max_rel = 0.0, 0.0
     for b in batches:
         ref = _flat_outputs(model(*b))
-        got = runner(*b)
+        try:
+            got = runner(*b)
+        except Exception as exc:  # onnxruntime's own exception types
+            first = str(exc).splitlines()[0]
+            raise ExportError(f"the ONNX graph fails on a batch of {b[0].shape[0]}: {first}") from None
         if len(ref) != len(got):
             raise ExportError(f"ONNX graph {path} returns {len(got)} outputs, PyTorch returns {len(ref)}")
         for i, (r, g_) in enumerate(zip(ref, got, strict=True)):
