@@ -80,7 +80,15 @@ def test_round_trip_through_dict():
     assert build_config(Cfg, overrides=d) == cfg
 
 
+def test_string_fields_keep_the_text_as_typed():
+    cfg = build_config(Cfg, overrides=["name=title: with colon", "out=007"])
+    assert cfg.name == "title: with colon" and cfg.out == Path("007")
+    assert build_config(Cfg, overrides=["name=yes"]).name == "yes"
+    assert build_config(Cfg, overrides=["flag=yes"]).flag is True
+
+
 def test_parse_overrides_nesting():
-    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
+    parsed = parse_overrides(["a.b.c=1", "a.b.d=x"])
+    assert parsed == {"a": {"b": {"c": "1", "d": "x"}}} and parsed["a"]["b"]["c"].parsed == 1
     with pytest.raises(ConfigError, match="conflicts"):
         parse_overrides(["a=1", "a.b=2"])

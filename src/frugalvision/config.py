@@ -50,12 +50,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _Override(str):
+    """A command-line value: the raw text (used for string fields) plus its YAML reading (used otherwise)."""
+
+    parsed: Any
+
+    def __new__(cls, raw: str, parsed: Any) -> _Override:
+        obj = super().__new__(cls, raw)
+        obj.parsed = parsed
+        return obj
+
+
+def _plain(v: Any) -> Any:
+    return v.parsed if isinstance(v, _Override) else v
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings into a nested dict; values are read as YAML scalars.
 
+    String-typed config fields receive the text exactly as typed (``name=007`` stays ``"007"``).
+
     Example:
-        >>> parse_overrides(["epochs=3", "optim.lr=1e-3", "name=vit"])
-        {'epochs': 3, 'optim': {'lr': 0.001}, 'name': 'vit'}
+        >>> {k: _plain(v) for k, v in parse_overrides(["epochs=3", "lr=1e-3", "name=vit"]).items()}
+        {'epochs': 3, 'lr': 0.001, 'name': 'vit'}
     """
     out: dict[str, Any] = {}
     for item in overrides:
@@ -77,7 +94,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = value
+        node[parts[-1]] = _Override(raw.strip(), value)
     return out
 
 
@@ -98,11 +115,17 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Coerce ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
     origin = get_origin(tp)
+    if isinstance(value, _Override):
+        text_field = tp in (str, Path) or (origin is Literal and all(isinstance(c, str) for c in get_args(tp)))
+        if text_field:
+            value = str(value)
+        elif origin not in (Union, types.UnionType):
+            value = value.parsed
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
-        if value is None and type(None) in args:
+        if _plain(value) is None and type(None) in args:
             return None
         for arg in args:
             if arg is type(None):
