@@ -1,15 +1,18 @@
 """``frugalvision demo``: the main job, end to end, on real data that ships with the install.
 
-Stages: build the bundled real-image dataset -> train an efficient classifier with the engine -> evaluate
--> re-parameterise / fuse -> export to ONNX with an onnxruntime parity check -> benchmark PyTorch vs ONNX
-Runtime side by side -> write a self-contained HTML report (plus Markdown and JSON) to ``runs/demo/``.
+Stages: build the bundled inspection benchmark (real surface tiles with realistic defects) -> pre-train the
+backbone on bundled real textures (cached after the first run) -> synthesise procedural defects -> train a
+defect segmenter with a frozen backbone on a few real defects plus the synthetic ones -> re-parameterise / fuse
+-> export to ONNX with an onnxruntime parity check -> benchmark the training form, the fused form and ONNX
+Runtime side by side -> write a self-contained HTML report to ``runs/demo/``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +28,30 @@ __all__ = ["DemoConfig", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    """Run the main pipeline end to end on bundled real data.
+    """Run the inspection pipeline end to end on the bundled real benchmark.
 
     Attributes:
-        out_dir: Where the report, model and ONNX file go.
-        model: timm model name to train.
-        dataset: Bundled dataset (textures, digits, faces).
-        img_size: Training resolution.
-        epochs: Training epochs.
-        batch_size: Training batch size.
-        lr: Peak AdamW learning rate.
-        seed: Seed of data order and initialisation.
+        out_dir: Where the report, model, ONNX file and synthetic data go.
+        segmenter: ``ours:<timm backbone>``; the backbone is pre-trained on bundled textures and frozen.
+        categories: Benchmark categories (all five when empty).
+        img_size: Resolution.
+        epochs: Training epochs of the segmenter.
+        few_shot: Real defective images per category and kind used for training.
+        synthetic_per_kind: Procedural synthetic images per category and kind.
+        pretrain_epochs: Epochs of backbone pre-training (cached per setting).
+        seed: Seed.
         device: auto, cpu or cuda.
-        quick: A few steps only (smoke test; the numbers are meaningless).
+        quick: A few steps only on one category (smoke test; the numbers are meaningless).
     """
 
     out_dir: str = "runs/demo"
-    model: str = "resnet18"
-    dataset: str = "textures"
-    img_size: int = 64
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 2e-3
+    segmenter: str = "ours:repvgg_a0"
+    categories: list[str] = field(default_factory=list)
+    img_size: int = 128
+    epochs: int = 20
+    few_shot: int = 2
+    synthetic_per_kind: int = 8
+    pretrain_epochs: int = 6
     seed: int = 0
     device: str = "auto"
     quick: bool = False
@@ -59,165 +64,187 @@ def _curve_png(history: list[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ep = [h["epoch"] for h in history]
-    ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train (EMA)")
-    if "val_loss" in history[-1]:
-        ax[0].plot(ep, [h.get("val_loss", np.nan) for h in history], "s-", label="val")
+    ax[0].plot([h["epoch"] for h in history], [h["train_loss"] for h in history], "o-")
     ax[0].set_xlabel("epoch")
-    ax[0].set_ylabel("loss")
-    ax[0].legend()
-    ax[1].plot(ep, [h.get("val_acc1", np.nan) for h in history], "s-", color="C2")
+    ax[0].set_ylabel("training loss (EMA)")
+    ev = [h for h in history if "val_mIoU" in h]
+    ax[1].plot([h["epoch"] for h in ev], [h["val_mIoU"] for h in ev], "s-", color="C2", label="mIoU")
+    ax[1].plot([h["epoch"] for h in ev], [h["val_F1_max"] for h in ev], "^-", color="C1", label="pixel F1-max")
     ax[1].set_xlabel("epoch")
-    ax[1].set_ylabel("val top-1 (%)")
+    ax[1].set_ylabel("test split (%)")
+    ax[1].legend()
     fig.tight_layout()
     return figure_png(fig)
 
 
-def _predictions_png(model: torch.nn.Module, ds: Any, classes: list[str], n: int = 16) -> bytes:
+def _heat(score: np.ndarray) -> np.ndarray:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return (matplotlib.colormaps["inferno"](np.clip(score, 0, 1))[..., :3] * 255).astype(np.uint8)
 
-    idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
-    cols = 8
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(cols * 1.4, 1.7 * ((n + cols - 1) // cols)))
+
+@torch.no_grad()
+def _overlays(model: torch.nn.Module, ds: Any, threshold: float, n_per_kind: int = 1, scale: int = 2
+              ) -> tuple[list[bytes], list[str]]:
+    """PNG rows image | ground truth | prediction | heat map, for one image per defect kind and a good one."""
+    from PIL import Image
+
+    from .inspect.predict import overlay
+
+    picked: dict[str, list[int]] = {}
+    for i, s in enumerate(ds.samples):
+        kind = s.defect if s.label else "good"
+        if len(picked.get(kind, [])) < n_per_kind:
+            picked.setdefault(kind, []).append(i)
+    pngs, captions = [], []
     model.eval()
-    with torch.no_grad():
-        for ax, i in zip(axes.ravel(), idx, strict=False):
-            path, label = ds.samples[i]
-            x, _ = ds[i]
-            pred = int(model(x[None]).argmax(1))
-            from PIL import Image
-
-            ax.imshow(Image.open(path).convert("RGB"))
-            ax.set_title(f"{classes[pred]}\n(true {classes[label]})", fontsize=7,
-                         color="green" if pred == label else "red")
-            ax.axis("off")
-    fig.tight_layout()
-    return figure_png(fig)
+    for kind in sorted(picked):
+        for i in picked[kind]:
+            raw, mask = ds.load(i)
+            x = ds[i]["image"][None]
+            probs = model(x).float().softmax(1)[0]
+            score = (1 - probs[0]).numpy()
+            cls = np.where(score >= threshold, probs[1:].argmax(0).numpy() + 1, 0)
+            img = raw.permute(1, 2, 0).numpy()
+            panels = [img, overlay(img, mask.numpy()), overlay(img, cls), _heat(score)]
+            row = np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], 1)
+            row = np.asarray(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST))
+            buf = io.BytesIO()
+            Image.fromarray(row).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+            s = ds.samples[i]
+            captions.append(f"{s.category} / {s.defect}: {s.caption or 'defect-free'}  "
+                            "(image | ground truth | prediction | defect score)")
+    return pngs, captions
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the metrics and the paths of the outputs."""
+    from timm.utils import reparameterize_model
     from tqdm.auto import tqdm
 
     from .bench import benchmark
-    from .data import build_bundled, data_config_of
-    from .engine import TrainConfig, Trainer, evaluate, seed_everything
-    from .engine.task import ClassificationTask
     from .export import export_onnx
-    from .models import create_model, save_model_file
-    from .pipelines.classification import load_splits
+    from .inspect.bundled import build_benchmark
+    from .pipelines.inspection import SegmentConfig, SynthConfig, pretrain_backbone, synthesize, train_segmenter
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    stages = tqdm(total=6, desc="demo", unit="stage", dynamic_ncols=True)
+    categories = cfg.categories or (["brick"] if cfg.quick else [])
+    backbone = cfg.segmenter.split(":", 1)[1] if cfg.segmenter.startswith("ours:") else None
+    if backbone is None:
+        from .errors import ConfigError
+
+        raise ConfigError("the demo trains 'ours:<timm backbone>' segmenters (a frozen pre-trained backbone)")
+    stages = tqdm(total=8, desc="demo", unit="stage", dynamic_ncols=True)
 
     def done(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
         stages.set_postfix_str(f"{name} {timings[name]:.1f}s")
         stages.update(1)
 
-    # 1. data
     t0 = time.perf_counter()
     stages.set_description("demo: data")
-    folder = build_bundled(cfg.dataset)
-    seed_everything(cfg.seed)
-    probe = create_model(cfg.model)
-    dc = data_config_of(probe)
-    splits, classes = load_splits(cfg.dataset, cfg.img_size, dc["mean"], dc["std"])
+    bench_root = build_benchmark()
     done("data", t0)
 
-    # 2. train
+    t0 = time.perf_counter()
+    stages.set_description("demo: backbone")
+    weights = pretrain_backbone(backbone, epochs=1 if cfg.quick else cfg.pretrain_epochs, seed=cfg.seed)
+    done("backbone", t0)
+
+    t0 = time.perf_counter()
+    stages.set_description("demo: synthesise")
+    synth_dir = out / "synthetic"
+    seg_cfg = SegmentConfig(
+        segmenter=cfg.segmenter, backbone_weights=str(weights), freeze="all", categories=categories,
+        img_size=cfg.img_size, few_shot=cfg.few_shot, synthetic="none", synthetic_dir=str(synth_dir),
+        epochs=1 if cfg.quick else cfg.epochs, max_steps=3 if cfg.quick else None, seed=cfg.seed,
+        device=cfg.device, output_dir=out / "segmenter", eval_every=0 if cfg.quick else 5,
+    )
+    synth = synthesize(SynthConfig(categories=categories, per_kind=1 if cfg.quick else cfg.synthetic_per_kind,
+                                   out=str(synth_dir), overwrite=True, seed=cfg.seed))
+    done("synthesise", t0)
+
     t0 = time.perf_counter()
     stages.set_description("demo: train")
-    seed_everything(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(classes))
-    tcfg = TrainConfig(epochs=1 if cfg.quick else cfg.epochs, max_steps=3 if cfg.quick else None,
-                       batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=0 if cfg.quick else 0.5,
-                       seed=cfg.seed, device=cfg.device, output_dir=out / "train", label_smoothing=0.1)
-    fit = Trainer(model, tcfg, splits["train"], splits["val"]).fit()
+    res = train_segmenter(seg_cfg)
+    model, test_ds, metrics = res["model"].cpu().eval(), res["test_dataset"], res["test"]
     done("train", t0)
 
-    # 3. evaluate
     t0 = time.perf_counter()
-    stages.set_description("demo: evaluate")
-    model = model.cpu().eval()
-    test = splits["test"]
-    test_metrics = evaluate(model, test, ClassificationTask(), batch_size=128, device="cpu", progress=True)
-    per_class = _per_class_accuracy(model, test, classes)
-    save_model_file(model, out / "model.safetensors", cfg.model, {"num_classes": len(classes)}, classes=classes,
-                    img_size=cfg.img_size, mean=list(dc["mean"]), std=list(dc["std"]))
-    done("evaluate", t0)
+    stages.set_description("demo: fuse")
+    fused = reparameterize_model(model)
+    x = torch.stack([test_ds[i]["image"] for i in range(min(4, len(test_ds)))])
+    with torch.no_grad():
+        fuse_err = float((fused(x) - model(x)).abs().max())
+    done("fuse", t0)
 
-    # 4. re-parameterise + export
     t0 = time.perf_counter()
     stages.set_description("demo: export")
-    from timm.utils import reparameterize_model
-
-    fused = reparameterize_model(model)
-    export = export_onnx(fused, out / "model.onnx", (1, 3, cfg.img_size, cfg.img_size), check=True)
+    export = export_onnx(fused, out / "model.onnx", (1, 3, cfg.img_size, cfg.img_size), check=True,
+                         output_names=["logits"])
     done("export", t0)
 
-    # 5. speed
     t0 = time.perf_counter()
     stages.set_description("demo: bench")
-    rows, machine = benchmark({cfg.model: fused}, img_size=cfg.img_size, batch_size=32,
-                              repeats=5 if cfg.quick else 30, throughput_repeats=2 if cfg.quick else 8,
-                              warmup=1 if cfg.quick else 5, onnx=True, progress=True)
+    rows, machine = benchmark({"training form": model, "fused": fused}, img_size=cfg.img_size, batch_size=8,
+                              repeats=5 if cfg.quick else 20, throughput_repeats=2 if cfg.quick else 5,
+                              warmup=1 if cfg.quick else 3, onnx=True, progress=True)
+    rows = [r for r in rows if not (r.name == "training form" and r.backend == "onnxruntime")]
     done("bench", t0)
 
-    # 6. report
     t0 = time.perf_counter()
     stages.set_description("demo: report")
-    speed = [{"backend": r.backend, "latency b1 (ms)": r.latency_ms, "throughput b32 (img/s)": r.throughput,
-              "GFLOPs": r.gflops, "of matmul peak": f"{r.peak_fraction:.0%}" if r.peak_fraction else "—",
+    threshold = float(metrics.get("F1_threshold", 0.5)) if np.isfinite(metrics.get("F1_threshold", np.nan)) else 0.5
+    quality = [{"metric": k, "value": round(v, 2)} for k, v in metrics.items()
+               if k in ("mIoU", "mIoU_defects", "pixel_AUROC", "F1_max")]
+    per_class = [{"class": k.split("/", 1)[1], "IoU (%)": round(v, 2)} for k, v in metrics.items()
+                 if k.startswith("IoU/")]
+    speed = [{"model": r.name, "backend": r.backend, "latency b1 (ms)": round(r.latency_ms, 2),
+              "throughput b8 (img/s)": round(r.throughput, 1), "GFLOPs": round(r.gflops, 3),
+              "of matmul peak": f"{r.peak_fraction:.0%}" if r.peak_fraction else "—",
               "speed-up b1": f"{r.latency_ratio:.2f}x"} for r in rows]
-    metrics = {
-        "dataset": cfg.dataset, "dataset_folder": str(folder), "model": cfg.model, "classes": len(classes),
-        "train_images": len(splits["train"]), "test_images": len(test), "val": fit.final, "test": test_metrics,
-        "onnx": {"path": str(export.path), "exporter": export.exporter, "max_abs_err": export.max_abs_err},
-        "speed": speed, "machine": machine.line(), "stage_seconds": timings, "config": config_to_dict(cfg),
-    }
-    report = HtmlReport(f"frugalvision demo: {cfg.model} on bundled '{cfg.dataset}'", machine.line())
-    report.heading("Quality")
-    report.table([{"split": "val", **fit.final}, {"split": "test", **test_metrics}])
+    setup = [{"item": "benchmark", "value": str(bench_root.name)},
+             {"item": "categories", "value": ", ".join(categories) or "all 5"},
+             {"item": "real defective training images", "value": res["real_defects_train"]},
+             {"item": "synthetic training images", "value": synth["images"]},
+             {"item": "training images in total", "value": res["train_images"]},
+             {"item": "test images", "value": res["test_images"]},
+             {"item": "trainable / total parameters", "value": f"{res['trainable_params']:,} / {res['params']:,}"},
+             {"item": "backbone", "value": f"{backbone}, pre-trained on bundled textures, frozen"}]
+    report = HtmlReport("frugalvision demo: few-shot defect segmentation", machine.line())
+    report.heading("Quality on held-out real defects (%)")
+    report.table(quality)
     report.table(per_class)
+    report.heading("Set-up")
+    report.table(setup)
     report.heading("Training curve")
-    report.image(_curve_png(fit.history), "loss and validation top-1 per epoch", alt="training curve")
-    report.heading("Predictions on test images")
-    report.image(_predictions_png(model, test, classes), "green: correct, red: wrong", alt="predictions")
-    report.heading("Export and speed")
-    report.paragraph(f"ONNX ({export.exporter} exporter) max |ONNX - PyTorch| = {export.max_abs_err:.2e} on batches "
+    report.image(_curve_png(res["history"]), "training loss and test-split metrics per epoch",
+                 alt="training curve")
+    report.heading("Per-image results")
+    pngs, caps = _overlays(model, test_ds, threshold)
+    for png, cap in zip(pngs, caps, strict=True):
+        report.image(png, cap, alt=cap)
+    report.heading("Speed (batch 1 latency, batch 8 throughput)")
+    report.paragraph(f"Re-parameterisation changed outputs by at most {fuse_err:.2e}; ONNX ({export.exporter}) "
+                     f"differs from PyTorch by at most {export.max_abs_err:.2e} on batches "
                      f"{export.checked_batch_sizes}.")
     report.table(speed)
     report.heading("Stage times (s)")
     report.table([{k: round(v, 1) for k, v in timings.items()}])
     html_path = report.save(out / "report.html")
-    md = [f"# frugalvision demo: {cfg.model} on '{cfg.dataset}'", "", f"Machine: {machine.line()}", "",
-          "## Quality", "", markdown_table([{"split": "val", **fit.final}, {"split": "test", **test_metrics}]), "",
-          "## Speed", "", markdown_table(speed), ""]
+    md = [f"# frugalvision demo: few-shot defect segmentation ({cfg.segmenter})", "", f"Machine: {machine.line()}",
+          "", "## Quality (%)", "", markdown_table(quality), "", markdown_table(per_class), "", "## Speed", "",
+          markdown_table(speed), ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     done("report", t0)
-    metrics["stage_seconds"]["report"] = timings["report"]
-    metrics["total_seconds"] = time.perf_counter() - t_start
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    summary = {"test": metrics, "speed": speed, "setup": setup, "machine": machine.line(), "fuse_max_abs_err": fuse_err,
+               "onnx": {"path": str(export.path), "exporter": export.exporter, "max_abs_err": export.max_abs_err},
+               "stage_seconds": timings, "total_seconds": time.perf_counter() - t_start,
+               "config": config_to_dict(cfg)}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=str))
     stages.close()
-    return {"metrics": metrics, "report_html": str(html_path), "out_dir": str(out)}
-
-
-@torch.no_grad()
-def _per_class_accuracy(model: torch.nn.Module, ds: Any, classes: list[str]) -> list[dict[str, Any]]:
-    correct = np.zeros(len(classes))
-    count = np.zeros(len(classes))
-    loader = torch.utils.data.DataLoader(ds, batch_size=128)
-    for x, y in loader:
-        pred = model(x).argmax(1)
-        for t, p in zip(y.tolist(), pred.tolist(), strict=True):
-            count[t] += 1
-            correct[t] += t == p
-    return [{"class": c, "test images": int(count[i]), "top-1 (%)": 100 * correct[i] / max(count[i], 1)}
-            for i, c in enumerate(classes)]
+    return {"metrics": summary, "report_html": str(html_path), "out_dir": str(out)}

@@ -97,6 +97,15 @@ def read_model_info(path: str | Path) -> dict[str, Any]:
 def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_model_file`; returns the model (eval mode) and its description."""
     info = read_model_info(path)
-    model = create_model(info["name"], **info.get("model_kwargs", {}))
+    if info["name"] == "segmentation":
+        from .heads.seg import SegmentationModel
+
+        model: nn.Module = SegmentationModel(**info.get("model_kwargs", {}))
+        if info.get("fused_backbone"):
+            from timm.utils import reparameterize_model
+
+            model.backbone = reparameterize_model(model.backbone)
+    else:
+        model = create_model(info["name"], **info.get("model_kwargs", {}))
     _check_and_load(model, load_state_dict_file(path), Path(path), strict=True)
     return model.eval(), info

@@ -1,0 +1,1 @@
+"""Industrial inspection: the bundled defect benchmark, synthetic defects, segmentation and metrics."""

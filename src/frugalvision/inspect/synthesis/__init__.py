@@ -1,0 +1,1 @@
+"""Synthetic defect generation: procedural (Perlin masks + texture transplant) and learned (diffusion)."""

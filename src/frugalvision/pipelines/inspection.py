@@ -1,0 +1,415 @@
+"""Industrial inspection jobs: synthesise defects, train and evaluate defect segmenters, predict on images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from ..config import config_to_dict
+from ..data.bundled import cache_dir, source_images
+from ..data.inspection import (
+    DefectDataset,
+    DefectSample,
+    SampleList,
+    load_defect_spectrum,
+    load_mvtec,
+    load_visa,
+    segmentation_transforms,
+)
+from ..engine import TrainConfig, Trainer, evaluate, seed_everything
+from ..engine.checkpoint import load_state_dict_file
+from ..errors import ConfigError, DataError
+from ..inspect.bundled import build_benchmark, load_captions
+from ..inspect.defects import DEFECT_KINDS, describe_defect
+from ..inspect.segmentation import SegmentationTask, build_segmenter
+from ..inspect.synthesis.procedural import ProceduralConfig, ProceduralSynthesizer
+from ..models import save_model_file
+from ..utils.io import atomic_path, atomic_write_text
+
+__all__ = [
+    "SegmentConfig",
+    "SynthConfig",
+    "few_shot_split",
+    "load_inspection_data",
+    "pretrain_backbone",
+    "synthesize",
+    "train_segmenter",
+]
+
+log = logging.getLogger(__name__)
+_FOREIGN_SOURCES = ("coffee", "astronaut", "chelsea", "rocket", "hubble")
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_inspection_data(data: str, split: str, fmt: str = "mvtec", categories: list[str] | None = None,
+                         on_error: str = "raise") -> tuple[SampleList, Path]:
+    """Samples of ``data`` (``bundled`` or a folder in ``fmt`` layout) and the dataset root."""
+    cats = categories or None
+    if data == "bundled":
+        root = build_benchmark()
+        return load_mvtec(root, cats, split=split, captions=load_captions(root), on_error=on_error), root  # type: ignore[arg-type]
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"data {data!r} is neither 'bundled' nor an existing folder")
+    if fmt == "mvtec":
+        return load_mvtec(root, cats, split=split, on_error=on_error), root  # type: ignore[arg-type]
+    if fmt == "visa":
+        return load_visa(root, cats, split=split, on_error=on_error), root  # type: ignore[arg-type]
+    if fmt == "defect_spectrum":
+        if split == "train":
+            raise ConfigError("Defect Spectrum has no train/ split; use its good images through split=test")
+        return load_defect_spectrum(root, cats, on_error=on_error), root  # type: ignore[arg-type]
+    raise ConfigError(f"unknown format {fmt!r}; use mvtec, visa or defect_spectrum")
+
+
+def few_shot_split(samples: list[DefectSample], per_kind: int, seed: int
+                   ) -> tuple[list[DefectSample], list[DefectSample]]:
+    """Split defective images: ``per_kind`` of every (category, kind) for training, the rest for testing.
+
+    Every good image stays in the test part.
+
+    Example:
+        >>> s = [DefectSample(Path(f"{i}.png"), None, 1, "hole", "tile") for i in range(5)]
+        >>> train, test = few_shot_split(s, 2, seed=0); len(train), len(test)
+        (2, 3)
+    """
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple[str, str], list[DefectSample]] = {}
+    for s in samples:
+        if s.label:
+            groups.setdefault((s.category, s.defect), []).append(s)
+    train: list[DefectSample] = []
+    for key in sorted(groups):
+        items = groups[key]
+        if len(items) <= per_kind:
+            raise DataError(f"{key[0]}/{key[1]} has only {len(items)} defective images; few_shot={per_kind} would "
+                            "leave none for testing")
+        idx = rng.permutation(len(items))[:per_kind]
+        train += [items[i] for i in sorted(idx)]
+    chosen = set(train)
+    return train, [s for s in samples if s not in chosen]
+
+
+# --------------------------------------------------------------------------------------------- synthesis
+@dataclass
+class SynthConfig:
+    """Synthesise defective images from defect-free ones into an MVTec AD-layout folder.
+
+    Attributes:
+        data: ``bundled`` or an MVTec AD-layout folder whose ``train/good`` images are the clean inputs.
+        categories: Categories to use (all when empty).
+        method: ``procedural`` (Perlin masks + texture transplant) or ``diffusion`` (learned from real defects).
+        per_kind: Images per category and defect kind.
+        kinds: Defect kinds (all when empty).
+        size: Defect size multiplier (procedural).
+        contrast: Defect contrast in [0, 1] (procedural).
+        few_shot: Real defective images per kind that train the diffusion model.
+        diffusion_steps: Training steps of the diffusion model.
+        out: Output folder.
+        overwrite: Replace an existing output folder.
+        seed: Random seed.
+    """
+
+    data: str = "bundled"
+    categories: list[str] = field(default_factory=list)
+    method: Literal["procedural", "diffusion"] = "procedural"
+    per_kind: int = 8
+    kinds: list[str] = field(default_factory=list)
+    size: float = 1.0
+    contrast: float = 1.0
+    few_shot: int = 2
+    diffusion_steps: int = 1500
+    out: str = "runs/synth"
+    overwrite: bool = False
+    seed: int = 0
+
+
+def _rgb(path: Path) -> np.ndarray:
+    from ..data.images import load_image
+
+    return np.asarray(load_image(path))
+
+
+def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | None = None) -> dict[str, Any]:
+    """Write synthetic defects in MVTec AD layout and return the manifest.
+
+    Writes ``<out>/<category>/test/<kind>/``, ``ground_truth/``, ``captions.csv`` and ``manifest.json`` (timings).
+
+    ``exclude``: clean images not to use (e.g. those a segmenter tests on).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ConfigError(f"output folder {out} exists and is not empty; pass overwrite=true to replace it")
+        shutil.rmtree(out)
+    kinds = cfg.kinds or list(DEFECT_KINDS)
+    good, _ = load_inspection_data(cfg.data, "train", categories=cfg.categories)
+    clean_by_cat: dict[str, list[Path]] = {}
+    for s in good.samples:
+        if s.label == 0 and not (exclude and s.image in exclude):
+            clean_by_cat.setdefault(s.category, []).append(s.image)
+    rng = np.random.default_rng(cfg.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if cfg.method == "procedural":
+        gen: Any = ProceduralSynthesizer(list(source_images(list(_FOREIGN_SOURCES)).values()),
+                                         ProceduralConfig(cfg.size, cfg.contrast, tuple(kinds)))
+    else:
+        gen = _fit_diffusion(cfg, kinds, timings)
+    captions: list[dict[str, str]] = []
+    total = len(clean_by_cat) * len(kinds) * cfg.per_kind
+    bar = tqdm(total=total, desc=f"synth ({cfg.method})", disable=not progress, dynamic_ncols=True)
+    tmp_parent = out.parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    gen_t0 = time.perf_counter()
+    for cat in sorted(clean_by_cat):
+        clean = clean_by_cat[cat]
+        (out / cat / "train" / "good").mkdir(parents=True, exist_ok=True)
+        for k, kind in enumerate(kinds):
+            for i in range(cfg.per_kind):
+                img = _rgb(clean[rng.integers(len(clean))])
+                if cfg.method == "procedural":
+                    new, mask, _ = gen(img, rng, kind)
+                else:
+                    new, mask = gen.inpaint(img, kind=k, rng=rng)
+                rel = f"{cat}/test/{kind}/{i:03d}.png"
+                _save_png(new, out / rel)
+                _save_png(mask.astype(np.uint8) * 255, out / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+                captions.append({"image": rel, "category": cat, "defect": kind,
+                                 "caption": describe_defect(kind, mask, cat)})
+                bar.update(1)
+    bar.close()
+    timings["generate_s"] = time.perf_counter() - gen_t0
+    timings["generate_ms_per_image"] = 1000 * timings["generate_s"] / max(total, 1)
+    timings["total_s"] = time.perf_counter() - t0
+    with atomic_path(out / "captions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "category", "defect", "caption"])
+        w.writeheader()
+        w.writerows(captions)
+    manifest = {"method": cfg.method, "images": total, "kinds": kinds, "categories": sorted(clean_by_cat),
+                "timings": timings, "config": config_to_dict(cfg)}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def _fit_diffusion(cfg: SynthConfig, kinds: list[str], timings: dict[str, float]) -> Any:
+    """Train the learned generator on the few real defects of every kind.
+
+    Its training images are those :func:`few_shot_split` picks with the same seed, i.e. the segmenter's.
+    """
+    from ..inspect.synthesis.diffusion import DefectDiffusion, DefectDiffusionConfig
+
+    test, _ = load_inspection_data(cfg.data, "test", categories=cfg.categories)
+    train, _ = few_shot_split(test.samples, cfg.few_shot, cfg.seed)
+    train = [s for s in train if s.defect in kinds]
+    from ..data.inspection import load_mask
+
+    images = [_rgb(s.image) for s in train]
+    masks = [load_mask(s.mask, (im.shape[1], im.shape[0])).astype(bool) for s, im in zip(train, images, strict=True)]
+    gen = DefectDiffusion(DefectDiffusionConfig(steps=cfg.diffusion_steps, seed=cfg.seed))
+    t0 = time.perf_counter()
+    stats = gen.fit(images, masks, [kinds.index(s.defect) for s in train])
+    timings["train_s"] = time.perf_counter() - t0
+    timings.update({f"train_{k}": v for k, v in (stats or {}).items() if isinstance(v, int | float)})
+    return gen
+
+
+# --------------------------------------------------------------------------------------------- backbone
+def _feature_key(k: str) -> str:
+    """Classifier key -> features-only key (timm flattens ``stages.0`` into ``stages_0``)."""
+    return re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k)
+
+
+def pretrain_backbone(name: str, epochs: int = 6, img_size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+    """A classifier of ``name`` trained on the bundled ``textures`` set, cached; returns its model file.
+
+    Real pretrained weights cannot be downloaded here, so "pretrained" means pretrained on this real data.
+    """
+    from .classification import ClassifyConfig, train_classifier
+
+    folder = cache_dir() / "pretrained" / f"{name}-textures-e{epochs}-i{img_size}-s{seed}"
+    model_file = folder / "model.safetensors"
+    if model_file.is_file():
+        return model_file
+    cfg = ClassifyConfig(model=name, data="textures", img_size=img_size, epochs=epochs, batch_size=64, lr=2e-3,
+                         warmup_epochs=0.5, label_smoothing=0.1, seed=seed, output_dir=folder, progress=progress)
+    train_classifier(cfg)
+    return model_file
+
+
+def _load_backbone(model: Any, weights: str) -> dict[str, int]:
+    sd = load_state_dict_file(weights)
+    loaded, missing = model.load_backbone_state({_feature_key(k): v for k, v in sd.items()})
+    if not loaded:
+        raise ConfigError(f"no tensor of {weights} fits the backbone; is it a checkpoint of the same architecture?")
+    return {"loaded": len(loaded), "missing": len(missing)}
+
+
+# --------------------------------------------------------------------------------------------- segmentation
+@dataclass
+class SegmentConfig(TrainConfig):
+    """Train a defect segmenter with few real defects (+ synthetic ones) and evaluate it (TrainConfig keys apply).
+
+    Attributes:
+        segmenter: ``ours:<timm backbone>`` or ``smp:<arch>`` (unet, pspnet, deeplabv3plus, segformer).
+        backbone_weights: ``pretrain`` (a classifier trained on bundled real textures, cached), ``none``, or a
+            weights file of the backbone architecture.
+        freeze: ``all`` (frozen backbone + trained decoder), ``partial`` (last stage trained too) or ``none``.
+        data: ``bundled`` or a dataset folder.
+        format: Layout of ``data``: mvtec, visa or defect_spectrum.
+        categories: Categories to use (all when empty).
+        img_size: Training and evaluation resolution.
+        few_shot: Real defective images per category and kind used for training; the rest are the test set.
+        good_per_category: Defect-free training images per category (from the train split).
+        synthetic: Synthetic defects added to training: none, procedural or diffusion.
+        synthetic_per_kind: Synthetic images per category and kind.
+        synthetic_dir: Use an existing folder written by ``frugalvision synth`` instead of generating.
+        decoder_dim: Width of the decoder.
+        mask_mode: ``kind`` (one class per defect kind) or ``binary`` (defect vs background).
+        split_seed: Seed of the few-shot split (kept fixed across training seeds to compare like with like).
+
+    The test split is evaluated every ``eval_every`` epochs only to draw the learning curve; nothing is selected
+    on it (the final model is the last one).
+    """
+
+    epochs: int = 25
+    eval_every: int = 5
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    segmenter: str = "ours:repvgg_a0"
+    backbone_weights: str = "pretrain"
+    freeze: Literal["all", "partial", "none"] = "all"
+    data: str = "bundled"
+    format: Literal["mvtec", "visa", "defect_spectrum"] = "mvtec"
+    categories: list[str] = field(default_factory=list)
+    img_size: int = 128
+    few_shot: int = 2
+    good_per_category: int = 10
+    synthetic: Literal["none", "procedural", "diffusion"] = "procedural"
+    synthetic_per_kind: int = 8
+    synthetic_dir: str | None = None
+    decoder_dim: int = 64
+    mask_mode: Literal["kind", "binary"] = "kind"
+    split_seed: int = 0
+
+
+def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
+    """Train and evaluate a segmenter.
+
+    Writes ``model.safetensors``, ``metrics.json``, ``config.yaml`` and ``history.json`` to ``output_dir``;
+    returns the metrics, the model, the test dataset and the paths.
+    """
+    out = Path(cfg.output_dir or f"runs/segment/{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.output_dir = out
+    seed_everything(cfg.seed)
+    test_all, _ = load_inspection_data(cfg.data, "test", cfg.format, cfg.categories)
+    kinds = test_all.defects if cfg.mask_mode == "kind" else ["defect"]
+    real_train, test = few_shot_split(test_all.samples, cfg.few_shot, cfg.split_seed)
+    train: list[DefectSample] = list(real_train)
+    if cfg.format != "defect_spectrum":
+        good, _ = load_inspection_data(cfg.data, "train", cfg.format, cfg.categories)
+        rng = np.random.default_rng(cfg.split_seed)
+        by_cat: dict[str, list[DefectSample]] = {}
+        for s in good.samples:
+            by_cat.setdefault(s.category, []).append(s)
+        for cat in sorted(by_cat):
+            pick = rng.permutation(len(by_cat[cat]))[: cfg.good_per_category]
+            train += [by_cat[cat][i] for i in sorted(pick)]
+    synth_info: dict[str, Any] = {}
+    if cfg.synthetic != "none" or cfg.synthetic_dir:
+        sdir = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / f"synthetic-{cfg.synthetic}"
+        if not cfg.synthetic_dir:
+            synth_info = synthesize(SynthConfig(
+                data=cfg.data, categories=cfg.categories, method=cfg.synthetic,  # type: ignore[arg-type]
+                per_kind=cfg.synthetic_per_kind, kinds=[k for k in kinds if k in DEFECT_KINDS] or list(DEFECT_KINDS),
+                few_shot=cfg.few_shot, out=str(sdir), overwrite=True, seed=cfg.split_seed), progress=cfg.progress)
+        synthetic = load_mvtec(sdir, cfg.categories or None, split="test")
+        train += [s for s in synthetic.samples if s.label and (cfg.mask_mode == "binary" or s.defect in kinds)]
+    if cfg.mask_mode == "binary":
+        train = [s if not s.label else DefectSample(s.image, s.mask, 1, s.defect, s.category) for s in train]
+    class_names = ["background", *kinds]
+    mode = "kind" if cfg.mask_mode == "kind" else "binary"
+    tf_train = segmentation_transforms(cfg.img_size, train=True)
+    tf_eval = segmentation_transforms(cfg.img_size, train=False)
+    train_ds = DefectDataset(train, tf_train, classes=kinds, mask_mode=mode, cache=True)
+    test_ds = DefectDataset(test, tf_eval, classes=kinds, mask_mode=mode, cache=True)
+
+    seed_everything(cfg.seed)
+    model = build_segmenter(cfg.segmenter, len(class_names), dim=cfg.decoder_dim)
+    backbone_info: dict[str, Any] = {"weights": cfg.backbone_weights}
+    if cfg.segmenter.startswith("ours:"):
+        if cfg.backbone_weights == "pretrain":
+            weights = pretrain_backbone(cfg.segmenter.split(":", 1)[1], progress=cfg.progress)
+            backbone_info.update(_load_backbone(model, str(weights)), file=str(weights))
+        elif cfg.backbone_weights != "none":
+            backbone_info.update(_load_backbone(model, cfg.backbone_weights), file=cfg.backbone_weights)
+        model.freeze_backbone(cfg.freeze)  # type: ignore[operator]
+        if cfg.freeze == "all":
+            # A frozen backbone never changes, so fold its branches and BNs now: identical outputs, faster epochs.
+            from timm.utils import reparameterize_model
+
+            model.backbone = reparameterize_model(model.backbone)
+            model.freeze_backbone("all")  # the fused tensors are new parameters: freeze them again
+            backbone_info["fused_for_training"] = True
+    elif cfg.freeze != "none" or cfg.backbone_weights not in ("none", "pretrain"):
+        raise ConfigError("smp baselines train from scratch here: use freeze=none backbone_weights=none")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    task = SegmentationTask(class_names)
+    train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
+    trainer = Trainer(model, train_cfg, train_ds, test_ds if cfg.eval_every else None, task)
+    fit = trainer.fit()
+    metrics = fit.final or evaluate(model, test_ds, task, batch_size=cfg.eval_batch_size or 32,
+                                    device=trainer.device, progress=cfg.progress, desc="test")
+    result: dict[str, Any] = {
+        "test": metrics, "train_images": len(train_ds), "real_defects_train": len(real_train),
+        "test_images": len(test_ds), "trainable_params": n_train,
+        "params": sum(p.numel() for p in model.parameters()), "wall_time_s": fit.wall_time_s,
+        "backbone": backbone_info, "synthetic": synth_info.get("timings", {}), "classes": class_names,
+    }
+    if trainer.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        kind, _, backbone = cfg.segmenter.partition(":")
+        if kind == "ours":
+            save_model_file(model, out / "model.safetensors", "segmentation",
+                            {"backbone": backbone, "num_classes": len(class_names), "dim": cfg.decoder_dim},
+                            fused_backbone=bool(backbone_info.get("fused_for_training")),
+                            classes=class_names, img_size=cfg.img_size, mean=[0.485, 0.456, 0.406],
+                            std=[0.229, 0.224, 0.225], task="segmentation",
+                            threshold=_finite(metrics.get("F1_threshold"), 0.5))
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    result.update(output_dir=str(out), model=model, test_dataset=test_ds, history=fit.history)
+    return result
+
+
+def _finite(v: Any, default: float) -> float:
+    return float(v) if isinstance(v, int | float) and np.isfinite(v) else default
+
+
+@torch.no_grad()
+def predict_batch(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class map ``(N, H, W)`` and defect score map ``(N, H, W)`` (1 - p(background)) for normalised images."""
+    probs = model(images).float().softmax(1)
+    return probs.argmax(1), 1 - probs[:, 0]
