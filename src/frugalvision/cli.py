@@ -157,11 +157,42 @@ def _run_demo(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_segment(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.inspection import train_segmenter
+
+    res = train_segmenter(cfg)
+    _print_json({k: v for k, v in res.items() if k not in ("model", "test_dataset", "history")})
+    return 0
+
+
+def _run_synth(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.inspection import synthesize
+
+    _print_json(synthesize(cfg))
+    return 0
+
+
+def _run_predict(cfg: Any, args: argparse.Namespace) -> int:
+    from .inspect.predict import predict_images
+
+    res = predict_images(cfg)
+    _print_json(res)
+    return 0 if res["predicted"] or not res["images"] else 1
+
+
 def _run_data(cfg: Any, args: argparse.Namespace) -> int:
     from .data import BUNDLED, build_bundled, load_bundled
 
-    names = [cfg.name] if cfg.name != "all" else list(BUNDLED)
+    names = [cfg.name] if cfg.name != "all" else [*BUNDLED, "inspection"]
     for n in names:
+        if n == "inspection":
+            from .inspect.bundled import build_benchmark, load_benchmark
+
+            folder = build_benchmark(force=cfg.rebuild)
+            test = load_benchmark("test")
+            print(f"inspection: {folder}  train/good {len(load_benchmark('train'))}, test {len(test)} "
+                  f"({len(test.categories)} categories x {len(test.defects)} defect kinds, MVTec AD layout)")
+            continue
         if n not in BUNDLED:
             raise ConfigError(f"unknown bundled dataset {n!r}; available: {', '.join(BUNDLED)}, all")
         folder = build_bundled(n, force=cfg.rebuild)
@@ -201,7 +232,7 @@ class DataConfig:
     """Build a bundled real-image dataset (no downloads) and print where it is.
 
     Attributes:
-        name: textures, digits, faces, or all.
+        name: textures, digits, faces, inspection (the defect benchmark), or all.
         rebuild: Rebuild even if the cached copy exists.
     """
 
@@ -230,10 +261,18 @@ class InfoConfig:
 def _commands() -> list[_Command]:
     from .bench.run import BenchConfig
     from .demo import DemoConfig
+    from .inspect.predict import PredictConfig
     from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
+    from .pipelines.inspection import SegmentConfig, SynthConfig
 
     return [
         _Command("demo", "run the main pipeline end to end on bundled real data", DemoConfig, _run_demo),
+        _Command("segment", "train + evaluate a defect segmenter (few real + synthetic defects)", SegmentConfig,
+                 _run_segment),
+        _Command("synth", "write synthetic defects (procedural or diffusion) in MVTec AD layout", SynthConfig,
+                 _run_synth),
+        _Command("predict", "segment defects on image files/folders, streaming", PredictConfig, _run_predict,
+                 positional="images"),
         _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig, _run_train),
         _Command("eval", "evaluate a trained model file on a dataset split", EvalConfig, _run_eval),
         _Command("export", "export a model file to ONNX with a parity check", ExportConfig, _run_export),

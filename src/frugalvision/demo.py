@@ -102,7 +102,8 @@ def _overlays(model: torch.nn.Module, ds: Any, threshold: float, n_per_kind: int
         for i in picked[kind]:
             raw, mask = ds.load(i)
             x = ds[i]["image"][None]
-            probs = model(x).float().softmax(1)[0]
+            probs = model(x).float().softmax(1)
+            probs = torch.nn.functional.interpolate(probs, size=raw.shape[-2:], mode="bilinear", align_corners=False)[0]
             score = (1 - probs[0]).numpy()
             cls = np.where(score >= threshold, probs[1:].argmax(0).numpy() + 1, 0)
             img = raw.permute(1, 2, 0).numpy()

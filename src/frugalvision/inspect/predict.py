@@ -177,8 +177,9 @@ def predict_images(cfg: PredictConfig, progress: bool = True) -> dict[str, Any]:
 
         for path, stem in iter_images(cfg.images):
             try:
-                arr = np.asarray(load_image(path))
+                arr = np.array(load_image(path))
             except DataError as exc:
+                flush()  # keep the CSV in input order
                 n_bad += 1
                 writer.writerow([str(path), f"skipped: {exc}", "", "", "", ""])
                 print(f"skipped {path}: {exc}", file=sys.stderr)
