@@ -105,7 +105,8 @@ def make_visa(root):
         rows.append(["candle", "train", "normal", f"candle/Data/Images/Normal/{i:04d}.JPG", ""])
     _img(root / "candle/Data/Images/Anomaly/000.JPG")
     _mask(root / "candle/Data/Masks/Anomaly/000.png", value=1)
-    rows.append(["candle", "test", "anomaly", "candle/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png"])
+    anomaly = ["candle/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png"]
+    rows.append(["candle", "test", "anomaly", *anomaly])
     rows.append(["candle", "test", "normal", "candle/Data/Images/Normal/0000.JPG", ""])
     (root / "split_csv").mkdir()
     with open(root / "split_csv/1cls.csv", "w", newline="") as fh:
@@ -141,5 +142,5 @@ def test_defect_spectrum_layout(tmp_path):
     item = DefectDataset(ds_list.samples, mask_mode="stored")[[s.label for s in ds_list.samples].index(1)]
     assert set(item["mask"].unique().tolist()) == {0, 3}
     (root / "capsule/mask/crack/000_mask.png").unlink()
-    with pytest.raises(DataError, match="000_mask.png for image"):
+    with pytest.raises(DataError, match=r"000_mask\.png for image"):
         load_defect_spectrum(root)
