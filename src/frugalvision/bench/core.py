@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -315,58 +316,62 @@ def benchmark(
         raise ValueError("no models to benchmark")
     entries: list[_Entry] = []
     tmpdir = Path(tempfile.mkdtemp(prefix="fv-bench-")) if onnx else None
-    for name, model in named.items():
-        model = model.eval().to(dev)
-        size = img_size
-        if size is None:
-            size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (in_chans, 224, 224)))[1:]
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        x1 = torch.randn(1, in_chans, *hw, device=dev)
-        xN = torch.randn(batch_size, in_chans, *hw, device=dev)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            x1, xN = (t.contiguous(memory_format=torch.channels_last) for t in (x1, xN))
-        flops = count_flops(model, x1)
-        params = count_params(model)
-        mem = peak_memory_mb(model, xN) if memory else None
+    try:
+        for name, model in named.items():
+            model = model.eval().to(dev)
+            size = img_size
+            if size is None:
+                size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (in_chans, 224, 224)))[1:]
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            x1 = torch.randn(1, in_chans, *hw, device=dev)
+            xN = torch.randn(batch_size, in_chans, *hw, device=dev)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+                x1, xN = (t.contiguous(memory_format=torch.channels_last) for t in (x1, xN))
+            flops = count_flops(model, x1)
+            params = count_params(model)
+            mem = peak_memory_mb(model, xN) if memory else None
 
-        def eager(m: nn.Module = model, x: torch.Tensor = x1) -> Callable[[], Any]:
-            def run() -> Any:
-                with torch.inference_mode():
-                    return m(x)
-            return run
+            def eager(m: nn.Module = model, x: torch.Tensor = x1) -> Callable[[], Any]:
+                def run() -> Any:
+                    with torch.inference_mode():
+                        return m(x)
+                return run
 
-        entries.append(_Entry(name, "eager", eager(model, x1), eager(model, xN), params, flops, mem))
-        if onnx and tmpdir is not None:
-            from ..export import OrtRunner, export_onnx
+            entries.append(_Entry(name, "eager", eager(model, x1), eager(model, xN), params, flops, mem))
+            if onnx and tmpdir is not None:
+                from ..export import OrtRunner, export_onnx
 
-            path = tmpdir / f"{len(entries)}.onnx"
-            export_onnx(model.cpu(), path, x1.cpu(), check=True)
-            model.to(dev)
-            ort = OrtRunner(path, threads=torch.get_num_threads(), device=dev.type)
-            a1, aN = x1.cpu().numpy(), xN.cpu().numpy()
-            entries.append(_Entry(name, "onnxruntime", lambda o=ort, a=a1: o(a), lambda o=ort, a=aN: o(a),
-                                  params, flops, None))
+                path = tmpdir / f"{len(entries)}.onnx"
+                export_onnx(model.cpu(), path, x1.cpu(), check=True)
+                model.to(dev)
+                ort = OrtRunner(path, threads=torch.get_num_threads(), device=dev.type)
+                a1, aN = x1.cpu().numpy(), xN.cpu().numpy()
+                entries.append(_Entry(name, "onnxruntime", lambda o=ort, a=a1: o(a), lambda o=ort, a=aN: o(a),
+                                      params, flops, None))
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    total = len(entries) * (warmup * 2 + repeats + throughput_repeats)
-    bar = tqdm(total=total, desc="bench", disable=not progress, dynamic_ncols=True)
-    for e in entries:  # warm-up, both batch sizes
-        for _ in range(warmup):
-            e.run1()
-            e.runN()
-            bar.update(2)
-    order = list(range(len(entries)))
-    for r in range(repeats):
-        for i in order[r % len(order):] + order[: r % len(order)]:
-            entries[i].lat.append(_timer(entries[i].run1, dev) * 1e3)
-            bar.update(1)
-    for r in range(throughput_repeats):
-        for i in order[r % len(order):] + order[: r % len(order)]:
-            entries[i].thr.append(batch_size / _timer(entries[i].runN, dev))
-            bar.update(1)
-    bar.close()
+        total = len(entries) * (warmup * 2 + repeats + throughput_repeats)
+        bar = tqdm(total=total, desc="bench", disable=not progress, dynamic_ncols=True)
+        for e in entries:  # warm-up, both batch sizes
+            for _ in range(warmup):
+                e.run1()
+                e.runN()
+                bar.update(2)
+        order = list(range(len(entries)))
+        for r in range(repeats):
+            for i in order[r % len(order):] + order[: r % len(order)]:
+                entries[i].lat.append(_timer(entries[i].run1, dev) * 1e3)
+                bar.update(1)
+        for r in range(throughput_repeats):
+            for i in order[r % len(order):] + order[: r % len(order)]:
+                entries[i].thr.append(batch_size / _timer(entries[i].runN, dev))
+                bar.update(1)
+        bar.close()
+    finally:  # the ONNX sessions hold their graphs in memory; the files can go
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
     rows: list[BenchResult] = []
     for e in entries:
