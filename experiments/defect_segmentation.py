@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from frugalvision.bench import machine_info
+from frugalvision.inspect.defects import DEFECT_KINDS
 from frugalvision.pipelines.inspection import SegmentConfig, SynthConfig, pretrain_backbone, synthesize, train_segmenter
 from frugalvision.utils.io import atomic_write_text
 
@@ -50,6 +51,8 @@ def main() -> None:
                                                  diffusion_steps=a.diffusion_steps, out=str(work / f"synth-{arm}"),
                                                  overwrite=True, seed=0))
         synth_info[arm]["wall_s"] = time.perf_counter() - t0
+    if synth_info:
+        samples_grid({arm: work / f"synth-{arm}" for arm in synth_info}, Path(a.out + "_samples.png"))
     rows = []
     for seed in a.seeds:
         for arm in a.arms:  # interleaved: every seed runs every arm before the next seed
@@ -64,6 +67,26 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     write(rows, synth_info, a, " ".join(shlex.quote(x) for x in sys.argv))
+
+
+def samples_grid(folders: dict[str, Path], out: Path, category: str = "brick") -> None:
+    """PNG grid: one row per defect kind, for each synthetic method the image and its mask overlaid."""
+    import numpy as np
+    from PIL import Image
+
+    from frugalvision.inspect.defects import DEFECT_KINDS
+    from frugalvision.inspect.predict import overlay
+
+    rows = []
+    for kind in DEFECT_KINDS:
+        cells = []
+        for folder in folders.values():
+            img = np.asarray(Image.open(folder / category / "test" / kind / "000.png").convert("RGB"))
+            mask = np.asarray(Image.open(folder / category / "ground_truth" / kind / "000_mask.png")) > 0
+            cells += [img, overlay(img, mask.astype(np.int64))]
+        rows.append(np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
+    grid = np.concatenate(rows, 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out)
 
 
 def write(rows: list[dict], synth_info: dict, a: argparse.Namespace, argv: str) -> None:
@@ -103,6 +126,8 @@ def write(rows: list[dict], synth_info: dict, a: argparse.Namespace, argv: str) 
         for arm, s in synth_info.items():
             t = s["timings"]
             lines.append(f"| {arm} | {s['images']} | {t.get('train_s', 0):.0f} | {t['generate_ms_per_image']:.0f} |")
+        lines += ["", f"Samples (brick; per method: image, mask overlaid; rows: {', '.join(DEFECT_KINDS)}): "
+                  f"![synthetic samples]({Path(a.out).name}_samples.png)"]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

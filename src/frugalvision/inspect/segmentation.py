@@ -19,7 +19,8 @@ from ..engine.task import MeanLoss, Metric, Task
 from ..models.heads import SegmentationModel
 from .metrics import SegmentationMetrics
 
-__all__ = ["SMP_ARCHS", "SegmentationTask", "build_segmenter", "soft_dice_loss"]
+__all__ = ["SMP_ARCHS", "CachedFeatures", "DecoderOnly", "SegmentationTask", "build_segmenter", "cache_features",
+           "dihedral", "soft_dice_loss"]
 
 SMP_ARCHS = {"unet": "Unet", "pspnet": "PSPNet", "deeplabv3plus": "DeepLabV3Plus", "segformer": "Segformer",
              "fpn": "FPN"}
@@ -56,13 +57,14 @@ class SegmentationTask(Task):
     main_metric = "mIoU"
     higher_is_better = True
 
-    def __init__(self, class_names: Sequence[str], dice_weight: float = 1.0) -> None:
+    def __init__(self, class_names: Sequence[str], dice_weight: float = 1.0, input_key: str = "image") -> None:
         self.class_names = list(class_names)
         self.dice_weight = dice_weight
+        self.input_key = input_key
 
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        """Logits of the batch's images."""
-        return model(batch["image"])
+        """Logits of the batch's inputs (images, or cached backbone features)."""
+        return model(batch[self.input_key])
 
     def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
         """Cross-entropy plus weighted soft Dice."""
@@ -95,3 +97,100 @@ def build_segmenter(name: str, num_classes: int, dim: int = 64, **kwargs: Any) -
         return getattr(smp, SMP_ARCHS[arch])(encoder_name=encoder or "resnet18", encoder_weights=None,
                                              classes=num_classes, **kwargs)
     raise ValueError(f"segmenter {name!r} must look like 'ours:<timm backbone>' or 'smp:<arch>[:<encoder>]'")
+
+
+# --------------------------------------------------------------------------------------------- frozen-feature cache
+def dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Element ``d`` (0-7) of the symmetry group of the square on the last two axes: ``d % 4`` quarter turns,
+    mirrored when ``d >= 4``.
+
+    Example:
+        >>> x = torch.arange(4).view(2, 2)
+        >>> [dihedral(x, d).flatten().tolist() for d in (0, 1, 4)]
+        [[0, 1, 2, 3], [1, 3, 0, 2], [1, 0, 3, 2]]
+    """
+    x = x.rot90(d % 4, (-2, -1))
+    return x.flip(-1) if d >= 4 else x
+
+
+class CachedFeatures(torch.utils.data.Dataset):
+    """Samples as ``{"feats": [level tensors], "mask", "label", "index"}`` from a frozen backbone's cached outputs.
+
+    Each call draws one of the cached dihedral variants uniformly (with the trainer's per-sample RNG), which is
+    the same augmentation distribution as random horizontal/vertical flips plus quarter turns on the images.
+    """
+
+    def __init__(self, feats: list[list[torch.Tensor]], masks: list[torch.Tensor], labels: list[int],
+                 variants: int) -> None:
+        self.feats, self.masks, self.labels, self.variants = feats, masks, labels, variants
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        d = int(torch.randint(self.variants, ())) if self.variants > 1 else 0
+        return {"feats": [f.float() for f in self.feats[index * self.variants + d]],
+                "mask": dihedral(self.masks[index], d), "label": self.labels[index], "index": index}
+
+
+@torch.no_grad()
+def cache_features(backbone: nn.Module, dataset: Any, variants: int = 8, batch_size: int = 32,
+                   max_mb: float = 3000.0, progress: bool = True) -> CachedFeatures:
+    """Run a frozen backbone once over every image (and its ``variants`` dihedral copies); keep the features.
+
+    Training a head on a frozen backbone then costs only the head: for ``E`` epochs the backbone runs
+    ``variants`` times per image instead of ``E`` times. Features are stored in float16.
+
+    Args:
+        backbone: The frozen, eval-mode backbone (``features_only``).
+        dataset: A :class:`~frugalvision.data.inspection.DefectDataset` whose transform does no random
+            augmentation (the variants are the augmentation).
+        variants: 8 (all flips and quarter turns) or 1 (as is, for evaluation).
+        batch_size: Backbone batch size.
+        max_mb: Refuse (ValueError) when the cache would exceed this many MiB.
+        progress: Show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    if variants not in (1, 8):
+        raise ValueError(f"variants must be 1 or 8, got {variants}")
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    items = [(i, d) for i in range(len(dataset)) for d in range(variants)]
+    feats: list[list[torch.Tensor]] = []
+    masks: list[torch.Tensor] = []
+    labels: list[int] = []
+    bar = tqdm(total=len(items), desc=f"cache features x{variants}", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        samples = {i: dataset[i] for i in sorted({i for i, _ in chunk})}
+        x = torch.stack([dihedral(samples[i]["image"], d) for i, d in chunk]).to(device)
+        out = backbone(x)
+        for j, (i, d) in enumerate(chunk):
+            feats.append([f[j].to("cpu", torch.float16) for f in out])
+            if d == 0:
+                masks.append(samples[i]["mask"])
+                labels.append(int(samples[i]["label"]))
+        if start == 0:
+            per = sum(f.numel() * 2 for f in feats[0]) / 2**20
+            if per * len(items) > max_mb:
+                raise ValueError(f"the feature cache would take {per * len(items):.0f} MiB (> max_mb={max_mb}); "
+                                 "train without it (feature_cache=false) or on fewer images")
+        bar.update(len(chunk))
+    bar.close()
+    return CachedFeatures(feats, masks, labels, variants)
+
+
+class DecoderOnly(nn.Module):
+    """The trainable part of a :class:`SegmentationModel` with a frozen backbone: cached features -> logits at the
+    mask resolution (``scale`` times the finest feature map)."""
+
+    def __init__(self, model: SegmentationModel, out_size: int) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+        self.out_size = out_size
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Upsampled logits."""
+        logits = self.decoder(feats)
+        return F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
