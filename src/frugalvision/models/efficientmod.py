@@ -427,7 +427,7 @@ class EfficientMod(nn.Module):
 
         self.stem = ConvEmbed(in_chans, self.embed_dims[0], 7, 4, 3, norm_layer, channels_last_input=False)
         total = sum(depths) + sum(attn_depths)
-        dpr = torch.linspace(0, drop_path_rate, total).tolist() if total else []
+        dpr = [drop_path_rate * i / (total - 1) for i in range(total)] if total > 1 else [0.0] * total
         stages, start, prev = [], 0, self.embed_dims[0]
         self.feature_info: list[dict[str, Any]] = []
         for i, dim in enumerate(self.embed_dims):
