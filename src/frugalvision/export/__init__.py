@@ -1,5 +1,16 @@
-"""Export to ONNX with onnxruntime parity checks."""
+"""Inference fusion (re-parameterisation + BN folding, verified) and ONNX export with onnxruntime parity checks."""
 
+from .fusion import FuseError, FuseReport, fuse, fuse_with_report, reparameterize_model
 from .onnx import ExportError, ExportResult, OrtRunner, export_onnx
 
-__all__ = ["ExportError", "ExportResult", "OrtRunner", "export_onnx"]
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "FuseError",
+    "FuseReport",
+    "OrtRunner",
+    "export_onnx",
+    "fuse",
+    "fuse_with_report",
+    "reparameterize_model",
+]
