@@ -15,7 +15,7 @@ from .bench import benchmark, count_flops, count_params
 from .config import build_config
 from .engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkpoint, seed_everything
 from .errors import CheckpointError, ConfigError, DataError, FrugalVisionError, MissingDependencyError
-from .export import export_onnx
+from .export import export_onnx, fuse, reparameterize_model
 
 try:
     __version__ = version("frugalvision")
@@ -37,8 +37,10 @@ __all__ = [
     "count_params",
     "evaluate",
     "export_onnx",
+    "fuse",
     "load_checkpoint",
     "models",
+    "reparameterize_model",
     "save_checkpoint",
     "seed_everything",
 ]
