@@ -16,6 +16,7 @@ from .config import build_config
 from .engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkpoint, seed_everything
 from .errors import CheckpointError, ConfigError, DataError, FrugalVisionError, MissingDependencyError
 from .export import export_onnx, fuse, reparameterize_model
+from .surgery import modulate
 
 try:
     __version__ = version("frugalvision")
@@ -40,6 +41,7 @@ __all__ = [
     "fuse",
     "load_checkpoint",
     "models",
+    "modulate",
     "reparameterize_model",
     "save_checkpoint",
     "seed_everything",

@@ -258,12 +258,23 @@ class InfoConfig:
     """Print versions, hardware and cache location."""
 
 
+def _run_surgery(cfg: Any, args: argparse.Namespace) -> int:
+    from .surgery import run_surgery
+
+    res = run_surgery(cfg)
+    rep = res["report"]
+    summary = {k: rep[k] for k in ("replaced", "base_ms", "predicted_ms", "measured_before_ms", "measured_after_ms")}
+    _print_json({k: v for k, v in res.items() if k != "report"} | summary)
+    return 0
+
+
 def _commands() -> list[_Command]:
     from .bench.run import BenchConfig
     from .demo import DemoConfig
     from .inspect.predict import PredictConfig
     from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
+    from .surgery import SurgeryConfig
 
     return [
         _Command("demo", "run the main pipeline end to end on bundled real data", DemoConfig, _run_demo),
@@ -281,6 +292,8 @@ def _commands() -> list[_Command]:
         _Command("data", "build the bundled real-image datasets", DataConfig, _run_data, positional="name"),
         _Command("models", "list registered models", ModelsConfig, _run_models, positional="pattern"),
         _Command("info", "versions, hardware and cache location", InfoConfig, _run_info),
+        _Command("surgery", "replace a ViT's costliest attention mixers to meet a latency budget, then distil",
+                 SurgeryConfig, _run_surgery),
     ]
 
 
