@@ -16,6 +16,7 @@ from frugalvision.engine.distill import DistillationTask, DistillOutput, kd_loss
 from frugalvision.errors import ConfigError
 from frugalvision.surgery import (
     BlockCost,
+    CostTable,
     TokenModulationMixer,
     find_attention_blocks,
     load_modulated,
@@ -43,6 +44,10 @@ def test_plan_picks_exactly_the_largest_savings():
     chosen, predicted = plan_surgery(costs, base, budget_ms=17.0)
     assert chosen == ["blocks.1", "blocks.3", "blocks.0"] and predicted == pytest.approx(17.0)
     assert plan_surgery(costs, base, budget_ms=25.0) == ([], base)  # already within budget
+    # savings timed in isolation are scaled to the whole model's time
+    assert plan_surgery(costs, base, budget_ms=16.0, scale=2.0) == (["blocks.1", "blocks.3"], 15.0)
+    table = CostTable(10.0, [BlockCost("a", 1.0, 0.5, 2.0), BlockCost("b", 1.0, 0.5, 2.0)], rest_ms=1.0)
+    assert table.parts_ms == 5.0 and table.scale == 2.0 and CostTable(10.0, table.blocks).scale == 1.0
 
 
 def test_plan_unreachable_budget_says_best_achievable():
@@ -105,14 +110,15 @@ def one_thread():
 
 def test_measured_costs_and_side_by_side_report(one_thread):
     model = tiny_vit(depth=2).eval()
-    base, costs = measure_block_costs(model, torch.randn(1, 3, 32, 32), kernel_size=3, repeats=3, warmup=1)
-    assert base > 0 and [c.name for c in costs] == ["blocks.0", "blocks.1"]
-    assert all(c.attn_ms > 0 and c.mixer_ms > 0 and c.block_ms > 0 for c in costs)
+    table = measure_block_costs(model, torch.randn(1, 3, 32, 32), kernel_size=3, repeats=3, warmup=1)
+    assert table.base_ms > 0 and table.rest_ms > 0 and [c.name for c in table.blocks] == ["blocks.0", "blocks.1"]
+    assert all(c.attn_ms > 0 and c.mixer_ms > 0 and c.block_ms > 0 for c in table.blocks)
+    assert table.scale == pytest.approx(table.base_ms / (table.rest_ms + sum(c.block_ms for c in table.blocks)))
     torch.set_num_threads(2)
     _, rep = modulate(model, blocks=["blocks.0"], kernel_size=3, repeats=3, warmup=1, threads=1, progress=False)
     assert torch.get_num_threads() == 2 and rep.threads == 1  # restored
     assert rep.replaced == ["blocks.0"] and rep.measured_before_ms > 0 and rep.measured_after_ms > 0
-    assert rep.predicted_ms == pytest.approx(rep.base_ms - rep.blocks[0].saving_ms)
+    assert rep.predicted_ms == pytest.approx(rep.base_ms - rep.scale * rep.blocks[0].saving_ms)
     assert rep.measured_speedup == pytest.approx(rep.measured_before_ms / rep.measured_after_ms)
 
 

@@ -32,6 +32,7 @@ from .errors import ConfigError
 
 __all__ = [
     "BlockCost",
+    "CostTable",
     "ModulateResult",
     "SurgeryConfig",
     "SurgeryReport",
@@ -277,6 +278,32 @@ class BlockCost:
         return self.attn_ms - self.mixer_ms
 
 
+@dataclass
+class CostTable:
+    """Batch-1 latencies measured in one interleaved run: the whole model, each block, the rest of the model.
+
+    The parts are timed in isolation; on a busy or cache-limited machine their sum differs from the whole
+    model's time, so savings are scaled by ``scale = base_ms / parts_ms`` (1 when the rest was not measured).
+    """
+
+    base_ms: float
+    blocks: list[BlockCost]
+    rest_ms: float | None = None
+
+    @property
+    def parts_ms(self) -> float | None:
+        """Sum of the separately timed parts (blocks + the rest), when all were measured."""
+        if self.rest_ms is None or any(b.block_ms is None for b in self.blocks):
+            return None
+        return self.rest_ms + sum(b.block_ms for b in self.blocks)  # type: ignore[misc]
+
+    @property
+    def scale(self) -> float:
+        """Whole-model time over the sum of its parts."""
+        parts = self.parts_ms
+        return self.base_ms / parts if parts else 1.0
+
+
 def _example(model: nn.Module, img_size: int | tuple[int, int] | None, device: torch.device) -> torch.Tensor:
     if img_size is None:
         img_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))[1:]
@@ -289,14 +316,15 @@ def _example(model: nn.Module, img_size: int | tuple[int, int] | None, device: t
 
 
 def measure_block_costs(model: nn.Module, example: torch.Tensor, kernel_size: int = 7, context_fc: bool = True,
-                        repeats: int = 30, warmup: int = 5, progress: bool = False) -> tuple[float, list[BlockCost]]:
+                        repeats: int = 30, warmup: int = 5, progress: bool = False) -> CostTable:
     """Measure the whole model, every attention block, its attention and a candidate mixer, interleaved.
 
     Each block's attention and candidate mixer run on the real tokens that reach them in a forward of
-    ``example`` (batch 1), on ``example``'s device, with the current threads.
+    ``example`` (batch 1), on ``example``'s device, with the current threads; "the rest" is the model with its
+    attention blocks skipped.
 
     Returns:
-        The whole-model median latency (ms) and one :class:`BlockCost` per replaceable block.
+        A :class:`CostTable` (median latencies in ms).
     """
     names = find_attention_blocks(model)
     modules = dict(model.named_modules())
@@ -315,7 +343,12 @@ def measure_block_costs(model: nn.Module, example: torch.Tensor, kernel_size: in
     finally:
         for h in hooks:
             h.remove()
-    fns: dict[str, Callable[[], Any]] = {"model": lambda: model(example)}
+    rest = copy.deepcopy(model)
+    rest_modules = dict(rest.named_modules())
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        setattr(rest_modules[parent] if parent else rest, child, nn.Identity())
+    fns: dict[str, Callable[[], Any]] = {"model": lambda: model(example), "rest": lambda: rest(example)}
     mixers = {}
     for n in names:
         attn, blk = modules[n].attn, modules[n]
@@ -326,14 +359,16 @@ def measure_block_costs(model: nn.Module, example: torch.Tensor, kernel_size: in
         fns[f"block:{n}"] = lambda a=blk, x=block_in[n]: a(x)
     t = _interleaved_ms(fns, device, repeats, warmup, progress, desc="per-block latency")
     costs = [BlockCost(n, t[f"attn:{n}"], t[f"mixer:{n}"], t[f"block:{n}"]) for n in names]
-    return t["model"], costs
+    return CostTable(t["model"], costs, t["rest"])
 
 
 # --------------------------------------------------------------------------------------------- planning
-def plan_surgery(costs: Sequence[BlockCost], base_ms: float, budget_ms: float) -> tuple[list[str], float]:
-    """Greedy choice: replace the blocks with the largest saving until ``base - savings <= budget``.
+def plan_surgery(costs: Sequence[BlockCost], base_ms: float, budget_ms: float, scale: float = 1.0
+                 ) -> tuple[list[str], float]:
+    """Greedy choice: replace the blocks with the largest saving until ``base - scale * savings <= budget``.
 
-    Blocks whose mixer is not faster than their attention are never chosen.
+    Blocks whose mixer is not faster than their attention are never chosen. ``scale`` converts savings timed in
+    isolation to the whole model's time (:attr:`CostTable.scale`).
 
     Returns:
         The chosen block names (largest saving first) and the predicted latency.
@@ -356,10 +391,10 @@ def plan_surgery(costs: Sequence[BlockCost], base_ms: float, budget_ms: float) -
         if c.saving_ms <= 0:
             break
         chosen.append(c.name)
-        predicted -= c.saving_ms
+        predicted -= scale * c.saving_ms
         if predicted <= budget_ms:
             return chosen, predicted
-    best = base_ms - sum(max(c.saving_ms, 0.0) for c in costs)
+    best = base_ms - scale * sum(max(c.saving_ms, 0.0) for c in costs)
     n_help = sum(c.saving_ms > 0 for c in costs)
     raise ConfigError(
         f"latency budget {budget_ms:.3g} ms is unreachable: the model takes {base_ms:.3g} ms and the best "
@@ -385,6 +420,8 @@ class SurgeryReport:
     measured_after_ms: float | None = None
     kernel_size: int = 7
     context_fc: bool = True
+    rest_ms: float | None = None
+    scale: float = 1.0
     threads: int = field(default_factory=torch.get_num_threads)
 
     @property
@@ -421,7 +458,8 @@ class SurgeryReport:
             lines.append(f"| {b.name} | {f(b.block_ms)} | {b.attn_ms:.3f} | {b.mixer_ms:.3f} | {b.saving_ms:+.3f} | "
                          f"{'yes' if b.name in self.replaced else ''} |")
         lines += ["", "| | latency (ms) | speed-up |", "|---|---|---|",
-                  f"| before (measured at planning) | {self.base_ms:.3f} | 1.00x |",
+                  f"| rest of the model (blocks skipped) | {f(self.rest_ms)} | |",
+                  f"| before (measured at planning; parts scale {self.scale:.2f}) | {self.base_ms:.3f} | 1.00x |",
                   f"| after, predicted | {self.predicted_ms:.3f} | {self.predicted_speedup:.2f}x |",
                   f"| before, measured side by side | {f(self.measured_before_ms)} | 1.00x |",
                   f"| after, measured side by side | {f(self.measured_after_ms)} | "
@@ -449,7 +487,7 @@ def modulate(
     repeats: int = 30,
     warmup: int = 5,
     threads: int | None = None,
-    costs: tuple[float, Sequence[BlockCost]] | None = None,
+    costs: CostTable | tuple[float, Sequence[BlockCost]] | None = None,
     blocks: Sequence[str] | None = None,
     measure_after: bool = True,
     inplace: bool = False,
@@ -469,8 +507,8 @@ def modulate(
         repeats: Timed interleaved rounds per measurement (median).
         warmup: Untimed runs before timing.
         threads: torch intra-op threads during the measurement (restored afterwards; current when omitted).
-        costs: ``(base_ms, [BlockCost, ...])`` to plan from instead of measuring (e.g. a table measured on the
-            deployment device).
+        costs: A :class:`CostTable` or ``(base_ms, [BlockCost, ...])`` to plan from instead of measuring (e.g. a
+            table measured on the deployment device).
         blocks: Replace exactly these blocks instead of planning for a budget (then no budget is needed).
         measure_after: Measure the original and the modified model side by side at the end.
         inplace: Modify ``model`` itself instead of a copy.
@@ -512,7 +550,7 @@ def modulate(
 
 def _modulate(model: nn.Module, budget_ms: float | None, speedup: float | None, dev: torch.device,
               img_size: int | tuple[int, int] | None, kernel_size: int, context_fc: bool, init: str, repeats: int,
-              warmup: int, costs: tuple[float, Sequence[BlockCost]] | None, blocks: Sequence[str] | None,
+              warmup: int, costs: CostTable | tuple[float, Sequence[BlockCost]] | None, blocks: Sequence[str] | None,
               measure_after: bool, inplace: bool, progress: bool) -> ModulateResult:
     original = model
     if not inplace:
@@ -520,9 +558,11 @@ def _modulate(model: nn.Module, budget_ms: float | None, speedup: float | None, 
     model = model.eval().to(dev)
     x = _example(model, img_size, dev)
     if costs is None:
-        base_ms, costs_ = measure_block_costs(model, x, kernel_size, context_fc, repeats, warmup, progress)
+        table = measure_block_costs(model, x, kernel_size, context_fc, repeats, warmup, progress)
     else:
-        base_ms, costs_ = float(costs[0]), list(costs[1])
+        table = costs if isinstance(costs, CostTable) else CostTable(float(costs[0]), list(costs[1]))
+    base_ms, costs_, scale = table.base_ms, table.blocks, table.scale
+    if costs is not None:
         known = set(find_attention_blocks(model))
         bad = [b.name for b in costs_ if b.name not in known]
         if bad:
@@ -533,16 +573,16 @@ def _modulate(model: nn.Module, budget_ms: float | None, speedup: float | None, 
         if bad:
             raise ConfigError(f"blocks {bad} have no replaceable attention; replaceable: {sorted(known)}")
         chosen = list(dict.fromkeys(blocks))
-        predicted = base_ms - sum(known[b].saving_ms for b in chosen)
+        predicted = base_ms - scale * sum(known[b].saving_ms for b in chosen)
         budget = predicted
     else:
         budget = float(budget_ms) if budget_ms is not None else base_ms / float(speedup)  # type: ignore[arg-type]
-        chosen, predicted = plan_surgery(costs_, base_ms, budget)
+        chosen, predicted = plan_surgery(costs_, base_ms, budget, scale)
     before_copy = copy.deepcopy(model) if (measure_after and inplace) else None
     replace_mixers(model, chosen, kernel_size, context_fc, init)
     model.eval()
     report = SurgeryReport(str(dev), list(x.shape), budget, base_ms, predicted, chosen, costs_,
-                           kernel_size=kernel_size, context_fc=context_fc)
+                           kernel_size=kernel_size, context_fc=context_fc, rest_ms=table.rest_ms, scale=scale)
     if measure_after:
         ref = before_copy if before_copy is not None else original.eval().to(dev)
         t = _interleaved_ms({"before": lambda: ref(x), "after": lambda: model(x)}, dev, repeats, warmup, progress,
