@@ -14,6 +14,7 @@ _EXTRAS: dict[str, str] = {
     "onnxscript": "onnx",
     "transformers": "lm",
     "open_clip": "clip",
+    "diffusers": "diffusion",
 }
 
 

@@ -176,22 +176,25 @@ def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | Non
     tmp_parent = out.parent
     tmp_parent.mkdir(parents=True, exist_ok=True)
     gen_t0 = time.perf_counter()
+    empty = 0
     for cat in sorted(clean_by_cat):
         clean = clean_by_cat[cat]
         (out / cat / "train" / "good").mkdir(parents=True, exist_ok=True)
         for k, kind in enumerate(kinds):
-            for i in range(cfg.per_kind):
-                img = _rgb(clean[rng.integers(len(clean))])
-                if cfg.method == "procedural":
-                    new, mask, _ = gen(img, rng, kind)
-                else:
-                    new, mask = gen.inpaint(img, kind=k, rng=rng)
+            imgs = [_rgb(clean[rng.integers(len(clean))]) for _ in range(cfg.per_kind)]
+            if cfg.method == "procedural":
+                made = [gen(img, rng, kind)[:2] for img in imgs]
+            else:  # batched sampling: one denoising loop for all of this kind's images
+                made = gen.inpaint_many(imgs, [k] * len(imgs), rng)
+            kept = [(new, mask) for new, mask in made if mask.any()]
+            empty += len(made) - len(kept)  # a generator that painted nothing gives no training defect
+            for i, (new, mask) in enumerate(kept):
                 rel = f"{cat}/test/{kind}/{i:03d}.png"
                 _save_png(new, out / rel)
                 _save_png(mask.astype(np.uint8) * 255, out / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
                 captions.append({"image": rel, "category": cat, "defect": kind,
                                  "caption": describe_defect(kind, mask, cat)})
-                bar.update(1)
+            bar.update(len(made))
     bar.close()
     timings["generate_s"] = time.perf_counter() - gen_t0
     timings["generate_ms_per_image"] = 1000 * timings["generate_s"] / max(total, 1)
@@ -200,8 +203,8 @@ def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | Non
         w = csv.DictWriter(fh, fieldnames=["image", "category", "defect", "caption"])
         w.writeheader()
         w.writerows(captions)
-    manifest = {"method": cfg.method, "images": total, "kinds": kinds, "categories": sorted(clean_by_cat),
-                "timings": timings, "config": config_to_dict(cfg)}
+    manifest = {"method": cfg.method, "images": total - empty, "empty_masks_dropped": empty, "kinds": kinds,
+                "categories": sorted(clean_by_cat), "timings": timings, "config": config_to_dict(cfg)}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
