@@ -315,3 +315,18 @@ def test_missing_transformers_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import of transformers now fails
     with pytest.raises(MissingDependencyError, match=r'pip install "frugalvision\[lm\]"'):
         build_lm_block(BERT)
+
+
+def test_train_command_with_an_lm_block(tmp_path, bert_dir, capsys):
+    from frugalvision.cli import main
+
+    path, _ = bert_dir
+    out = tmp_path / "run"
+    assert main(["train", "model=test_vit_lm", "data=faces", "img_size=32", f"lm_path={path}", "lm_block=-1",
+                 "max_steps=2", "batch_size=8", "progress=false", f"output_dir={out}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", f"model_file={out / 'model.safetensors'}", "data=faces", "split=test"]) == 0
+    from frugalvision.models import load_model_file
+
+    model, info = load_model_file(out / "model.safetensors")
+    assert info["model_kwargs"]["lm_path"] == str(path) and model.lm_info["family"] == "bert"

@@ -32,6 +32,10 @@ class ClassifyConfig(TrainConfig):
         img_size: Training and evaluation resolution.
         weights: Initial weights file (safetensors or weights-only PyTorch); random init when unset.
         drop_path_rate: Stochastic depth rate for models that support it.
+        lm_path: For ViTs with a frozen language-model block (``vit_tiny_lm``, ``vit_small_lm``): the language
+            model's checkpoint (transformers folder or safetensors file; ``minilm`` for the installed
+            all-MiniLM-L6-v2). The ViT is then built at ``img_size``.
+        lm_block: Which layer of that language model (``-1``: the last).
     """
 
     model: str = "resnet18"
@@ -39,6 +43,8 @@ class ClassifyConfig(TrainConfig):
     img_size: int = 64
     weights: str | None = None
     drop_path_rate: float | None = None
+    lm_path: str | None = None
+    lm_block: int = -1
 
 
 @dataclass
@@ -115,6 +121,8 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.lm_path:
+        kwargs.update(lm_path=cfg.lm_path, lm_block=cfg.lm_block, img_size=cfg.img_size)
     probe = create_model(cfg.model, **kwargs)
     dc = data_config_of(probe)
     splits, classes = load_splits(cfg.data, cfg.img_size, dc["mean"], dc["std"])
