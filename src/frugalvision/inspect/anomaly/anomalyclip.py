@@ -43,7 +43,7 @@ from .base import AnomalyOutput
 __all__ = [
     "AnomalyCLIP", "AnomalyCLIPConfig", "AnomalyPromptLearner", "BlockParts", "CLIPBackbone", "OpenCLIPBackbone",
     "anomalyclip_loss", "binary_dice_loss", "check_state_dict", "encode_samples", "fit_anomalyclip", "focal_loss",
-    "gaussian_blur", "load_open_clip_checkpoint",
+    "gaussian_blur", "load_open_clip_checkpoint", "tiny_open_clip",
 ]
 
 #: Fixed prompt ensemble of the no-prompt-learning baseline (state words as in the official code).

@@ -309,5 +309,6 @@ def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequenc
             losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
+    model.zero_grad(set_to_none=True)
     model.eval()
     return history
