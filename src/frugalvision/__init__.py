@@ -10,7 +10,20 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import models  # registers our architectures in timm's registry
+from . import (
+    adapt,  # callable: fv.adapt(model, config)
+    models,  # registers our architectures in timm's registry
+)
+from .adapt import (
+    FreezeEmbedConfig,
+    FreezeEmbedNoMomentumConfig,
+    FrozenBackboneConfig,
+    FullFineTuneConfig,
+    LinearProbeConfig,
+    LPFTConfig,
+    SGDConfig,
+    SubTuningConfig,
+)
 from .bench import benchmark, count_flops, count_params
 from .config import build_config
 from .engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkpoint, seed_everything
@@ -27,11 +40,20 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FreezeEmbedConfig",
+    "FreezeEmbedNoMomentumConfig",
+    "FrozenBackboneConfig",
     "FrugalVisionError",
+    "FullFineTuneConfig",
+    "LPFTConfig",
+    "LinearProbeConfig",
     "MissingDependencyError",
+    "SGDConfig",
+    "SubTuningConfig",
     "TrainConfig",
     "Trainer",
     "__version__",
+    "adapt",
     "benchmark",
     "build_config",
     "count_flops",

@@ -126,6 +126,13 @@ def _run_train(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_profile(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.adaptation import run_profile
+
+    _print_json(run_profile(cfg))
+    return 0
+
+
 def _run_eval(cfg: Any, args: argparse.Namespace) -> int:
     from .pipelines.classification import eval_classifier
 
@@ -272,6 +279,7 @@ def _commands() -> list[_Command]:
     from .bench.run import BenchConfig
     from .demo import DemoConfig
     from .inspect.predict import PredictConfig
+    from .pipelines.adaptation import ProfileConfig
     from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
     from .surgery import SurgeryConfig
@@ -285,6 +293,8 @@ def _commands() -> list[_Command]:
         _Command("predict", "segment defects on image files/folders, streaming", PredictConfig, _run_predict,
                  positional="images"),
         _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig, _run_train),
+        _Command("profile", "SubTuning profile: tune each block alone, plot it, pick the best few", ProfileConfig,
+                 _run_profile),
         _Command("eval", "evaluate a trained model file on a dataset split", EvalConfig, _run_eval),
         _Command("export", "export a model file to ONNX with a parity check", ExportConfig, _run_export),
         _Command("bench", "benchmark models side by side (latency, throughput, FLOPs, memory, roofline)",

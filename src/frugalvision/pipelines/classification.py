@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,10 @@ class ClassifyConfig(TrainConfig):
             model's checkpoint (transformers folder or safetensors file; ``minilm`` for the installed
             all-MiniLM-L6-v2). The ViT is then built at ``img_size``.
         lm_block: Which layer of that language model (``-1``: the last).
+        adapt: Adaptation method (``frugalvision.adapt``: full_ft, sgd, freeze_embed, freeze_embed_nomom,
+            linear_probe, lp_ft, frozen_backbone, subtuning); the method prescribes what trains and the
+            optimiser (``lr``, ``weight_decay``, ``momentum`` still apply). Plain training when unset.
+        adapt_options: Options of the method, e.g. ``adapt_options.k=2`` or ``adapt_options.lp_fraction=0.3``.
     """
 
     model: str = "resnet18"
@@ -45,6 +49,8 @@ class ClassifyConfig(TrainConfig):
     drop_path_rate: float | None = None
     lm_path: str | None = None
     lm_block: int = -1
+    adapt: str | None = None
+    adapt_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,10 +138,20 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     if cfg.weights:
         _load_backbone_weights(model, cfg.weights)
     train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
-    trainer = Trainer(model, train_cfg, splits["train"], splits.get("val"),
-                      ClassificationTask(label_smoothing=cfg.label_smoothing))
-    result = trainer.fit()
+    task = ClassificationTask(label_smoothing=cfg.label_smoothing)
+    if cfg.adapt:
+        from .adaptation import adapt_classifier
+
+        eval_train = load_splits(cfg.data, cfg.img_size, dc["mean"], dc["std"], train_aug=False)[0]["train"]
+        adaptation = adapt_classifier(model, cfg, splits, eval_train)
+        result = adaptation.fit(splits["train"], splits.get("val"), train_cfg, task)
+        trainer = adaptation.trainer
+    else:
+        trainer = Trainer(model, train_cfg, splits["train"], splits.get("val"), task)
+        result = trainer.fit()
     metrics: dict[str, Any] = {"val": result.final, "steps": result.steps, "wall_time_s": result.wall_time_s}
+    if cfg.adapt:
+        metrics["adapt"] = adaptation.summary()
     if "test" in splits:
         metrics["test"] = trainer.evaluate(splits["test"])
     if trainer.dist.is_main:
