@@ -130,17 +130,19 @@ def test_mixer_init_from_attention_is_value_projection():
     with torch.no_grad():
         mixer.g.weight.zero_()  # context exactly 1
     x = torch.randn(2, 17, 32)
-    v = nn.functional.linear(x, attn.qkv.weight[64:], attn.qkv.bias[64:])
-    torch.testing.assert_close(mixer(x), attn.proj(v))
+    v = nn.functional.linear(x[:, 1:], attn.qkv.weight[64:], attn.qkv.bias[64:])
+    # patch tokens: their own value (self-only attention); class token: uniform attention over the patches
+    expect = attn.proj(torch.cat([v.mean(1, keepdim=True), v], dim=1))
+    torch.testing.assert_close(mixer(x), expect)
     lite = TokenModulationMixer.from_attention(attn, 3, 1, (4, 4), context_fc=False)
     with torch.no_grad():
         lite.dwconv.weight.zero_()  # GELU(bias) == 1
-    torch.testing.assert_close(lite(x), attn.proj(v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lite(x), expect, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 2])
 @pytest.mark.parametrize("context_fc", [True, False])
-def test_mixer_is_local_on_the_grid_and_prefix_tokens_see_the_mean(prefix, context_fc):
+def test_mixer_is_local_on_the_grid_and_prefix_tokens_pool_the_patches(prefix, context_fc):
     mixer = TokenModulationMixer(8, kernel_size=3, num_prefix_tokens=prefix, grid_size=(5, 6), context_fc=context_fc)
     with torch.no_grad():
         for p in mixer.parameters():
@@ -156,7 +158,7 @@ def test_mixer_is_local_on_the_grid_and_prefix_tokens_see_the_mean(prefix, conte
     assert torch.equal(dep, expect)
     if prefix:
         (g,) = torch.autograd.grad(y[0, 0].sum(), x)
-        assert (g[0, prefix:].abs().sum(-1) > 0).all()  # mean context over every patch
+        assert (g[0, prefix:].abs().sum(-1) > 0).all()  # mean over every patch
 
 
 def test_mixer_gradients_reach_every_parameter_and_infers_square_grid():

@@ -57,9 +57,9 @@ class TokenModulationMixer(nn.Module):
     ``out = proj(v(x) ⊙ ctx)`` with the context ``ctx = g(GELU(DWConv_k(f(x))))`` computed on the patch tokens
     laid out on their ``(H, W)`` grid (EfficientMod's modulation at the same width: no expansion, so no
     activation on the value branch). Prefix tokens (class / distillation / register tokens) have no grid
-    position: they take the value path with the *mean* context of the patch tokens, a global summary much like
-    the class token's attention over all patches. With ``context_fc=False`` the two context FCs are dropped
-    (``ctx = GELU(DWConv_k(x))``), halving the FC cost.
+    position: their output is ``proj`` of the *mean* of the modulated patch tokens ``v ⊙ ctx``, i.e. attention
+    with uniform weights over the patches, so a class-token head keeps a direct path to every patch. With
+    ``context_fc=False`` the two context FCs are dropped (``ctx = GELU(DWConv_k(x))``), halving the FC cost.
 
     Args:
         dim: Token width ``C`` (input and output).
@@ -127,16 +127,17 @@ class TokenModulationMixer(nn.Module):
         B, N, C = x.shape
         P = self.num_prefix_tokens
         H, W = self._grid(N - P)
-        h = self.vf(x)
+        patches = x[:, P:] if P else x
+        h = self.vf(patches)
         v = h[..., :C]
-        c = h[:, P:, C:] if self.context_fc else x[:, P:]
+        c = h[..., C:] if self.context_fc else patches
         # (B, HW, C) -> (B, C, H, W) as a channels-last view: no copy, and the conv keeps that layout.
         c = c.reshape(B, H, W, C).permute(0, 3, 1, 2)
         c = self.act(self.dwconv(c)).permute(0, 2, 3, 1).reshape(B, H * W, C)
-        c = self.g(c)
-        if P:
-            c = torch.cat([c.mean(1, keepdim=True).expand(B, P, C), c], dim=1)
-        return self.proj(v * c)
+        m = v * self.g(c)
+        if P:  # prefix tokens pool the modulated patch tokens (uniform attention over the patches)
+            m = torch.cat([m.mean(1, keepdim=True).expand(B, P, C), m], dim=1)
+        return self.proj(m)
 
     @classmethod
     def from_attention(cls, attn: nn.Module, kernel_size: int = 7, num_prefix_tokens: int = 1,
@@ -145,8 +146,9 @@ class TokenModulationMixer(nn.Module):
         """A mixer of the attention's width; ``init="attention"`` copies its value and output projections.
 
         The value FC takes the ``v`` rows of ``qkv`` (and their bias), ``proj`` is copied, and the context starts
-        at ~1, so the new block first computes what attention computes when every token attends only to itself;
-        distillation then teaches the context to mix neighbours. ``init="random"`` keeps a fresh initialisation.
+        at ~1, so the new block first computes what attention computes when every patch token attends only to
+        itself and prefix tokens attend uniformly to the patches; distillation then teaches the context to mix
+        neighbours. ``init="random"`` keeps a fresh initialisation.
         """
         dim = attn.proj.out_features
         mixer = cls(dim, kernel_size, num_prefix_tokens, grid_size, context_fc)
