@@ -26,10 +26,10 @@ Official YOLOv6 checkpoints are pickled model objects; re-save their ``state_dic
 ckpt["model"].float().state_dict(), "yolov6n_sd.pt")``) and :func:`checkpoint_filter_fn` maps the backbone keys.
 
 Example:
-    >>> import timm, torch
-    >>> m = timm.create_model("test_efficientrep").eval()
-    >>> [f.shape[1] for f in m.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)]
-    [8, 16, 32, 48, 64]
+    >>> import timm
+    >>> m = timm.create_model("test_efficientrep")
+    >>> [(f["num_chs"], f["reduction"]) for f in m.feature_info]
+    [(8, 2), (16, 4), (32, 8), (48, 16), (64, 32)]
 """
 
 from __future__ import annotations

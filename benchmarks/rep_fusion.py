@@ -1,0 +1,116 @@
+"""CPU speed of re-parameterisable models before and after ``fv.fuse``, eager PyTorch and ONNX Runtime.
+
+Every model appears twice, as trained (multi-branch blocks, separate BNs) and fused (``fv.fuse``: single convs,
+BNs folded, verified against the original on a probe batch). All rows are measured in one process, interleaved
+(``frugalvision.bench.benchmark``), and each fused row is reported as a ratio against its own unfused row.
+
+    python benchmarks/rep_fusion.py [--size 224] [--batch-size 8] [--repeats 30] [--threads 1] [--no-onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shlex
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+import frugalvision as fv
+from frugalvision.bench import benchmark, results_to_markdown, write_results
+from frugalvision.utils.io import atomic_write_text
+
+MODELS = ["efficientrep_n", "efficientrep_s", "repvgg_a0", "mobileone_s0"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--throughput-repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and onnxruntime threads (1: robust on a shared machine, where spinning thread pools "
+                        "of several processes make multi-threaded timings erratic)")
+    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/rep_fusion")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    models: dict[str, torch.nn.Module] = {}
+    fuse_notes: list[str] = []
+    for name in a.models:
+        m = timm.create_model(name, pretrained=False).eval()
+        fused, report = fv.export.fuse_with_report(m, (2, 3, a.size, a.size))
+        models[f"{name}"] = m
+        models[f"{name} (fused)"] = fused
+        fuse_notes.append(f"| {name} | {report.summary()} |")
+    rows, info = benchmark(models, img_size=a.size, batch_size=a.batch_size, repeats=a.repeats,
+                           throughput_repeats=a.throughput_repeats, onnx=not a.no_onnx)
+    cmd = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+    title = f"Re-parameterisation: CPU speed before/after fv.fuse at {a.size}x{a.size}"
+    csv_path, md_path = write_results(rows, info, a.out, title=title, command=cmd)
+
+    by_key = {(r.name, r.backend): r for r in rows}
+    ratio_lines = ["| model | backend | latency b1 unfused (ms) | fused (ms) | speed-up b1 | throughput unfused "
+                   f"(img/s, b{a.batch_size}) | fused | speed-up bN | GFLOPs unfused → fused |",
+                   "|---|---|---|---|---|---|---|---|---|"]
+    ratio_rows = []
+    for name in a.models:
+        for backend in ("eager", "onnxruntime"):
+            u, f = by_key.get((name, backend)), by_key.get((f"{name} (fused)", backend))
+            if u is None or f is None:
+                continue
+            lat, thr = u.latency_ms / f.latency_ms, f.throughput / u.throughput
+            ratio_rows.append({"model": name, "backend": backend, "latency_unfused_ms": u.latency_ms,
+                               "latency_fused_ms": f.latency_ms, "latency_speedup": lat,
+                               "throughput_unfused": u.throughput, "throughput_fused": f.throughput,
+                               "throughput_speedup": thr, "gflops_unfused": u.gflops, "gflops_fused": f.gflops})
+            ratio_lines.append(f"| {name} | {backend} | {u.latency_ms:.2f} ± {u.latency_iqr_ms:.2f} | "
+                               f"{f.latency_ms:.2f} ± {f.latency_iqr_ms:.2f} | **{lat:.2f}x** | {u.throughput:.1f} | "
+                               f"{f.throughput:.1f} | **{thr:.2f}x** | {u.gflops:.3f} → {f.gflops:.3f} |")
+    md = [
+        f"# {title}",
+        "",
+        f"Machine: {info.line()}",
+        "",
+        "The machine was shared with other jobs while this ran (2 cores, several processes); every row was measured",
+        "in the same interleaved rounds, so the ratios below are meaningful even though absolute times are noisy.",
+        f"Threads: {a.threads} (torch and onnxruntime).",
+        "",
+        "Command:",
+        "",
+        f"    {cmd}",
+        "",
+        "## Fused vs unfused (ratios >1: fused is faster)",
+        "",
+        "Latency: batch 1, median (± IQR) of interleaved rounds. GFLOPs at batch 1 (a multiply-add counts 2).",
+        "",
+        *ratio_lines,
+        "",
+        "## What fv.fuse did",
+        "",
+        "| model | fusion |",
+        "|---|---|",
+        *fuse_notes,
+        "",
+        "## All rows",
+        "",
+        results_to_markdown(rows, info, title="All rows", command=None).split("\n", 4)[4],
+    ]
+    atomic_write_text(md_path, "\n".join(md))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(ratio_rows[0]))
+    w.writeheader()
+    w.writerows(ratio_rows)
+    atomic_write_text(Path(a.out).with_name(Path(a.out).name + "_ratios.csv"), buf.getvalue())
+    print(md_path.read_text())
+    print(f"wrote {md_path}, {csv_path}")
+
+
+if __name__ == "__main__":
+    main()
