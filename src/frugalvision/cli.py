@@ -187,6 +187,14 @@ def _run_predict(cfg: Any, args: argparse.Namespace) -> int:
     return 0 if res["predicted"] or not res["images"] else 1
 
 
+def _run_anomaly(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.anomaly import run_anomaly
+
+    res = run_anomaly(cfg)
+    _print_json(res)
+    return 0 if res.get("predicted", 1) or not res.get("images", 1) else 1
+
+
 def _run_data(cfg: Any, args: argparse.Namespace) -> int:
     from .data import BUNDLED, build_bundled, load_bundled
 
@@ -280,6 +288,7 @@ def _commands() -> list[_Command]:
     from .demo import DemoConfig
     from .inspect.predict import PredictConfig
     from .pipelines.adaptation import ProfileConfig
+    from .pipelines.anomaly import AnomalyConfig
     from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
     from .surgery import SurgeryConfig
@@ -292,6 +301,8 @@ def _commands() -> list[_Command]:
                  _run_synth),
         _Command("predict", "segment defects on image files/folders, streaming", PredictConfig, _run_predict,
                  positional="images"),
+        _Command("anomaly", "anomaly detection (PatchCore, AnomalyCLIP): fit | test | predict IMAGES", AnomalyConfig,
+                 _run_anomaly, positional="action"),
         _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig, _run_train),
         _Command("profile", "SubTuning profile: tune each block alone, plot it, pick the best few", ProfileConfig,
                  _run_profile),
