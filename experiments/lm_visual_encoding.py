@@ -15,7 +15,7 @@ test accuracy and accuracy under generated corruptions (Gaussian noise, blur, co
 severities: the ImageNet-C stand-in). Reported: mean +- std over seeds, and the per-seed paired difference to
 ``none``.
 
-    python experiments/lm_visual_encoding.py [--seeds 0 1 2] [--arms none minilm random] [--epochs 10]
+    python experiments/lm_visual_encoding.py [--seeds 0 1 2] [--arms none minilm random] [--epochs 5] [--resume]
 """
 
 from __future__ import annotations
@@ -90,24 +90,30 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--severities", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--out", default="experiments/results/lm_visual_encoding")
+    p.add_argument("--resume", action="store_true", help="keep finished runs of the same setting from --out's csv")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     train = load_bundled(a.dataset, "train", build_transforms(a.img_size, train=True))
     val = load_bundled(a.dataset, "val", build_transforms(a.img_size, train=False))
     test = load_bundled(a.dataset, "test", build_transforms(a.img_size, train=False))
-    conds = conditions(test, a.severities)
-    rows: list[dict[str, Any]] = []
+    conds: dict[str, TensorDataset] = {}
+    command = " ".join(shlex.quote(x) for x in sys.argv)
+    rows = previous_rows(Path(a.out).with_suffix(".csv"), setting(a)) if a.resume else []
+    done = {(r["seed"], r["arm"]) for r in rows}
     runs = [(seed, arm) for seed in a.seeds for arm in a.arms]  # interleaved: each seed runs every arm
     bar = tqdm(runs, desc="runs", unit="run")
     for seed, arm in bar:
         bar.set_postfix(seed=seed, arm=arm)
+        if (seed, arm) in done:
+            continue
+        conds = conds or conditions(test, a.severities)
         model = build_model(arm, seed, a, len(train.classes))
         cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=0.05, warmup_epochs=1,
                           grad_clip=1.0, label_smoothing=0.1, seed=seed, device="cpu", amp="none", eval_every=0,
@@ -123,10 +129,40 @@ def main() -> None:
         row["corrupted"] = statistics.fmean(row[k] for k in corr)
         for kind in CORRUPTIONS:
             row[kind] = statistics.fmean(row[f"{kind}/{s}"] for s in a.severities)
+        row["setting"] = setting(a)
         rows.append(row)
         tqdm.write(f"seed {seed} {arm:8s} clean {row['clean']:.1f} corrupted {row['corrupted']:.1f} "
                    f"({row['train_s']:.0f} s)")
-    write(rows, a, " ".join(shlex.quote(x) for x in sys.argv), time.perf_counter() - t0, len(train), len(test))
+        # tables after every run, so an interrupted experiment keeps what it measured (``--resume`` continues)
+        write(rows, a, command, time.perf_counter() - t0, len(train), len(test))
+    if rows and not conds:  # everything was done before: only rewrite the tables
+        write(rows, a, command, time.perf_counter() - t0, len(train), len(test))
+
+
+def setting(a: argparse.Namespace) -> str:
+    """Everything but seeds and arms: rows of another setting are never mixed into one table."""
+    keys = ["dataset", "img_size", "patch", "dim", "depth", "heads", "drop_path", "epochs", "batch_size", "lr",
+            "severities"]
+    return ";".join(f"{k}={getattr(a, k)}" for k in keys)
+
+
+def previous_rows(path: Path, current: str) -> list[dict[str, Any]]:
+    """Rows of an earlier, interrupted run of the same setting."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("setting") == current]
+    return [{k: (v if k in ("arm", "setting") else (int(v) if k in ("seed", "trainable_params", "frozen_params")
+                                                    else float(v))) for k, v in r.items()} for r in rows]
+
+
+def _verdict(diffs: list[float]) -> str:
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.1f} points (one seed: no spread to compare with)"
+    m, se = statistics.fmean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5
+    if abs(m) > 2 * se:
+        return f"{m:+.1f} points, {'better' if m > 0 else 'worse'} (standard error {se:.1f})"
+    return f"{m:+.1f} points, within seed noise (standard error {se:.1f})"
 
 
 def _ms(vals: list[float]) -> str:
@@ -149,11 +185,13 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     cols = ["clean", "corrupted", *CORRUPTIONS]
     by = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
+    seeds = ", ".join(map(str, sorted({r["seed"] for r in rows})))
     lines = [
         "# Frozen language-model block in a small ViT (LM4VisualEncoding, small scale)",
         "",
         f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine_info().line()} "
-        f"(shared by several jobs; {a.threads} torch thread(s)). Total wall time {wall_s / 60:.1f} min.",
+        f"(shared by several jobs; {a.threads} torch thread(s)). "
+        f"Training time summed over runs {sum(r['train_s'] for r in rows) / 60:.1f} min.",
         "",
         f"Command: `{command}`",
         "",
@@ -166,20 +204,22 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
         f"init). `shuffled`: the pretrained tensors with permuted entries. Same ViT init and data order per seed "
         f"across arms. Corruptions: {', '.join(CORRUPTIONS)} at severities {', '.join(map(str, a.severities))} "
         f"(`frugalvision.data.corruptions`); *corrupted* = mean over all {len(CORRUPTIONS) * len(a.severities)}; "
-        f"per kind = mean over severities. Accuracy in %, mean ± std over seeds {', '.join(map(str, a.seeds))}.",
+        f"per kind = mean over severities. Accuracy in %, mean ± std over seeds {seeds}.",
         "",
-        "| arm | params trainable / frozen | " + " | ".join(cols) + " | train s |",
-        "|---|---|" + "---|" * len(cols) + "---|",
+        "| arm | seeds | params trainable / frozen | " + " | ".join(cols) + " | train s |",
+        "|---|---|---|" + "---|" * len(cols) + "---|",
     ]
     for arm in arms:
         rs = by[arm]
-        lines.append(f"| {arm} | {rs[0]['trainable_params'] / 1e6:.2f} M / {rs[0]['frozen_params'] / 1e6:.2f} M | "
+        params = f"{rs[0]['trainable_params'] / 1e6:.2f} M / {rs[0]['frozen_params'] / 1e6:.2f} M"
+        lines.append(f"| {arm} | {len(rs)} | {params} | "
                      + " | ".join(_ms([r[c] for r in rs]) for c in cols)
                      + f" | {statistics.fmean(r['train_s'] for r in rs):.0f} |")
     if "none" in by:
         lines += ["", "Paired difference to `none` (same seed: same ViT init and data order), points:", "",
                   "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         base = {r["seed"]: r for r in by["none"]}
+        verdicts: list[str] = []
         for arm in arms:
             if arm == "none":
                 continue
@@ -187,6 +227,10 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
             lines.append(f"| {arm} − none | " + " | ".join(
                 (f"{statistics.fmean(v):+.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:+.1f}")
                 for v in d.values()) + " |")
+            verdicts.append(f"`{arm}` vs `none`: " + ", ".join(f"{c} {_verdict(d[c])}" for c in ("clean", "corrupted")))
+        lines += ["", "Paired differences against seed-to-seed spread (|mean| > 2 standard errors counts as a "
+                  "difference; with 3 seeds this is a rough screen, not a significance test):", ""]
+        lines += [f"- {v}" for v in verdicts]
     lines += ["", "Per run (every corruption and severity): "
               f"[{out.with_suffix('.csv').name}]({out.with_suffix('.csv').name}).", ""]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
