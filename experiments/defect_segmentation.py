@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--few-shot", type=int, default=2)
     p.add_argument("--per-kind", type=int, default=8)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--diffusion-steps", type=int, default=1500)
+    p.add_argument("--diffusion-steps", type=int, default=800)
     p.add_argument("--work", default="runs/experiments/defect_segmentation")
     p.add_argument("--out", default="experiments/results/defect_segmentation")
     a = p.parse_args()

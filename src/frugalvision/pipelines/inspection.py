@@ -130,7 +130,7 @@ class SynthConfig:
     size: float = 1.0
     contrast: float = 1.0
     few_shot: int = 2
-    diffusion_steps: int = 1500
+    diffusion_steps: int = 800
     out: str = "runs/synth"
     overwrite: bool = False
     seed: int = 0

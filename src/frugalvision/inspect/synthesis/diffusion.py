@@ -63,9 +63,9 @@ class DefectDiffusionConfig:
         seed: Seed of initialisation, training windows and noise.
     """
 
-    crop: int = 48
-    channels: tuple[int, ...] = (32, 64, 96)
-    steps: int = 1500
+    crop: int = 32
+    channels: tuple[int, ...] = (16, 32, 64)
+    steps: int = 800
     batch_size: int = 16
     lr: float = 1e-3
     timesteps: int = 1000
