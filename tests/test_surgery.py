@@ -287,3 +287,21 @@ def test_cli_surgery_writes_a_loadable_model_file(tmp_path, capsys, one_thread):
     assert rc == 2 and "resnet18" in err and "Traceback" not in err
     rc = main(["surgery", "model=vit_tiny_patch16_224", "img_size=32", "progress=false"])
     assert rc == 2 and "exactly one of budget_ms" in capsys.readouterr().err
+
+
+def test_run_surgery_on_a_model_file_distils_and_reports_accuracy(tmp_path, one_thread):
+    from frugalvision.models import save_model_file
+    from frugalvision.surgery import SurgeryConfig, run_surgery
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 2}
+    model = timm.create_model("vit_tiny_patch16_224", **kwargs)
+    path = save_model_file(model, tmp_path / "vit.safetensors", "vit_tiny_patch16_224", kwargs,
+                           classes=["face", "nonface"], img_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    cfg = SurgeryConfig(model_file=str(path), blocks=["blocks.1"], data="faces", distill_epochs=1, batch_size=40,
+                        repeats=1, threads=1, progress=False, device="cpu", output_dir=tmp_path / "out")
+    res = run_surgery(cfg)
+    assert set(res["acc1"]) == {"original", "surgery", "distilled"}
+    assert all(0.0 <= v <= 100.0 for v in res["acc1"].values())
+    student, info = load_modulated(res["model_file"])
+    assert info["classes"] == ["face", "nonface"] and isinstance(student.blocks[1].attn, TokenModulationMixer)
+    assert not isinstance(student.blocks[0].attn, TokenModulationMixer)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .engine.trainer import TrainConfig
+from .engine.trainer import TrainConfig, resolve_device
 from .errors import ConfigError
 
 __all__ = [
@@ -501,7 +501,7 @@ def modulate(
         model: A ViT-family model (timm ``vit_*``, ``deit_*``, or ours derived from ``VisionTransformer``).
         budget_ms: Target batch-1 latency in milliseconds on ``device``.
         speedup: Alternative to ``budget_ms``: target ``measured latency / speedup``.
-        device: Where latency is measured (the model is moved there).
+        device: Where latency is measured (``cpu``, ``cuda[:N]`` or ``auto``; the model is moved there).
         img_size: Input resolution; the model's own when omitted.
         kernel_size: Depth-wise context kernel of the new mixers.
         context_fc: Keep the mixer's context FCs (``False``: cheaper mixer, ``ctx = GELU(DWConv(x))``).
@@ -539,7 +539,7 @@ def modulate(
     if speedup is not None and speedup <= 1.0:
         raise ConfigError(f"speedup must be > 1, got {speedup}")
     find_attention_blocks(model)  # clear error before any work
-    dev = torch.device(device)
+    dev = resolve_device(device)
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -662,8 +662,7 @@ def run_surgery(cfg: SurgeryConfig) -> dict[str, Any]:
 
     if (cfg.model_file is None) == (cfg.model is None):
         raise ConfigError("give exactly one of model_file=PATH (a trained model file) or model=NAME")
-    dev = "cpu" if cfg.device == "auto" and not torch.cuda.is_available() else cfg.device
-    dev = "cuda" if dev == "auto" else dev
+    dev = resolve_device(cfg.device)
     info: dict[str, Any]
     if cfg.model_file:
         teacher, info = load_model_file(cfg.model_file)
