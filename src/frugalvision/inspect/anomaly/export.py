@@ -65,7 +65,7 @@ def preprocess(images: Sequence[np.ndarray], img_size: int) -> torch.Tensor:
     for a in images:
         if a.ndim != 3 or a.shape[2] != 3:
             raise ValueError(f"expected an RGB image (H, W, 3), got shape {a.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float().div(255)
+        x = torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
         if x.shape[-2:] != (img_size, img_size):
             x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
         out.append(x[0])
