@@ -33,7 +33,15 @@ from .recipes import (
     LPFTConfig,
     SGDConfig,
 )
-from .subtuning import PrefixCache, SubTuningConfig, SubTuningResult, block_costs, plot_profile, subtuning_select
+from .subtuning import (
+    PrefixCache,
+    SubTuningConfig,
+    SubTuningResult,
+    block_costs,
+    measure_profile_speedup,
+    plot_profile,
+    subtuning_select,
+)
 
 __all__ = [
     "ADAPT_METHODS",
@@ -59,6 +67,7 @@ __all__ = [
     "find_parts",
     "get_method_config",
     "list_methods",
+    "measure_profile_speedup",
     "optimizer_state_bytes",
     "plot_profile",
     "register_method",
