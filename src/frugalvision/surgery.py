@@ -190,7 +190,7 @@ def find_attention_blocks(model: nn.Module) -> list[str]:
 
     Example:
         >>> import timm
-        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
         >>> find_attention_blocks(m)
         ['blocks.0', 'blocks.1']
     """
@@ -219,7 +219,7 @@ def replace_mixers(model: nn.Module, blocks: Sequence[str], kernel_size: int = 7
 
     Example:
         >>> import timm
-        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
         >>> type(replace_mixers(m, ["blocks.1"]).blocks[1].attn).__name__
         'TokenModulationMixer'
     """
@@ -525,7 +525,7 @@ def modulate(
 
     Example:
         >>> import timm
-        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3)
+        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2)
         >>> fake = (10.0, [BlockCost("blocks.0", 2.0, 1.5), BlockCost("blocks.1", 3.0, 1.0),
         ...                BlockCost("blocks.2", 2.5, 1.0)])
         >>> new, rep = modulate(m, budget_ms=7.5, costs=fake, measure_after=False, progress=False)
