@@ -160,6 +160,60 @@ def test_attention_is_bidirectional(cfg):
 
 
 # ------------------------------------------------------------------------------------------- loading variants
+def _meta_llama_reference(w: dict, x: torch.Tensor, n_heads: int, eps: float, rotary: bool) -> torch.Tensor:
+    """One layer of the original LLaMA code's equations: interleaved complex rotary, full attention, SwiGLU."""
+    b, n, d = x.shape
+    hd = d // n_heads
+
+    def rms(t, g):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def rope(t):
+        freqs = 1.0 / 10000.0 ** (torch.arange(0, hd, 2).float() / hd)
+        rot = torch.polar(torch.ones(n, hd // 2), torch.outer(torch.arange(n).float(), freqs))[None, :, None]
+        return torch.view_as_real(torch.view_as_complex(t.reshape(b, n, n_heads, hd // 2, 2)) * rot).flatten(3)
+
+    h = rms(x, w["attention_norm.weight"])
+    q, k, v = ((h @ w[f"attention.{m}.weight"].T).view(b, n, n_heads, hd) for m in ("wq", "wk", "wv"))
+    if rotary:
+        q, k = rope(q), rope(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1)
+    x = x + (att @ v).transpose(1, 2).reshape(b, n, d) @ w["attention.wo.weight"].T
+    h = rms(x, w["ffn_norm.weight"])
+    return x + (F.silu(h @ w["feed_forward.w1.weight"].T) * (h @ w["feed_forward.w3.weight"].T)) \
+        @ w["feed_forward.w2.weight"].T
+
+
+def test_original_llama_release_format(tmp_path):
+    # consolidated.00.pth + params.json, the files the paper loads (LLaMA-7B), here with tiny random tensors
+    import json
+
+    dim, heads, layers, hidden = 48, 4, 2, 160  # hidden = 40 * ceil((2 * 4 * 48 / 3) / 40)
+    (tmp_path / "params.json").write_text(json.dumps({"dim": dim, "n_heads": heads, "n_layers": layers,
+                                                      "multiple_of": 40, "norm_eps": 1e-6, "vocab_size": -1}))
+    g = torch.Generator().manual_seed(0)
+    shapes = {"attention.wq.weight": (dim, dim), "attention.wk.weight": (dim, dim), "attention.wv.weight": (dim, dim),
+              "attention.wo.weight": (dim, dim), "feed_forward.w1.weight": (hidden, dim),
+              "feed_forward.w2.weight": (dim, hidden), "feed_forward.w3.weight": (hidden, dim),
+              "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}
+    sd = {f"layers.{i}.{k}": torch.randn(s, generator=g) * (0.2 if len(s) > 1 else 0.3) + (len(s) == 1)
+          for i in range(layers) for k, s in shapes.items()}
+    sd |= {"tok_embeddings.weight": torch.randn(32, dim), "norm.weight": torch.ones(dim),
+           "output.weight": torch.randn(32, dim), "rope.freqs": torch.randn(dim // heads // 2)}
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    last = {k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith(f"layers.{layers - 1}.")}
+    x = torch.randn(2, 7, dim)
+    with torch.no_grad():
+        for rope in ("1d", "none"):
+            ours = load_lm_block(tmp_path, -1, rope=rope, final_norm=False)
+            _close(ours(x), _meta_llama_reference(last, x, heads, 1e-6, rotary=rope == "1d"))
+        assert ours.layer.mlp.gate_proj.weight.shape == (hidden, dim)
+    (tmp_path / "consolidated.01.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model-parallel shards"):
+        load_lm_block(tmp_path)
+
+
 def test_single_safetensors_file_with_separate_config(tmp_path, bert_dir):
     from safetensors.torch import save_file
 

@@ -288,11 +288,20 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
     """Weight files of a transformers folder (or the single file given) and the config.json found beside them."""
     if path.is_file():
         cfg = path.parent / "config.json"
+        if not cfg.is_file() and (path.parent / "params.json").is_file() and path.suffix == ".pth":
+            cfg = path.parent / "params.json"
         return [path], cfg if cfg.is_file() else None
     if not path.is_dir():
         raise CheckpointError(f"language-model checkpoint {path} does not exist")
     cfg = path / "config.json"
     cfg_path = cfg if cfg.is_file() else None
+    consolidated = sorted(path.glob("consolidated.*.pth"))
+    if consolidated and (path / "params.json").is_file() and cfg_path is None:
+        if len(consolidated) > 1:
+            raise CheckpointError(f"{path} holds {len(consolidated)} model-parallel shards (consolidated.*.pth); "
+                                  "only single-file checkpoints (LLaMA-7B) are read: convert the model to the "
+                                  "transformers format first")
+        return consolidated, path / "params.json"
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
@@ -324,12 +333,67 @@ _TORCH_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
 
 
 def _torch_file(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch weights file, memory-mapped where the format allows (only the tensors used are read)."""
     from ..engine.checkpoint import load_state_dict_file
 
     if file not in _TORCH_CACHE:
         _TORCH_CACHE.clear()
-        _TORCH_CACHE[file] = load_state_dict_file(file)
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # legacy format, unsafe or bad files: the checked loader below explains
+            obj = load_state_dict_file(file)
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            obj = load_state_dict_file(file)
+        _TORCH_CACHE[file] = dict(obj)
     return _TORCH_CACHE[file]
+
+
+# the original LLaMA release (``consolidated.00.pth`` + ``params.json``, as the paper loads it) -> transformers names
+_META_LLAMA_KEYS = {
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def _meta_llama_config(params: Path) -> dict[str, Any]:
+    """Fields of a transformers LlamaConfig from the original release's ``params.json``."""
+    try:
+        p = json.loads(params.read_text())
+        dim, n_heads = int(p["dim"]), int(p["n_heads"])
+        hidden = int(2 * 4 * dim / 3)
+        if p.get("ffn_dim_multiplier"):
+            hidden = int(float(p["ffn_dim_multiplier"]) * hidden)
+        multiple = int(p.get("multiple_of", 256))
+        hidden = multiple * ((hidden + multiple - 1) // multiple)
+        return {"model_type": "llama", "hidden_size": dim, "num_attention_heads": n_heads,
+                "num_key_value_heads": int(p.get("n_kv_heads") or n_heads), "intermediate_size": hidden,
+                "num_hidden_layers": int(p["n_layers"]), "rms_norm_eps": float(p.get("norm_eps", 1e-6)),
+                "rope_theta": float(p.get("rope_theta", 10000.0))}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read the LLaMA parameters {params}: {exc}") from None
+
+
+def _meta_llama_tensors(tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Rename one layer's tensors of the original release and reorder q/k rows for transformers' rotary layout.
+
+    The original code rotates interleaved pairs ``(2k, 2k+1)`` of each head, transformers rotates halves
+    ``(k, k + head_dim/2)``; permuting the rows of ``wq``/``wk`` the same way per head maps one onto the other
+    (and leaves ``q·k`` unchanged when no rotation is applied).
+    """
+    unknown = sorted(set(tensors) - set(_META_LLAMA_KEYS))
+    if unknown:
+        raise CheckpointError(f"unexpected tensors in the LLaMA layer: {unknown[:5]}")
+    head_dim = config.hidden_size // config.num_attention_heads
+    out = {}
+    for k, v in tensors.items():
+        if k in ("attention.wq.weight", "attention.wk.weight"):
+            heads = v.shape[0] // head_dim
+            v = v.reshape(heads, head_dim // 2, 2, v.shape[1]).transpose(1, 2).reshape(v.shape)
+        out[_META_LLAMA_KEYS[k]] = v
+    return out
 
 
 def _layer_prefix(keys: list[str], family: Family, idx: int, where: Path) -> str:
@@ -404,14 +468,17 @@ def load_lm_block(path: str | Path, layer: int = -1, config: Any = None, attn_im
 
 def _load_lm_block(path: Path, layer: int, config: Any, attn_implementation: str, **kwargs: Any) -> LMBlock:
     files, cfg_file = _weight_files(path)
+    meta = config is None and cfg_file is not None and cfg_file.name == "params.json"
     if config is None:
         if cfg_file is None:
             raise CheckpointError(f"no config.json beside {path}; pass the model's config (config=...)")
-        config = cfg_file
+        config = _meta_llama_config(cfg_file) if meta else cfg_file
     config = _frozen_config(read_lm_config(config), attn_implementation)
     family = _family(config)
     idx = _resolve_index(layer, _num_layers(config))
     tensors = _read_layer_tensors(files, family, idx, path)
+    if meta:
+        tensors = _meta_llama_tensors(tensors, config)
     module = _new_layer(config, idx)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
