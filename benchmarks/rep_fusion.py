@@ -26,6 +26,23 @@ from frugalvision.utils.io import atomic_write_text
 MODELS = ["efficientrep_n", "efficientrep_s", "repvgg_a0", "mobileone_s0"]
 
 
+@torch.no_grad()
+def calibrate_bn(model: torch.nn.Module, size: int, batches: int = 4, batch_size: int = 8) -> torch.nn.Module:
+    """Estimate BN running statistics on random images, as training would (fresh ones make eval outputs explode)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(batches):
+        model(torch.randn(batch_size, 3, size, size, generator=g))
+    for bn, mom in zip(bns, momenta, strict=True):
+        bn.momentum = mom
+    return model.eval()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -44,7 +61,7 @@ def main() -> None:
     models: dict[str, torch.nn.Module] = {}
     fuse_notes: list[str] = []
     for name in a.models:
-        m = timm.create_model(name, pretrained=False).eval()
+        m = calibrate_bn(timm.create_model(name, pretrained=False), a.size)
         fused, report = fv.export.fuse_with_report(m, (2, 3, a.size, a.size))
         models[f"{name}"] = m
         models[f"{name} (fused)"] = fused
@@ -80,7 +97,8 @@ def main() -> None:
         "",
         "The machine was shared with other jobs while this ran (2 cores, several processes); every row was measured",
         "in the same interleaved rounds, so the ratios below are meaningful even though absolute times are noisy.",
-        f"Threads: {a.threads} (torch and onnxruntime).",
+        f"Threads: {a.threads} (torch and onnxruntime). Random weights; BN statistics estimated on 4 random batches "
+        "first (as training would), so eval-mode outputs have a realistic scale for the ONNX parity check.",
         "",
         "Command:",
         "",
