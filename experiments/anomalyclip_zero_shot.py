@@ -36,7 +36,7 @@ from frugalvision.bench import machine_info
 from frugalvision.data.bundled import source_images
 from frugalvision.data.inspection import load_mask
 from frugalvision.inspect.anomaly import aupro, image_auroc, pixel_auroc
-from frugalvision.inspect.anomaly.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, fit_anomalyclip
+from frugalvision.inspect.anomaly.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, fit_anomalyclip, save_anomalyclip
 from frugalvision.inspect.anomaly.domain_clip import DomainCLIP, MiniLMTextEncoder, train_domain_clip
 from frugalvision.inspect.bundled import build_benchmark, load_benchmark
 from frugalvision.inspect.defects import DEFECT_KINDS, describe_defect, render_defect
@@ -132,7 +132,7 @@ PROMPT = dict(n_ctx=12, deep_depth=4, deep_n_ctx=4, feature_layers=(2, 3, 4), si
 
 
 def run(seeds: list[int], clip_epochs: int, prompt_epochs: int, per_tile: int, shots: int, quick: bool,
-        ablate_dpam: bool):
+        ablate_dpam: bool, save: str | None = None):
     t0 = time.time()
     build_benchmark()
     text = MiniLMTextEncoder()
@@ -172,6 +172,8 @@ def run(seeds: list[int], clip_epochs: int, prompt_epochs: int, per_tile: int, s
             if learn:
                 fit_anomalyclip(model, aux_x, aux_m, aux_y, epochs=prompt_epochs, batch_size=32, lr=2e-3,
                                 seed=seed)
+                if save and seed == seeds[0] and cfg.dpam_start is None:
+                    save_anomalyclip(model, save, train_categories=list(TRAIN_CATS))
             for cat in TEST_CATS:
                 idx = [i for i, n in enumerate(test[4]) if n == cat]
                 rows.append({"method": name, "category": cat, "seed": seed,
@@ -229,16 +231,17 @@ def write(rows: list[dict], seconds: float, cmd: str, args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--clip-epochs", type=int, default=8)
-    p.add_argument("--prompt-epochs", type=int, default=5)
-    p.add_argument("--per-tile", type=int, default=1)
+    p.add_argument("--clip-epochs", type=int, default=20)
+    p.add_argument("--prompt-epochs", type=int, default=6)
+    p.add_argument("--per-tile", type=int, default=2)
     p.add_argument("--ablate-dpam", action="store_true", help="also train prompts without DPAM")
     p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--save", help="write the first seed's AnomalyCLIP model file here (for the anomaly CLI)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (results not written)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on a shared 2-core CPU one thread per process is much faster than two
     rows, seconds = run(args.seeds, args.clip_epochs, args.prompt_epochs, args.per_tile, args.shots, args.quick,
-                        args.ablate_dpam)
+                        args.ablate_dpam, args.save)
     if not args.quick:
         write(rows, seconds, "python " + " ".join(sys.argv), args)
     print(f"done in {seconds / 60:.1f} min")

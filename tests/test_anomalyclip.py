@@ -294,3 +294,33 @@ def test_domain_clip_anomalyclip(minilm):
     assert all(p.grad is None for p in clip.parameters())
     out = m(x)
     assert out.pred_score.shape == (6,) and out.anomaly_map.shape == (6, 1, 32, 32)
+
+
+def test_model_file_roundtrip_and_cli_hook(clip, tmp_path):
+    from frugalvision.inspect.anomaly.anomalyclip import build_for_pipeline, load_anomalyclip, save_anomalyclip
+
+    m = _model(clip).eval()
+    with torch.no_grad():
+        m.prompt_learner.ctx.add_(0.1)
+    m.eval()
+    path = save_anomalyclip(m, tmp_path / "ac.safetensors")
+    x = torch.rand(2, 3, 32, 32)
+    loaded = load_anomalyclip(path)
+    torch.testing.assert_close(loaded(x).anomaly_map, m(x).anomaly_map)
+    torch.testing.assert_close(build_for_pipeline({"backbone_weights": str(path)}, "moon")(x).pred_score,
+                               m(x).pred_score)
+    with pytest.raises(ConfigError, match="backbone_weights"):
+        build_for_pipeline({"backbone_weights": "pretrain"}, "moon")
+
+
+@pytest.mark.slow
+def test_anomaly_cli_with_anomalyclip(clip, tmp_path):
+    from frugalvision.inspect.anomaly.anomalyclip import save_anomalyclip
+    from frugalvision.pipelines.anomaly import AnomalyConfig, run_anomaly
+
+    path = save_anomalyclip(_model(clip, sigma=1.0).eval(), tmp_path / "ac.safetensors")
+    res = run_anomaly(AnomalyConfig(action=["fit"], method="anomalyclip", backbone_weights=str(path),
+                                    categories=["moon"], out=str(tmp_path / "run"), img_size=64, progress=False,
+                                    report_images=1, onnx=True))
+    row = res["rows"][0]
+    assert row["category"] == "moon" and 0 <= row["pixel_AUROC"] <= 100 and row["onnx_max_rel_err"] <= 1e-4

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -42,8 +42,9 @@ from .base import AnomalyOutput
 
 __all__ = [
     "AnomalyCLIP", "AnomalyCLIPConfig", "AnomalyPromptLearner", "BlockParts", "CLIPBackbone", "OpenCLIPBackbone",
-    "anomalyclip_loss", "binary_dice_loss", "check_state_dict", "encode_samples", "fit_anomalyclip", "focal_loss",
-    "gaussian_blur", "load_open_clip_checkpoint", "tiny_open_clip",
+    "anomalyclip_loss", "binary_dice_loss", "build_anomalyclip", "build_for_pipeline", "check_state_dict",
+    "encode_samples", "fit_anomalyclip", "focal_loss", "gaussian_blur", "load_anomalyclip", "load_open_clip_checkpoint",
+    "save_anomalyclip", "tiny_open_clip",
 ]
 
 #: Fixed prompt ensemble of the no-prompt-learning baseline (state words as in the official code).
@@ -218,6 +219,12 @@ class OpenCLIPBackbone(CLIPBackbone):
         self.image_std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
         self.text_layers = len(text.transformer.resblocks)
         self.pool_type = getattr(visual, "pool_type", "tok")
+        self.model_name = model_name
+
+    def build_spec(self) -> dict:
+        """What rebuilds this architecture (with fresh weights): the open_clip name or the custom config."""
+        return {"kind": "open_clip", "model_name": self.model_name,
+                "open_clip_cfg": getattr(self.model, "fv_open_clip_cfg", None)}
 
     # text
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
@@ -302,7 +309,9 @@ def tiny_open_clip(embed_dim: int = 32, image_size: int = 32, patch_size: int = 
     vision = dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers, head_width=width // 2)
     text = dict(context_length=77, vocab_size=49408, width=text_width, heads=max(1, text_width // 16),
                 layers=text_layers)
-    return open_clip.model.CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text).eval()
+    model = open_clip.model.CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text).eval()
+    model.fv_open_clip_cfg = {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
+    return model
 
 
 # ------------------------------------------------------------------------------------------- checkpoint loading
@@ -699,3 +708,72 @@ def fit_anomalyclip(model: AnomalyCLIP, images: torch.Tensor, masks: torch.Tenso
         history.append(float(np.mean(total)))
     model.eval()
     return history
+
+
+# ---------------------------------------------------------------------------------------------------- model files
+
+
+def _build_backbone(spec: dict) -> CLIPBackbone:
+    kind = spec.get("kind")
+    if kind == "open_clip":
+        open_clip = require("open_clip", "AnomalyCLIP on open_clip models")
+        if spec.get("open_clip_cfg"):
+            model = open_clip.model.CLIP(**spec["open_clip_cfg"])
+            model.fv_open_clip_cfg = spec["open_clip_cfg"]
+        else:
+            model = open_clip.create_model(spec["model_name"], pretrained=None)
+        return OpenCLIPBackbone(model.eval(), model_name=spec["model_name"])
+    if kind == "domain":
+        from .domain_clip import DomainCLIP
+
+        return DomainCLIP(**spec["arch"])
+    raise CheckpointError(f"unknown AnomalyCLIP backbone kind {kind!r} (expected 'open_clip' or 'domain')")
+
+
+def build_anomalyclip(spec: dict) -> AnomalyCLIP:
+    """An AnomalyCLIP of the architecture described by ``spec`` (as stored by :func:`save_anomalyclip`), eval mode."""
+    cfg = dict(spec["config"])
+    cfg["feature_layers"] = tuple(cfg["feature_layers"])
+    return AnomalyCLIP(_build_backbone(spec["backbone"]), AnomalyCLIPConfig(**cfg)).eval()
+
+
+def save_anomalyclip(model: AnomalyCLIP, path: str | Path, **meta) -> Path:
+    """Save an AnomalyCLIP (backbone, prompts, cached text features) as one safetensors model file."""
+    from ...models import save_model_file
+
+    if not hasattr(model.backbone, "build_spec"):
+        raise ConfigError(f"{type(model.backbone).__name__} cannot be saved: it has no build_spec()")
+    model.eval()
+    spec = {"backbone": model.backbone.build_spec(), "config": asdict(model.cfg)}
+    return save_model_file(model, path, "anomalyclip", {}, task="anomaly", method="anomalyclip", anomalyclip=spec,
+                           **meta)
+
+
+def load_anomalyclip(path: str | Path) -> AnomalyCLIP:
+    """Rebuild and load a model file written by :func:`save_anomalyclip` (strict key/shape check)."""
+    from ...engine import load_state_dict_file
+    from ...models.factory import read_model_info
+
+    info = read_model_info(path)
+    if "anomalyclip" not in info:
+        raise CheckpointError(f"{path} is not an AnomalyCLIP model file (write one with save_anomalyclip)")
+    model = build_anomalyclip(info["anomalyclip"])
+    sd = load_state_dict_file(path)
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     {k: tuple(v.shape) for k, v in sd.items()}, f"AnomalyCLIP (file {path})")
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def build_for_pipeline(config: dict, category: str) -> AnomalyCLIP:
+    """``frugalvision anomaly ... method=anomalyclip``: the zero-shot model stored in ``backbone_weights``.
+
+    AnomalyCLIP is category-agnostic: every category gets the same model (prompts learned on auxiliary
+    categories), read from the AnomalyCLIP model file given as ``backbone_weights=`` (written by
+    :func:`save_anomalyclip`, e.g. by ``experiments/anomalyclip_zero_shot.py --save FILE``).
+    """
+    weights = str(config.get("backbone_weights") or "")
+    if not weights or not Path(weights).is_file():
+        raise ConfigError(f"method=anomalyclip needs backbone_weights=<AnomalyCLIP model file> (written by "
+                          f"frugalvision.inspect.anomaly.anomalyclip.save_anomalyclip); got {weights!r}")
+    return load_anomalyclip(weights)

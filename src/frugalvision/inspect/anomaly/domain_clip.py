@@ -221,6 +221,10 @@ class DomainCLIP(CLIPBackbone):
     def vision_pool(self, head_tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return head_tokens[:, self.num_prefix_tokens:].mean(1)
 
+    def build_spec(self) -> dict:
+        """What rebuilds this architecture (the MiniLM tower is the packaged one)."""
+        return {"kind": "domain", "arch": dict(self.arch)}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights only (image tower, both projections, logit scale); MiniLM is the packaged one."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("text.")}
