@@ -25,6 +25,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file, save_file
 
 import frugalvision as fv
 from frugalvision.bench import benchmark
@@ -59,6 +60,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--original", default="runs/surgery_distill/original.safetensors",
+                   help="weights of the original: loaded when the file exists, else trained and written there")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -70,9 +73,15 @@ def main() -> int:
     # 1. the original
     seed_everything(0)
     original = build_vit(args)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1, grad_clip=1.0,
-                      device="cpu", seed=0)
-    Trainer(original, cfg, train).fit()
+    cache = Path(args.original)
+    if cache.is_file():  # a previous run's original with the same settings
+        original.load_state_dict(load_file(str(cache)))
+    else:
+        cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
+                          grad_clip=1.0, device="cpu", seed=0)
+        Trainer(original, cfg, train).fit()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file(original.state_dict(), str(cache))
     original.eval()
     acc_orig = acc(original, test)
     print(f"original: test acc1 {acc_orig:.2f}", flush=True)

@@ -276,8 +276,9 @@ class BlockCost:
 
     @property
     def saving_ms(self) -> float:
-        """Predicted latency saved by replacing this block's attention."""
-        return self.attn_ms - self.mixer_ms
+        """Predicted latency saved by replacing this block's attention (at most the block's own time)."""
+        saving = self.attn_ms - self.mixer_ms
+        return min(saving, self.block_ms) if self.block_ms is not None else saving
 
 
 @dataclass
