@@ -57,6 +57,43 @@ def _register_cpu_sdpa_flops() -> None:
 
 _register_cpu_sdpa_flops()
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(
+    torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def _onednn_ok(x: Tensor) -> bool:
+    """Whether the fused CPU kernels (GEMM/conv with bias, activation and residual add in one pass) may run.
+
+    Only for plain float32 CPU tensors outside autograd, tracing and export; everything else takes the generic
+    path (same numerics up to float rounding).
+    """
+    return (_ONEDNN and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
+
+
+def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | None = None) -> Tensor:
+    """``act(layer(x))`` or ``residual + layer(x)`` as one oneDNN call (``x``, ``residual``: ``(..., C)``)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if residual is not None:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(x2.shape[0], -1), layer.weight,
+                                                        layer.bias, "add")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(x2, layer.weight, layer.bias, act, [], "none" if act == "gelu"
+                                                 else "")
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+def _conv(x: Tensor, conv: nn.Conv2d, act: str = "none", residual: Tensor | None = None) -> Tensor:
+    """``act(conv(x))`` or ``residual + conv(x)`` as one oneDNN call (channels-last)."""
+    args = (conv.padding, conv.stride, conv.dilation, conv.groups)
+    if residual is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, conv.weight, conv.bias, *args, "add",
+                                                              None, None, [], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *args, act, [],
+                                                   "none" if act == "gelu" else "")
+
 
 # --------------------------------------------------------------------------------------------- position terms
 def _window_order(grid: int, ct_size: int) -> Tensor:
@@ -174,12 +211,17 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rel_pos = RelPosBias(window, num_heads, extra, order)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def attend(self, x: Tensor, fast: bool = False) -> Tensor:
+        """Attention before the output projection: ``(B, N, C)``."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = _linear(x, self.qkv) if fast else self.qkv(x)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos(), scale=self.scale,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return x.transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj_drop(self.proj(self.attend(x)))
 
 
 def _is_scale(value: Any) -> bool:
@@ -231,8 +273,9 @@ class Stem(nn.Module):
             raise ValueError(f"this FasterViT was built for {self.img_size}x{self.img_size} inputs (its windows and "
                              f"carrier tokens depend on the resolution), got {x.shape[-2]}x{x.shape[-1]}; "
                              f"build it with img_size={x.shape[-1]} or resize the input")
-        if not self.training and isinstance(self.norm1, nn.Identity):  # fused: run the convs channels-last
+        if isinstance(self.norm1, nn.Identity) and _onednn_ok(x):  # fused inference: channels-last, conv+ReLU
             x = x.contiguous(memory_format=torch.channels_last)
+            return _conv(_conv(x, self.conv1, "relu"), self.conv2, "relu")
         return self.act2(self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x))))))
 
     def reparameterize(self) -> None:
@@ -258,6 +301,9 @@ class ConvBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.norm1, nn.Identity) and _onednn_ok(x):  # fused inference: conv+GELU, conv+residual
+            x = x.contiguous(memory_format=torch.channels_last)
+            return _conv(_conv(x, self.conv1, "gelu"), self.conv2, residual=x)
         y = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
@@ -358,6 +404,8 @@ class HATBlock(nn.Module):
         self.fused = False
 
     def forward(self, x: Tensor, ct: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.fused and _onednn_ok(x):
+            return self._forward_fused(x, ct)
         x = self.pos_embed(x)
         if self.sr_ratio > 1:
             if ct is None:
@@ -372,6 +420,24 @@ class HATBlock(nn.Module):
         x = x + self.drop_path(a if self.gamma3 is None else self.gamma3 * a)
         m = self.mlp(self.norm2(x))
         x = x + self.drop_path(m if self.gamma4 is None else self.gamma4 * m)
+        if self.sr_ratio > 1:
+            ctr, x = x.split([self.ct_per_window, self.window * self.window], dim=1)
+            ct = ctr.reshape(ct.shape)
+            if self.propagate:
+                up = ctr.index_select(1, self.up_index)
+                x = x + (up if self.gamma1 is None else self.gamma1 * up)
+        return x, ct
+
+    def _forward_fused(self, x: Tensor, ct: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Inference after :meth:`reparameterize`: layer scales folded, GEMM epilogues fuse bias, GELU, residual."""
+        x = self.pos_embed(x)
+        if self.sr_ratio > 1:
+            ct = self.hat_pos_embed(ct)
+            ct = _linear(self.hat_attn.attend(self.hat_norm1(ct), fast=True), self.hat_attn.proj, residual=ct)
+            ct = _linear(_linear(self.hat_norm2(ct), self.hat_mlp.fc1, "gelu"), self.hat_mlp.fc2, residual=ct)
+            x = torch.cat((ct.reshape(x.shape[0], self.ct_per_window, -1), x), dim=1)
+        x = _linear(self.attn.attend(self.norm1(x), fast=True), self.attn.proj, residual=x)
+        x = _linear(_linear(self.norm2(x), self.mlp.fc1, "gelu"), self.mlp.fc2, residual=x)
         if self.sr_ratio > 1:
             ctr, x = x.split([self.ct_per_window, self.window * self.window], dim=1)
             ct = ctr.reshape(ct.shape)

@@ -1,0 +1,118 @@
+"""FasterViT-0 on CPU: our implementation (fused eager, and ONNX Runtime) against the reference package, side by side.
+
+Same weights (the reference model's random weights with non-trivial BN statistics, loaded into ours through
+``checkpoint_filter_fn``), same threads, one process, interleaved rounds (``frugalvision.bench.benchmark``). Rows:
+
+* reference ``fastervit`` package, eager, as shipped (position biases recomputed every call);
+* the same after its own ``switch_to_deploy`` (``timm.utils.reparameterize_model``: cached position biases);
+* ours, eager, after ``reparameterize_model`` (conv+BN and layer scale folded, cached position terms,
+  oneDNN GEMM/conv epilogues for bias+GELU and residual adds, ``scaled_dot_product_attention``, channels-last);
+* ours exported to ONNX and run in ONNX Runtime (same thread count).
+
+Outputs of every row are checked against the reference on the benchmark input before timing.
+
+    python benchmarks/fastervit_speed.py [--threads 2] [--batch 32] [--out benchmarks/results/fastervit_speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from timm.utils import reparameterize_model
+from torch import nn
+
+import frugalvision  # noqa: F401  (registers our architectures)
+from frugalvision.bench import benchmark, count_flops, write_results
+from frugalvision.export import OrtRunner, export_onnx
+from frugalvision.models.fastervit import checkpoint_filter_fn
+from frugalvision.utils.io import atomic_write_text
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind an ``nn.Module`` call, so the harness times it like the eager rows."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        super().__init__()
+        self.runner = OrtRunner(path, threads=threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.runner(x)[0]))
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.8 + 0.4)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--throughput-repeats", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results/fastervit_speed")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastervit.models.faster_vit import faster_vit_0_224
+
+        ref = faster_vit_0_224().eval()
+    _randomize_bn(ref)
+    ours = timm.create_model("fastervit_0").eval()
+    ours.load_state_dict(checkpoint_filter_fn(ref.state_dict(), ours))
+    fused = reparameterize_model(ours)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        y_ref = ref(x)
+        deployed = reparameterize_model(ref)  # the reference's own switch_to_deploy (caches biases seen above)
+        errs = {"reference, deployed": deployed(x), "ours, fused eager": fused(x)}
+    tmp = Path(tempfile.mkdtemp(prefix="fastervit-bench-"))
+    onnx_path = tmp / "fastervit_0.onnx"
+    res = export_onnx(fused, onnx_path, x[:1], check=True)
+    ort = OrtModule(onnx_path, a.threads)
+    errs["ours, ONNX Runtime"] = ort(x)
+    scale = float(y_ref.abs().max())
+    rel = {k: float((v - y_ref).abs().max()) / scale for k, v in errs.items()}
+
+    models = {"reference fastervit (eager)": ref, "reference fastervit (switch_to_deploy)": deployed,
+              "ours fastervit_0 (fused eager)": fused, "ours fastervit_0 (ONNX Runtime)": ort}
+    rows, info = benchmark(models, img_size=224, batch_size=a.batch, threads=a.threads, repeats=a.repeats,
+                           throughput_repeats=a.throughput_repeats, warmup=2)
+    flops = count_flops(fused, torch.randn(1, 3, 224, 224))
+    for r in rows:
+        r.backend = "onnxruntime" if "ONNX" in r.name else "eager"
+        if "ONNX" in r.name:  # the ONNX graph runs the same operations as the eager model it came from
+            r.params_m, r.gflops, r.peak_mem_mb = rows[2].params_m, flops / 1e9, None
+            r.achieved_gflops = flops * r.throughput / 1e9
+            r.peak_fraction = r.achieved_gflops / info.matmul_peak_gflops
+    cmd = "python " + " ".join(shlex.quote(s) for s in sys.argv)
+    _, md = write_results(rows, info, a.out, title="FasterViT-0 on CPU: ours vs the reference implementation",
+                          command=cmd)
+    notes = ["", "Output agreement with the reference eager model on the same input (max abs diff / max |output|):",
+             ""]
+    notes += [f"- {k}: {v:.2e}" for k, v in rel.items()]
+    notes += ["", f"ONNX export: {res.exporter} exporter, onnxruntime parity {res.max_rel_err:.2e} (relative).",
+              "", "The machine was shared with other jobs while this ran; rows were timed in interleaved rounds, "
+              "so the ratios are more reliable than the absolute numbers."]
+    atomic_write_text(md, md.read_text() + "\n".join(notes) + "\n")
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
