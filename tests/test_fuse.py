@@ -215,3 +215,11 @@ def test_fused_model_exports_to_onnx_with_parity(tmp_path):
     n_rep = sum(isinstance(m, fv.models.rep.RepConv) for m in model.modules())
     n_plain = sum(isinstance(m, fv.models.rep.ConvBNAct) for m in model.modules())
     assert ops.count("Conv") == n_rep + n_plain  # one Conv per block: the single-conv form reached the graph
+
+
+def test_modules_timm_keeps_opaque_are_searched_too():
+    # MobileViT-v2 blocks are registered in timm as not traceable: the graph holds them as leaves
+    model = randomize_bn_stats(timm.create_model("mobilevitv2_050")).eval()
+    fused, report = fuse_with_report(model, torch.randn(2, 3, 64, 64))
+    assert "stages.2.1" in report.untraced and ("stages.2.1.conv_kxk.conv", "stages.2.1.conv_kxk.bn") in report.conv_bn
+    assert _bns(fused) == [] and report.max_rel_err <= 1e-5

@@ -8,7 +8,8 @@
    and replace the BN by ``nn.Identity`` (timm's ``BatchNormAct2d`` keeps its dropout + activation). Pairs are
    found on the ``torch.fx`` graph where the model traces: the BN's only input is the conv's output and that
    output has no other user, and both modules are called once. Where a module does not trace, the search
-   descends into its children and, at that level, uses the module graph: consecutive children of an
+   descends into its children (as it does into modules timm marks as not traceable, which the graph keeps
+   opaque) and, at that level, uses the module graph: consecutive children of an
    ``nn.Sequential`` and the ``(conv, bn)`` attribute pairs of known containers (:func:`register_fusable`).
    ``Linear`` + ``BatchNorm1d`` is folded only when the linear's output is ``(N, C)`` on the probe batch.
 3. Compare the fused copy with the original on a probe batch and refuse (:class:`FuseError`, the original
@@ -214,7 +215,12 @@ def _find_pairs(module: nn.Module, prefix: str, report: FuseReport) -> list[tupl
             pairs += _find_pairs(child, f"{prefix}{name}.", report)
         return pairs
     report.traced.append(prefix.rstrip("."))
-    return _pairs_from_graph(graph, module, prefix)
+    pairs = _pairs_from_graph(graph, module, prefix)
+    for target in dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module"):  # opaque leaves
+        sub = module.get_submodule(target)
+        if not isinstance(sub, (*_CONVS, nn.Linear, _BatchNorm)):
+            pairs += _find_pairs(sub, f"{prefix}{target}.", report)
+    return pairs
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
