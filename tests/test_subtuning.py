@@ -150,8 +150,16 @@ def test_cached_forward_equals_the_full_forward(name):
 
 
 def test_plot_and_json(tmp_path):
-    res = subtuning_select(OnlyOneBlockLearns(), _cfg(profile_epochs=3))
+    res = subtuning_select(OnlyOneBlockLearns(), _cfg(k=1, profile_epochs=2))
     png = plot_profile(res, tmp_path / "profile.png", references={"full FT": 90.0})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     d = json.loads(json.dumps(res.to_dict()))
     assert d["chosen"] == res.chosen and len(d["profile"]) == 4
+
+
+def test_profile_speedup_measurement_compares_like_with_like():
+    from frugalvision.adapt import measure_profile_speedup
+
+    s = measure_profile_speedup(OnlyOneBlockLearns(), _cfg(profile_epochs=2))
+    assert s["blocks"] == 4 and s["naive_s"] > 0 and s["cached_s"] > 0 and s["max_acc_diff"] < 1e-6
+    assert s["full_ft_x_blocks_s"] == pytest.approx(4 * s["full_ft_run_s"])
