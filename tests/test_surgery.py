@@ -272,15 +272,19 @@ def test_distillation_with_the_engine_reduces_the_loss(one_thread, weights, term
 # --------------------------------------------------------------------------------------------- CLI + files
 def test_cli_surgery_writes_a_loadable_model_file(tmp_path, capsys, one_thread):
     from frugalvision.cli import main
+    from frugalvision.models import save_model_file
 
-    rc = main(["surgery", "model=vit_tiny_patch16_224", "img_size=32", "blocks=[blocks.0]", "repeats=2", "threads=1",
-               f"output_dir={tmp_path}", "progress=false"])
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
+    path = save_model_file(timm.create_model("vit_tiny_patch16_224", **kwargs), tmp_path / "vit.safetensors",
+                           "vit_tiny_patch16_224", kwargs, classes=["a", "b", "c"], img_size=32)
+    rc = main(["surgery", f"model_file={path}", "blocks=[blocks.0]", "repeats=2", "threads=1", "distill_epochs=0",
+               f"output_dir={tmp_path / 'out'}", "progress=false"])
     assert rc == 0, capsys.readouterr().err
-    res = json.loads((tmp_path / "report.json").read_text())
-    assert res["report"]["replaced"] == ["blocks.0"] and (tmp_path / "report.md").is_file()
-    model, info = load_modulated(tmp_path / "model.safetensors")
+    res = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert res["report"]["replaced"] == ["blocks.0"] and (tmp_path / "out" / "report.md").is_file()
+    model, info = load_modulated(tmp_path / "out" / "model.safetensors")
     assert isinstance(model.blocks[0].attn, TokenModulationMixer) and info["surgery"]["blocks"] == ["blocks.0"]
-    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3) and info["classes"] == ["a", "b", "c"]
     rc = main(["surgery", "model=resnet18", "img_size=32", "budget_ms=1", "progress=false",
                f"output_dir={tmp_path / 'x'}"])
     err = capsys.readouterr().err
