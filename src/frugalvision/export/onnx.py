@@ -94,6 +94,8 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, export
         if dynamic_batch:
             batch = torch.export.Dim("batch", min=1, max=4096)
             dyn = tuple({0: batch} for _ in args)
+            # torch.export specialises size-1 dimensions: trace a batch of 2 so the batch axis stays symbolic
+            args = tuple(a.expand(2, *a.shape[1:]).contiguous() if a.shape[0] == 1 else a for a in args)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dyn, opset_version=opset,
@@ -138,8 +140,8 @@ def export_onnx(
         check: Compare onnxruntime with PyTorch.
         atol: Absolute tolerance of the check.
         rtol: Relative tolerance of the check.
-        exporter: ``dynamo`` (torch.export based), ``torchscript`` (legacy), or ``auto`` (dynamo, then
-            torchscript if it fails).
+        exporter: ``dynamo`` (torch.export based), ``torchscript`` (legacy), or ``auto`` (torchscript, then
+            dynamo if it fails or its graph is not faithful).
         input_names: Graph input names.
         output_names: Graph output names.
 
@@ -161,7 +163,8 @@ def export_onnx(
     was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model = model.eval().cpu()
-    tried = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    # auto: the TorchScript exporter first (seconds, and it handles every model family here), torch.export second
+    tried = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     errors: list[str] = []
     used = None
     try:
