@@ -54,8 +54,8 @@ def main() -> None:
     if synth_info:
         samples_grid({arm: work / f"synth-{arm}" for arm in synth_info}, Path(a.out + "_samples.png"))
     rows = []
-    for seed in a.seeds:
-        for arm in a.arms:  # interleaved: every seed runs every arm before the next seed
+    for arm in a.arms:  # seeds inner: the frozen backbone's cached features are shared by an arm's seeds
+        for seed in a.seeds:
             cfg = SegmentConfig(segmenter=a.segmenter, backbone_weights=str(weights), freeze="all",
                                 few_shot=a.few_shot, synthetic="none", epochs=a.epochs, seed=seed, split_seed=0,
                                 synthetic_dir=None if arm == "none" else str(work / f"synth-{arm}"),

@@ -322,6 +322,17 @@ class SegmentConfig(TrainConfig):
     split_seed: int = 0
 
 
+_FEATURE_MEMO: dict[str, Any] = {}
+
+
+def _feature_key_of(cfg: SegmentConfig, backbone_info: dict[str, Any], train: list[DefectSample]) -> tuple:
+    """What the cached training features depend on: backbone, its weights file, resolution and every file."""
+    weights = backbone_info.get("file")
+    files = [p for s in train for p in (s.image, s.mask) if p is not None]
+    return (cfg.segmenter, cfg.img_size, cfg.mask_mode, weights, weights and Path(weights).stat().st_mtime_ns,
+            tuple((str(p), p.stat().st_mtime_ns) for p in files))
+
+
 def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
     """Train and evaluate a segmenter.
 
@@ -390,7 +401,14 @@ def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
         model.to(resolve_device(cfg.device))
         plain = DefectDataset(train, tf_eval, classes=kinds, mask_mode=mode, cache=False)
         t0 = time.perf_counter()
-        train_feats = cache_features(model.backbone, plain, variants=8, progress=cfg.progress)
+        key = _feature_key_of(cfg, backbone_info, train)
+        if _FEATURE_MEMO.get("key") != key:  # runs that differ only in the training seed share one pass
+            _FEATURE_MEMO.clear()
+            _FEATURE_MEMO.update(key=key, feats=cache_features(model.backbone, plain, variants=8,
+                                                               progress=cfg.progress))
+        else:
+            backbone_info["feature_cache_reused"] = True
+        train_feats = _FEATURE_MEMO["feats"]
         test_feats = cache_features(model.backbone, test_ds, variants=1, progress=cfg.progress) if cfg.eval_every \
             else None
         backbone_info["feature_cache_s"] = time.perf_counter() - t0
