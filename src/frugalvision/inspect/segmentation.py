@@ -101,8 +101,9 @@ def build_segmenter(name: str, num_classes: int, dim: int = 64, **kwargs: Any) -
 
 # --------------------------------------------------------------------------------------------- frozen-feature cache
 def dihedral(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Element ``d`` (0-7) of the symmetry group of the square on the last two axes: ``d % 4`` quarter turns,
-    mirrored when ``d >= 4``.
+    """Element ``d`` (0-7) of the symmetry group of the square on the last two axes.
+
+    ``d % 4`` quarter turns, mirrored when ``d >= 4``.
 
     Example:
         >>> x = torch.arange(4).view(2, 2)
@@ -182,8 +183,10 @@ def cache_features(backbone: nn.Module, dataset: Any, variants: int = 8, batch_s
 
 
 class DecoderOnly(nn.Module):
-    """The trainable part of a :class:`SegmentationModel` with a frozen backbone: cached features -> logits at the
-    mask resolution (``scale`` times the finest feature map)."""
+    """The trainable part of a :class:`SegmentationModel` with a frozen backbone.
+
+    Maps cached features to logits at the mask resolution.
+    """
 
     def __init__(self, model: SegmentationModel, out_size: int) -> None:
         super().__init__()
