@@ -71,8 +71,7 @@ def get_method_config(name: str, **kwargs: Any) -> AdaptConfig:
         >>> get_method_config("sgd_freeze")
         Traceback (most recent call last):
         ...
-        frugalvision.errors.ConfigError: unknown adaptation method 'sgd_freeze'; did you mean freeze_embed, sgd? \
-(available: frozen_backbone, freeze_embed, freeze_embed_nomom, full_ft, linear_probe, lp_ft, sgd, subtuning)
+        frugalvision.errors.ConfigError: unknown adaptation method 'sgd_freeze'; did you mean freeze_embed, sgd, ...
     """
     if name not in ADAPT_METHODS:
         close = difflib.get_close_matches(name, ADAPT_METHODS, n=3, cutoff=0.4)

@@ -54,7 +54,7 @@ def check_module_names(model: nn.Module, names: Iterable[str], what: str = "laye
         >>> check_module_names(nn.Sequential(nn.Linear(2, 2)), ["1"])
         Traceback (most recent call last):
         ...
-        frugalvision.errors.ConfigError: layer '1' does not exist in Sequential; close names: 0
+        frugalvision.errors.ConfigError: layer '1' does not exist in Sequential; list them with ...
     """
     mods = _modules(model)
     out = []
