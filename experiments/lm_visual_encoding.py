@@ -215,21 +215,23 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
         lines.append(f"| {arm} | {len(rs)} | {params} | "
                      + " | ".join(_ms([r[c] for r in rs]) for c in cols)
                      + f" | {statistics.fmean(r['train_s'] for r in rs):.0f} |")
-    if "none" in by:
-        lines += ["", "Paired difference to `none` (same seed: same ViT init and data order), points:", "",
-                  "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        base = {r["seed"]: r for r in by["none"]}
+    pairs = [(arm, "none") for arm in arms if arm != "none" and "none" in by]
+    pairs += [("minilm", other) for other in ("random", "shuffled") if "minilm" in by and other in by]
+    if pairs:
+        lines += ["", "Paired differences (same seed: same ViT init and data order), points, mean ± std over seeds; "
+                  "`minilm − random` / `minilm − shuffled` isolate the pretrained weights from the extra depth:", "",
+                  "| comparison | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         verdicts: list[str] = []
-        for arm in arms:
-            if arm == "none":
-                continue
+        for arm, ref in pairs:
+            base = {r["seed"]: r for r in by[ref]}
             d = {c: [r[c] - base[r["seed"]][c] for r in by[arm] if r["seed"] in base] for c in cols}
-            lines.append(f"| {arm} − none | " + " | ".join(
+            lines.append(f"| {arm} − {ref} | " + " | ".join(
                 (f"{statistics.fmean(v):+.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:+.1f}")
                 for v in d.values()) + " |")
-            verdicts.append(f"`{arm}` vs `none`: " + ", ".join(f"{c} {_verdict(d[c])}" for c in ("clean", "corrupted")))
-        lines += ["", "Paired differences against seed-to-seed spread (|mean| > 2 standard errors counts as a "
-                  "difference; with 3 seeds this is a rough screen, not a significance test):", ""]
+            verdicts.append(f"`{arm}` vs `{ref}`: "
+                            + "; ".join(f"{c} {_verdict(d[c])}" for c in ("clean", "corrupted", *CORRUPTIONS)))
+        lines += ["", "Screen against the seed-to-seed spread (|mean| > 2 standard errors of the paired differences "
+                  "counts as a difference; with 3 seeds a rough screen, not a significance test):", ""]
         lines += [f"- {v}" for v in verdicts]
     lines += ["", "Per run (every corruption and severity): "
               f"[{out.with_suffix('.csv').name}]({out.with_suffix('.csv').name}).", ""]
