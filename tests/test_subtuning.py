@@ -129,8 +129,11 @@ def test_adapt_subtuning_trains_only_the_chosen_block(capsys):
     assert "fine-tuning profile" in out and "chosen (auto k" in out
     assert set(a.trainable) == {"blocks.2.fc1.weight", "blocks.2.fc1.bias", "blocks.2.fc2.weight",
                                 "blocks.2.fc2.bias", "head.weight", "head.bias"}
-    given = fv.adapt(OnlyOneBlockLearns(), SubTuningConfig(tune=["blocks.0"]), verbose=False)
+    model = OnlyOneBlockLearns()
+    given = fv.adapt(model, SubTuningConfig(tune=["blocks.0"], lr=1e-3, head_lr=0.5), verbose=False)
     assert {n.split(".")[0] + "." + n.split(".")[1] for n in given.trainable if n.startswith("blocks")} == {"blocks.0"}
+    lrs = {id(p): g["lr"] for g in given.optimizer.param_groups for p in g["params"]}
+    assert lrs[id(model.head.weight)] == 0.5 and lrs[id(model.blocks[0].fc1.weight)] == 1e-3
 
 
 @pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_convnext", "test_efficientnet"])

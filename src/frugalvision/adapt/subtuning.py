@@ -384,7 +384,9 @@ class _Runner:
         self.model.load_state_dict(self.init)
         set_trainable(self.model, [*layers, *self.classifier], frozen_eval=True)
         c = self.cfg
-        opt = build_optimizer(self.model, "adamw", c.profile_lr or c.lr, c.weight_decay)
+        lr = c.profile_lr or c.lr
+        groups = _param_groups(self.model, self.classifier, lr, c.head_lr or lr, c.weight_decay)
+        opt = build_optimizer(groups, "adamw", lr, c.weight_decay)
         tc = TrainConfig(epochs=c.profile_epochs, batch_size=1, device=str(self.device), seed=c.seed, progress=False,
                          eval_every=0, amp="none", schedule="cosine")
         if cached and self.cache is None:
@@ -396,6 +398,18 @@ class _Runner:
         res = Trainer(self.model, tc, tr, va, task, optimizer=opt).fit()
         return Trial(tuple(layers), float(res.final["acc1"]), float(res.final["loss"]), self.params(layers),
                      self.compute(layers), time.perf_counter() - t0)
+
+
+def _param_groups(model: nn.Module, head: Sequence[str], lr: float, head_lr: float, weight_decay: float
+                  ) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: (blocks | head) x (decayed | norms and biases)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            is_head = any(n == h or n.startswith(h + ".") for h in head)
+            groups.setdefault((is_head, p.ndim <= 1), []).append(p)
+    return [{"params": ps, "lr": head_lr if h else lr, "weight_decay": 0.0 if nd else weight_decay}
+            for (h, nd), ps in sorted(groups.items())]
 
 
 def subtuning_select(model: nn.Module, config: SubTuningConfig, parts: ModelParts | None = None) -> SubTuningResult:
@@ -500,6 +514,8 @@ class SubTuningConfig(AdaptConfig):
     """SubTuning: train only the best few blocks (and the classifier), chosen from the fine-tuning profile.
 
     Attributes:
+        head_lr: Learning rate of the (new) classifier, in profiling and training; ``lr`` when unset. A fresh
+            head usually wants a larger rate than pretrained blocks (as a linear probe does).
         data: Training dataset of ``(image, label)`` used to profile the blocks.
         val_data: Validation dataset that scores the selections; ``val_fraction`` of ``data`` when unset.
         val_fraction: Held-out fraction of ``data`` when ``val_data`` is unset.
@@ -526,6 +542,7 @@ class SubTuningConfig(AdaptConfig):
     """
 
     lr: float = 1e-3
+    head_lr: float | None = None
     data: Any = field(default=None, repr=False)
     val_data: Any = field(default=None, repr=False)
     val_fraction: float = 0.2
@@ -569,6 +586,12 @@ class SubTuningConfig(AdaptConfig):
         if self.result is None:
             self.result = subtuning_select(model, self, parts)
         return [*self.result.chosen, *parts.classifier]
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW (or SGD) with the classifier at ``head_lr``."""
+        head = self.parts(model).classifier
+        groups = _param_groups(model, head, self.lr, self.head_lr or self.lr, self.weight_decay)
+        return build_optimizer(groups, self.optimizer, self.lr, self.weight_decay, self.momentum, False, self.betas)
 
     def report_notes(self) -> list[str]:
         """Lines for the report: the profile and the chosen blocks."""
