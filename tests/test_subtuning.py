@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import frugalvision as fv
-from frugalvision.adapt import PrefixCache, SubTuningConfig, find_blocks, plot_profile, subtuning_select
+from frugalvision.adapt import PrefixCache, SubTuningConfig, find_blocks, find_parts, plot_profile, subtuning_select
 from frugalvision.adapt.subtuning import _BatchTask
 from frugalvision.errors import ConfigError
 
@@ -136,13 +136,17 @@ def test_adapt_subtuning_trains_only_the_chosen_block(capsys):
     assert lrs[id(model.head.weight)] == 0.5 and lrs[id(model.blocks[0].fc1.weight)] == 1e-3
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_convnext", "test_efficientnet"])
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet", "test_convnext", "test_efficientnet", "test_efficientmod",
+                                  "test_efficientrep"])
 def test_cached_forward_equals_the_full_forward(name):
+    if not timm.is_model(name):
+        pytest.skip(f"{name} is not registered")
     kw = {"img_size": 32} if "vit" in name else {}
     model = timm.create_model(name, num_classes=3, **kw).eval()
     x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 3, (5,))
     blocks = find_blocks(model)
-    cache = PrefixCache(model, blocks, {"train": TensorDataset(x, y)}, batch_size=2)
+    stem = find_parts(model).embedding
+    cache = PrefixCache(model, blocks, {"train": TensorDataset(x, y)}, batch_size=2, stubs=stem)
     with torch.no_grad():
         ref = model(x)
         for start in range(len(blocks) + 1):

@@ -8,10 +8,10 @@ falls below ``min_gain`` accuracy points (the answer to "which few layers should
 Profiling is cheap because the frozen prefix is computed once: a caching pass records the input of every block
 (and the output of the last), and a run that tunes blocks ``S`` starts at the earliest block of ``S``: the blocks
 before it are replaced by stubs returning zeros of the recorded shapes and the earliest block's input is swapped
-for the cached activations. The stem runs on a zero image (its output is discarded), so any model whose blocks
-take the running activation as their first positional argument works, with no per-architecture code; the
-cached forward equals the real forward (tested). Data are cached without re-augmenting (``copies`` augmented
-passes when the dataset augments).
+for the cached activations. The stem (the embedding modules) is stubbed the same way, and the model is called on
+a zero image, so any model whose blocks take the running activation as their first positional argument works,
+with no per-architecture code; the cached forward equals the real forward (tested). Data are cached
+without re-augmenting (``copies`` augmented passes when the dataset augments).
 """
 
 from __future__ import annotations
@@ -60,11 +60,15 @@ class PrefixCache:
         device: Where to run and keep the cache.
         copies: Passes over each dataset (more than 1 only makes sense when it augments randomly).
         progress: Show a progress bar.
+        stubs: Frozen modules before the first block (the stem) that cached runs skip too (their outputs are
+            replaced by zeros of the recorded shapes; the first block's input comes from the cache anyway).
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[str], datasets: dict[str, Dataset], batch_size: int = 64,
-                 device: str | torch.device = "cpu", copies: int = 1, progress: bool = False) -> None:
+                 device: str | torch.device = "cpu", copies: int = 1, progress: bool = False,
+                 stubs: Sequence[str] = ()) -> None:
         self.blocks = list(blocks)
+        self.stubs = [s for s in stubs if s not in self.blocks]
         self.device = resolve_device(device)
         self.inputs: dict[str, dict[str, torch.Tensor]] = {}
         self.final: dict[str, list[Any]] = {}
@@ -109,6 +113,8 @@ class PrefixCache:
         handles = []
         for b in self.blocks:
             handles.append(mods[b].register_forward_pre_hook(pre(b)))
+            handles.append(mods[b].register_forward_hook(post(b)))
+        for b in self.stubs:
             handles.append(mods[b].register_forward_hook(post(b)))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
         from tqdm.auto import tqdm
@@ -155,6 +161,12 @@ class PrefixCache:
         stubbed: list[nn.Module] = []
         handle = None
         try:
+            for blk in self.stubs:
+                spec, leaves = self.out_spec[blk]
+                vals = [torch.zeros((b, *v[0]), dtype=v[1], device=self.device) if isinstance(v, tuple)
+                        and len(v) == 2 and isinstance(v[1], torch.dtype) else v for v in leaves]
+                mods[blk].forward = _Const(tree_unflatten(vals, spec))  # type: ignore[method-assign]
+                stubbed.append(mods[blk])
             for j in range(start):
                 blk = self.blocks[j]
                 spec, leaves = self.out_spec[blk]
@@ -337,7 +349,7 @@ class _Runner:
     """Trains a selection of blocks + the classifier from the initial weights and measures validation accuracy."""
 
     def __init__(self, model: nn.Module, blocks: list[str], classifier: list[str], train: Dataset, val: Dataset,
-                 cfg: SubTuningConfig) -> None:
+                 cfg: SubTuningConfig, stem: Sequence[str] = ()) -> None:
         self.model, self.blocks, self.classifier, self.cfg = model, blocks, classifier, cfg
         self.device = resolve_device(cfg.device)
         self.init = copy.deepcopy(model.state_dict())
@@ -361,7 +373,7 @@ class _Runner:
             t0 = time.perf_counter()
             self.cache = PrefixCache(model, blocks, {s: TensorDataset(self.images[c], self.labels[c]) for c, s in
                                                      enumerate(("train", "val"))}, cfg.batch_size, self.device,
-                                     progress=cfg.progress)
+                                     progress=cfg.progress, stubs=stem)
             self.cache_time = time.perf_counter() - t0
 
     def params(self, layers: Sequence[str]) -> int:
@@ -429,7 +441,7 @@ def subtuning_select(model: nn.Module, config: SubTuningConfig, parts: ModelPart
     _check_k(cfg.max_k, candidates, model, "max_k")
     train, val = _datasets(cfg)
     t0 = time.perf_counter()
-    runner = _Runner(model, blocks, parts.classifier, train, val, cfg)
+    runner = _Runner(model, blocks, parts.classifier, train, val, cfg, _frozen_stem(parts, candidates))
     trials: list[Trial] = []
     from tqdm.auto import tqdm
 
@@ -482,6 +494,12 @@ def subtuning_select(model: nn.Module, config: SubTuningConfig, parts: ModelPart
     return SubTuningResult(blocks=candidates, baseline=baseline, profile=profile, steps=steps, rejected=rejected,
                            chosen=selected, wall_time_s=time.perf_counter() - t0, cache_time_s=runner.cache_time,
                            cache_bytes=runner.cache.nbytes if runner.cache else 0, trials=trials)
+
+
+def _frozen_stem(parts: ModelParts, candidates: Sequence[str]) -> list[str]:
+    """Embedding modules that never train during profiling (skipped by cached runs)."""
+    return [e for e in parts.embedding if not any(c == e or c.startswith(e + ".") for c in candidates)
+            and e not in parts.classifier]
 
 
 def _check_k(k: int | None, candidates: Sequence[str], model: nn.Module, key: str = "k") -> None:
@@ -673,7 +691,8 @@ def measure_profile_speedup(model: nn.Module, config: SubTuningConfig, parts: Mo
     cfg = config
     parts = parts or find_parts(model, cfg.layers, cfg.embed, cfg.head)
     train, val = _datasets(cfg)
-    runner = _Runner(model, list(parts.blocks), parts.classifier, train, val, dataclass_replace(cfg, cache=True))
+    runner = _Runner(model, list(parts.blocks), parts.classifier, train, val, dataclass_replace(cfg, cache=True),
+                     _frozen_stem(parts, parts.blocks))
     naive, cached = [], []
     try:
         full = runner.run(parts.blocks, cached=False).seconds
