@@ -104,7 +104,7 @@ def main() -> None:
     val = load_bundled(a.dataset, "val", build_transforms(a.img_size, train=False))
     test = load_bundled(a.dataset, "test", build_transforms(a.img_size, train=False))
     conds: dict[str, TensorDataset] = {}
-    command = " ".join(shlex.quote(x) for x in sys.argv)
+    command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     rows = previous_rows(Path(a.out).with_suffix(".csv"), setting(a)) if a.resume else []
     done = {(r["seed"], r["arm"]) for r in rows}
     runs = [(seed, arm) for seed in a.seeds for arm in a.arms]  # interleaved: each seed runs every arm
@@ -233,7 +233,8 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
         lines += ["", "Screen against the seed-to-seed spread (|mean| > 2 standard errors of the paired differences "
                   "counts as a difference; with 3 seeds a rough screen, not a significance test):", ""]
         lines += [f"- {v}" for v in verdicts]
-    lines += ["", "Per run (every corruption and severity): "
+    lines += ["", "`train s`: wall time of one training run on the shared machine (other jobs ran at the same time), "
+              "not a speed measurement.", "", "Per run (every corruption and severity): "
               f"[{out.with_suffix('.csv').name}]({out.with_suffix('.csv').name}).", ""]
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
