@@ -212,3 +212,15 @@ def test_bad_inputs_raise_clear_errors():
         m(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="built for 64x64"):
         m(torch.randn(1, 3, 96, 96))
+
+
+def test_flop_count_sees_fused_kernels():
+    """The fused CPU kernels (oneDNN linear/conv, flash attention) are counted like the generic path."""
+    from timm.utils import reparameterize_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fused = reparameterize_model(timm.create_model("test_fastervit").eval())
+    x = torch.randn(1, 3, 64, 64)
+    with FlopCounterMode(display=False) as generic:  # autograd on: the generic (unfused-kernel) path runs
+        fused(x)
+    assert count_flops(fused, x) == generic.get_total_flops() > 0
