@@ -47,6 +47,27 @@ def acc(model: torch.nn.Module, ds) -> float:
     return evaluate(model, ds, ClassificationTask(), batch_size=128, device="cpu")["acc1"]
 
 
+@torch.inference_mode()
+def best_of_rounds(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Fastest batch-1 time (ms) of each model over interleaved rounds (rotating order).
+
+    On a machine shared by many processes a forward longer than a scheduler time slice is often preempted, so
+    medians of longer forwards are inflated more than those of shorter ones; the fastest round is the run that
+    was not preempted.
+    """
+    keys = list(models)
+    for k in keys:
+        for _ in range(3):
+            models[k](x)
+    best = {k: float("inf") for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            t0 = time.perf_counter()
+            models[k](x)
+            best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
+    return best
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--img-size", type=int, default=48)
@@ -123,6 +144,7 @@ def main() -> int:
     bench_rows, info = benchmark(models_for_latency, img_size=args.img_size, batch_size=8, device="cpu",
                                  threads=args.threads, repeats=args.repeats, throughput_repeats=3, memory=False)
     lat = {r.name: r for r in bench_rows}
+    best_of = best_of_rounds(models_for_latency, x, 3 * args.repeats)
 
     # 5. latency-only sweep over standard shapes
     sweep = []
@@ -148,12 +170,13 @@ def main() -> int:
     # ---------------------------------------------------------------------------------------- write
     OUT.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=[*rows[0], "latency_ms", "speedup"])
+    w = csv.DictWriter(buf, fieldnames=[*rows[0], "latency_ms", "speedup", "best_ms", "speedup_best"])
     w.writeheader()
     for r in rows:
         key = next(k for k in lat if k.startswith(f"budget {r['budget']} "))
         t = lat[key].latency_ms
-        w.writerow({**r, "latency_ms": t, "speedup": lat["original"].latency_ms / t})
+        w.writerow({**r, "latency_ms": t, "speedup": lat["original"].latency_ms / t, "best_ms": best_of[key],
+                    "speedup_best": best_of["original"] / best_of[key]})
     atomic_write_text(OUT.with_suffix(".csv"), buf.getvalue())
 
     def ms(v: float | None) -> str:
@@ -175,9 +198,11 @@ def main() -> int:
         f"{', '.join(map(str, args.seeds))}. Accuracy: top-1 on the test split. Latency: batch 1, median of "
         f"{args.repeats} interleaved rounds, one model per budget (seeds share the architecture).", "",
         "## Accuracy and latency", "",
-        "| model | blocks replaced | predicted (ms) | measured b1 (ms) | speed-up | top-1 (%) mean ± sd | per seed |",
-        "|---|---|---|---|---|---|---|",
-        f"| original | — | — | {base_lat:.2f} | 1.00x | {acc_orig:.2f} | (trained once) |",
+        "| model | blocks replaced | predicted (ms) | median b1 (ms) | speed-up | fastest b1 (ms) | speed-up "
+        "| top-1 (%) mean ± sd | per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| original | — | — | {base_lat:.2f} | 1.00x | {best_of['original']:.2f} | 1.00x | {acc_orig:.2f} | "
+        "(trained once) |",
     ]
     for bi, budget in enumerate(budgets):
         rs = [r for r in rows if r["budget"] == bi + 1]
@@ -187,7 +212,8 @@ def main() -> int:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             L.append(f"| budget {bi + 1} ({budget:.2f} ms): {label} | {rs[0]['replaced']} | "
                      f"{rs[0]['predicted_ms']:.2f} | {lat[key].latency_ms:.2f} | "
-                     f"{base_lat / lat[key].latency_ms:.2f}x | {statistics.mean(vals):.2f} ± {sd:.2f} | "
+                     f"{base_lat / lat[key].latency_ms:.2f}x | {best_of[key]:.2f} | "
+                     f"{best_of['original'] / best_of[key]:.2f}x | {statistics.mean(vals):.2f} ± {sd:.2f} | "
                      f"{', '.join(f'{v:.1f}' for v in vals)} |")
     L += ["", "Planner's cost table (measured on the original; savings are scaled by whole-model / sum-of-parts = "
           f"{table.scale:.2f} when predicting):", "", reports[len(budgets) - 1].to_markdown()]
@@ -195,11 +221,19 @@ def main() -> int:
     best_rows = [r for r in rows if r["budget_ms"] == best]
     key = next(k for k in lat if k.startswith(f"budget {budgets.index(best) + 1} "))
     gap = acc_orig - statistics.mean(r["acc_distilled"] for r in best_rows)
-    sp = base_lat / lat[key].latency_ms
+    sp = best_of["original"] / best_of[key]
+    sp_parts = (table.parts_ms or table.base_ms) / ((table.parts_ms or table.base_ms) - sum(savings))
     L += ["## Goal: ≥ 1.5× lower CPU latency within 1 point of the original", "",
-          f"Fastest budget: {sp:.2f}× measured speed-up; distilled accuracy {gap:+.2f} points below the original "
-          f"(mean of {len(best_rows)} seeds). Goal {'met' if sp >= 1.5 and gap <= 1.0 else 'not met'} "
-          f"(speed-up {'≥' if sp >= 1.5 else '<'} 1.5×, gap {'≤' if gap <= 1.0 else '>'} 1 point).", ""]
+          f"Fastest budget: {sp:.2f}× measured speed-up (fastest rounds; {base_lat / lat[key].latency_ms:.2f}× by "
+          f"medians, {sp_parts:.2f}× from the isolated parts: rest + blocks before/after); distilled accuracy "
+          f"{gap:+.2f} points below the original (mean of {len(best_rows)} seeds). Goal "
+          f"{'met' if sp >= 1.5 and gap <= 1.0 else 'not met'} for this budget (speed-up "
+          f"{'≥' if sp >= 1.5 else '<'} 1.5×, gap {'≤' if gap <= 1.0 else '>'} 1 point).", "",
+          "Reading the latencies: the machine was shared by many processes, and a forward longer than a scheduler "
+          "time slice is preempted more often, so the whole original model's median is inflated far more than its "
+          f"parts (whole / sum of parts = {table.scale:.2f}) and than the faster models' medians. Median ratios "
+          "therefore overstate the gain here; the fastest-round and sum-of-parts ratios are the conservative "
+          "readings.", ""]
     if sweep:
         L += ["## Latency-only sweep (random weights, no training): where replacing attention pays off", "",
               "Every block whose measured mixer time is below its attention time is replaced; before/after measured "
