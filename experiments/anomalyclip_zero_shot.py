@@ -213,7 +213,7 @@ def write(rows: list[dict], seconds: float, cmd: str, args) -> None:
 
     lines = [
         "# AnomalyCLIP zero-shot on unseen categories (domain CLIP trained here)", "",
-        f"Date: {dt.date.today().isoformat()}. Machine: {machine_info()} (shared CPU).",
+        f"Date: {dt.date.today().isoformat()}. Machine: {machine_info().line()} (shared by several users).",
         f"Command: `{cmd}` ({seconds / 60:.1f} min wall clock). Seeds: {seeds} (mean ± std over seeds).", "",
         f"Training categories: {', '.join(TRAIN_CATS)}; held-out (zero-shot) categories: {', '.join(TEST_CATS)}. "
         f"Domain CLIP: frozen pretrained all-MiniLM-L6-v2 + ViT (width {ARCH['width']}, depth {ARCH['depth']}, "
