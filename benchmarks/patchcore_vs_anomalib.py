@@ -12,6 +12,9 @@ anomalib is not a dependency: run this with a separate environment that has it, 
 
     python -m venv --system-site-packages /tmp/anomalib-venv && /tmp/anomalib-venv/bin/pip install anomalib
     /tmp/anomalib-venv/bin/python benchmarks/patchcore_vs_anomalib.py [--ratio 0.01] [--threads 1]
+
+``--ours-seeds 0,1,2`` instead runs only ours, once per coreset seed (start point and projection), and writes
+``<out>_seeds.md``: the seed-to-seed spread that the single-seed comparison sits in.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _load_into(backbone: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     backbone.load_state_dict({k: sd[k] for k in own})
 
 
-def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio: float, fuse: bool
+def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio: float, fuse: bool, seed: int = 0
              ) -> tuple[PatchCoreModel, float]:
     t0 = time.perf_counter()
     m = PatchCoreModel(name, layers=layers, img_size=128)
@@ -66,7 +69,7 @@ def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio:
         from timm.utils import reparameterize_model
 
         m.backbone = reparameterize_model(m.backbone)
-    fit_patchcore(m, train.split(16), ratio, max_bank=None, progress=False)
+    fit_patchcore(m, train.split(16), ratio, max_bank=None, seed=seed, progress=False)
     return m.eval(), time.perf_counter() - t0
 
 
@@ -98,6 +101,43 @@ def evaluate(run, test: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor)
     return met.compute(), time.perf_counter() - t0, torch.cat(scores)
 
 
+def seed_sweep(a: argparse.Namespace, command: str) -> None:
+    layers = [int(i) for i in a.layers.split(",")]
+    seeds = [int(x) for x in a.ours_seeds.split(",")]
+    sd = _weights(a.backbone)
+    rows = []
+    for cat in a.categories.split(","):
+        train = _images(load_benchmark("train", cat).samples)
+        ts = load_benchmark("test", cat).samples
+        test = _images(ts)
+        labels = torch.tensor([s.label for s in ts])
+        masks = torch.from_numpy(np.stack([load_mask(s.mask, (128, 128)) for s in ts]))
+        for seed in seeds:
+            m, fit_s = fit_ours(a.backbone, layers, sd, train, a.ratio, fuse=True, seed=seed)
+
+            def run(x, m=m):
+                o = m(x)
+                return o.pred_score, o.anomaly_map
+            met, _, _ = evaluate(run, test, labels, masks)
+            rows.append({"category": cat, "seed": seed, "image_AUROC": met["image_AUROC"],
+                         "pixel_AUROC": met["pixel_AUROC"], "AUPRO": met["AUPRO"], "fit_s": fit_s})
+            print(rows[-1], flush=True)
+    per_seed = [{"seed": sd_, **{k: float(np.mean([r[k] for r in rows if r["seed"] == sd_]))
+                                 for k in ("image_AUROC", "pixel_AUROC", "AUPRO")}} for sd_ in seeds]
+    spread = {k: (min(r[k] for r in per_seed), max(r[k] for r in per_seed)) for k in ("image_AUROC", "pixel_AUROC",
+                                                                                     "AUPRO")}
+    md = ["# PatchCore (ours): spread over coreset seeds", "",
+          f"Machine: {machine_info('cpu').line()} (shared with other jobs).", "", f"Command: `{command}`", "",
+          f"Same setup as patchcore_vs_anomalib.md (coreset ratio {a.ratio}, layers {layers}); only the coreset",
+          "seed (first center and random projection) changes.", "",
+          "## Mean over categories, per seed", "", markdown_table(per_seed), "",
+          "Range over seeds: " + ", ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in spread.items()) + ".", "",
+          "## Per category", "", markdown_table(rows), ""]
+    out = Path(a.out + "_seeds")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(md))
+    print("\n".join(md))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="repvgg_a0")
@@ -106,7 +146,11 @@ def main() -> None:
     p.add_argument("--categories", default=",".join(BENCHMARK_CATEGORIES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/patchcore_vs_anomalib")
+    p.add_argument("--ours-seeds", default="", help="only ours, these coreset seeds (comma-separated)")
     a = p.parse_args()
+    if a.ours_seeds:
+        torch.set_num_threads(a.threads)
+        return seed_sweep(a, "python " + " ".join(shlex.quote(x) for x in sys.argv))
     torch.set_num_threads(a.threads)
     command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     layers = [int(i) for i in a.layers.split(",")]
