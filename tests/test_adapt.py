@@ -23,6 +23,14 @@ from frugalvision.adapt import (
 from frugalvision.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
 def _vit() -> nn.Module:
     return timm.create_model("test_vit", num_classes=3, img_size=32)
 
@@ -190,18 +198,21 @@ def test_cli_train_with_adapt_and_profile(tmp_path, capsys):
     from frugalvision.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "--adapt", "linear_probe", "model=test_vit", "data=faces", "img_size=32", "max_steps=2",
+    rc = main(["train", "--adapt", "linear_probe", "model=test_resnet", "data=faces", "img_size=32", "max_steps=2",
                "batch_size=16", "progress=false", "device=cpu", f"output_dir={out}"])
     assert rc == 0
     capsys.readouterr()
     res = json.loads((out / "metrics.json").read_text())
     assert res["adapt"]["method"] == "linear_probe" and res["adapt"]["trainable_params"] < 1000
     prof = tmp_path / "profile"
-    rc = main(["profile", "model=test_vit", "data=faces", "img_size=32", "shots=8", "val_shots=8", "epochs=1",
-               "device=cpu", "progress=false", "k=2", f"output_dir={prof}"])
+    rc = main(["profile", "model=test_resnet", "data=faces", "img_size=32", "shots=8", "val_shots=8", "epochs=1",
+               "device=cpu", "progress=false", "k=1", f"output_dir={prof}"])
     assert rc == 0
     chosen = json.loads((prof / "chosen_layers.json").read_text())
-    assert len(chosen["chosen"]) == 2 and (prof / "profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(chosen["chosen"]) == 1 and len(chosen["profile"]) == 4 and chosen["runs"] == 5
+    assert (prof / "profile.png").read_bytes()[:4] == b"\x89PNG" and (prof / "profile.csv").exists()
     assert main(["profile", "model=test_vit", "data=faces", "img_size=32", "k=99", "progress=false",
                  f"output_dir={prof}"]) == 2
     assert "k=99 is larger than the 6 candidate blocks" in capsys.readouterr().err
+    assert main(["train", "--adapt", "subtune", "model=test_resnet", "data=faces", "max_steps=1"]) == 2
+    assert "unknown adaptation method 'subtune'; did you mean subtuning" in capsys.readouterr().err
