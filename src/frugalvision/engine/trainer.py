@@ -235,14 +235,15 @@ class _SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         s = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1, dtype=np.uint64)[0])
+        # the CPU generator only: torch.manual_seed would also (re)seed every CUDA device, per sample
         if not self.in_main_process:  # a worker owns its RNGs
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             np.random.seed(s % 2**32)
             return self.dataset[index]
         saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
         try:
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)
             random.seed(s)
             np.random.seed(s % 2**32)
             return self.dataset[index]
