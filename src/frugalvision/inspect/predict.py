@@ -11,7 +11,7 @@ import csv
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import ConfigError, DataError
 from ..utils.io import atomic_path
 
-__all__ = ["PredictConfig", "iter_images", "predict_images"]
+__all__ = ["PredictConfig", "check_outputs", "iter_images", "predict_images"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,36 @@ def iter_images(inputs: Sequence[str | Path]) -> Iterator[tuple[Path, Path]]:
                         yield f, f.relative_to(p).with_suffix("")
         else:
             raise ConfigError(f"input {p} does not exist")
+
+
+def check_outputs(inputs: Sequence[str | Path], outputs_of: Callable[[Path], list[Path]], overwrite: bool,
+                  out_key: str = "out") -> int:
+    """Check every output before any work is done; returns the number of inputs.
+
+    Walks the inputs lazily (no image is read) and refuses to overwrite an existing output without ``overwrite``,
+    or to let two inputs write the same file.
+
+    Args:
+        inputs: Image files and folders, as for :func:`iter_images`.
+        outputs_of: The output files of an input, from its relative stem.
+        overwrite: Allow replacing existing files.
+        out_key: The configuration key naming the output folder, for the message.
+    """
+    seen: set[Path] = set()
+    clashes: list[Path] = []
+    total = 0
+    for path, stem in iter_images(inputs):
+        total += 1
+        for o in outputs_of(stem):
+            if o in seen:
+                raise ConfigError(f"two inputs would both write {o} (e.g. {path}); give them separate runs")
+            seen.add(o)
+            if o.exists() and not overwrite:
+                clashes.append(o)
+    if clashes:
+        raise ConfigError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass overwrite=true "
+                          f"to replace them or choose another {out_key}=")
+    return total
 
 
 def _outputs(out: Path, stem: Path, overlays: bool) -> list[Path]:
@@ -125,21 +155,7 @@ def predict_images(cfg: PredictConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
 
     # pass 1 (lazy, no images held): refuse to overwrite, and refuse two inputs writing the same output
-    seen: set[Path] = set()
-    clashes: list[Path] = []
-    total = 0
-    for path, stem in iter_images(cfg.images):
-        total += 1
-        for o in _outputs(out, stem, cfg.overlays):
-            if o in seen:
-                raise ConfigError(f"two inputs would both write {o} (e.g. {path}); give them separate runs")
-            seen.add(o)
-            if o.exists() and not cfg.overwrite:
-                clashes.append(o)
-    if clashes:
-        raise ConfigError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass overwrite=true "
-                          "to replace them or choose another out=")
-    del seen
+    total = check_outputs(cfg.images, lambda stem: _outputs(out, stem, cfg.overlays), cfg.overwrite, "out")
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "predictions.csv"
     n_ok = n_bad = 0

@@ -420,7 +420,7 @@ def predict_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
     """Masks (0/255 PNG), overlays and ``predictions.csv`` for images, with a run folder's stored thresholds."""
     from ..data.images import load_image
     from ..inspect.anomaly.export import AnomalyPredictor, AnomalySpec
-    from ..inspect.predict import iter_images, overlay
+    from ..inspect.predict import check_outputs, iter_images, overlay
 
     if not cfg.images:
         raise ConfigError("predict needs images: `frugalvision anomaly predict a.png folder/ out=RUN`")
@@ -445,18 +445,8 @@ def predict_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
     if cfg.image_threshold is not None:
         spec.image_threshold = cfg.image_threshold
     out = Path(cfg.predict_out or Path(cfg.out) / "predict")
-    seen: set[Path] = set()
-    clashes: list[Path] = []
-    for path, stem in iter_images(cfg.images):
-        for o in (out / f"{stem}_mask.png", out / f"{stem}_overlay.png"):
-            if o in seen:
-                raise ConfigError(f"two inputs would both write {o} (e.g. {path}); give them separate runs")
-            seen.add(o)
-            if o.exists() and not cfg.overwrite:
-                clashes.append(o)
-    if clashes:
-        raise ConfigError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass overwrite=true "
-                          "or choose another predict_out=")
+    check_outputs(cfg.images, lambda stem: [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"], cfg.overwrite,
+                  "predict_out")
     out.mkdir(parents=True, exist_ok=True)
     n_ok = n_bad = 0
     with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
