@@ -115,7 +115,7 @@ def main() -> None:
              "Stages 3-4 of FasterViT-0 (batch 1, fused, CPU). Latency: median of interleaved runs with the flash "
              "attention kernel. Peak memory: live tensors created during the forward, with the flash kernel and "
              "with the math kernel (attention matrix materialised, as in the reference implementation). "
-             "The machine was shared with other jobs; compare within a resolution.", "",
+             "Compare within a resolution (the machine line gives the load average at the start).", "",
              "| input | variant | window | stage-3 tokens | tokens / window | GFLOPs | latency (ms) | vs HAT | "
              "peak mem flash (MiB) | peak mem math (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -108,8 +108,8 @@ def main() -> None:
              ""]
     notes += [f"- {k}: {v:.2e}" for k, v in rel.items()]
     notes += ["", f"ONNX export: {res.exporter} exporter, onnxruntime parity {res.max_rel_err:.2e} (relative).",
-              "", "The machine was shared with other jobs while this ran; rows were timed in interleaved rounds, "
-              "so the ratios are more reliable than the absolute numbers."]
+              "", "Rows were timed in interleaved rounds, so the ratios stay comparable when other work shares the "
+              "machine (see the load average in the machine line); absolute numbers do not."]
     atomic_write_text(md, md.read_text() + "\n".join(notes) + "\n")
     print(md.read_text())
 

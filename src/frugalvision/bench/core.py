@@ -57,6 +57,7 @@ class MachineInfo:
     onnxruntime: str | None = None
     matmul_peak_gflops: float | None = None
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+    load_avg: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
 
     def line(self) -> str:
         """One human-readable line."""
@@ -66,6 +67,8 @@ class MachineInfo:
             parts.append(f"onnxruntime {self.onnxruntime}")
         if self.matmul_peak_gflops:
             parts.append(f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s (fp32, measured)")
+        if self.load_avg is not None:  # other work on the machine inflates absolute times; ratios stay comparable
+            parts.append(f"load average {self.load_avg:.1f} at the start")
         return " · ".join(parts)
 
 
