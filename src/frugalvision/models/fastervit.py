@@ -435,6 +435,10 @@ class HATBlock(nn.Module):
         x = x + self.drop_path(a if self.gamma3 is None else self.gamma3 * a)
         m = self.mlp(self.norm2(x))
         x = x + self.drop_path(m if self.gamma4 is None else self.gamma4 * m)
+        return self._split_carriers(x, ct)
+
+    def _split_carriers(self, x: Tensor, ct: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Split the carrier tokens off the window tokens again; with propagation, add them back to their windows."""
         if self.sr_ratio > 1:
             ctr, x = x.split([self.ct_per_window, self.window * self.window], dim=1)
             ct = ctr.reshape(ct.shape)
@@ -453,13 +457,7 @@ class HATBlock(nn.Module):
             x = torch.cat((ct.reshape(x.shape[0], self.ct_per_window, -1), x), dim=1)
         x = _linear(self.attn.attend(self.norm1(x), fast=True), self.attn.proj, residual=x)
         x = _linear(_linear(self.norm2(x), self.mlp.fc1, "gelu"), self.mlp.fc2, residual=x)
-        if self.sr_ratio > 1:
-            ctr, x = x.split([self.ct_per_window, self.window * self.window], dim=1)
-            ct = ctr.reshape(ct.shape)
-            if self.propagate:
-                up = ctr.index_select(1, self.up_index)
-                x = x + (up if self.gamma1 is None else self.gamma1 * up)
-        return x, ct
+        return self._split_carriers(x, ct)
 
     def reparameterize(self) -> None:
         """Fold the layer-scale factors into the output projections (``gamma1`` stays for propagation)."""
