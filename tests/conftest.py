@@ -23,6 +23,15 @@ def _threads_and_seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (tiny models: more threads only add overhead)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters (for fusion/parity tests)."""
     g = torch.Generator().manual_seed(seed)

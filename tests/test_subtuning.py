@@ -57,12 +57,7 @@ def _cfg(**kw) -> SubTuningConfig:
     return SubTuningConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def test_profile_and_auto_k_pick_the_only_live_block():
