@@ -6,6 +6,7 @@ calls :func:`init_distributed` and then behaves like a single process with an N-
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,21 @@ def init_distributed(device: torch.device) -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        atexit.register(_shutdown)  # the group we created is ours to close
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def _shutdown() -> None:
+    """Leave the process group together, at exit.
+
+    Without it, a rank that exits first can tear gloo's threads down while another rank still talks to it, and
+    that rank aborts ("terminate called without an active exception").
+    """
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:
