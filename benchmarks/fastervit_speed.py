@@ -7,7 +7,11 @@ Same weights (the reference model's random weights with non-trivial BN statistic
 * the same after its own ``switch_to_deploy`` (``timm.utils.reparameterize_model``: cached position biases);
 * ours, eager, after ``reparameterize_model`` (conv+BN and layer scale folded, cached position terms,
   oneDNN GEMM/conv epilogues for bias+GELU and residual adds, ``scaled_dot_product_attention``, channels-last);
-* ours exported to ONNX and run in ONNX Runtime (same thread count).
+* ours exported to ONNX and run in ONNX Runtime (same thread count);
+* with ``--batch-parallel N`` (default: the thread count), two more rows split each batch into N chunks run
+  concurrently on N single-thread workers: ours in ONNX Runtime (``OrtRunner(batch_parallel=N)``) and, given the
+  same treatment, the reference eager model (N Python threads, one torch thread each). These rows are for
+  throughput; their batch-1 latency is one single-thread worker.
 
 Outputs of every row are checked against the reference on the benchmark input before timing.
 
@@ -21,6 +25,7 @@ import shlex
 import sys
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +44,31 @@ from frugalvision.utils.io import atomic_write_text
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind an ``nn.Module`` call, so the harness times it like the eager rows."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, batch_parallel: int = 1) -> None:
         super().__init__()
-        self.runner = OrtRunner(path, threads=threads)
+        self.runner = OrtRunner(path, threads=threads, batch_parallel=batch_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.runner(x)[0]))
+
+
+class SplitBatch(nn.Module):
+    """Eager counterpart of ``OrtRunner(batch_parallel=n)``: batch chunks on ``n`` threads of one torch thread."""
+
+    def __init__(self, model: nn.Module, parts: int) -> None:
+        super().__init__()
+        self.model, self.parts = model, parts
+        self.pool = ThreadPoolExecutor(parts, initializer=torch.set_num_threads, initargs=(1,))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            chunks = x.tensor_split(min(self.parts, x.shape[0]))
+            return torch.cat([f.result() for f in [self.pool.submit(self.model, c) for c in chunks]])
+        finally:
+            torch.set_num_threads(before)
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
@@ -64,6 +88,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--throughput-repeats", type=int, default=5)
+    p.add_argument("--batch-parallel", type=int, default=None, help="workers of the batch-split rows "
+                   "(default: --threads; 1: no such rows)")
+    p.add_argument("--note", default="", help="line on machine load, added to the table")
     p.add_argument("--out", default="benchmarks/results/fastervit_speed")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -87,19 +114,29 @@ def main() -> None:
     res = export_onnx(fused, onnx_path, x[:1], check=True)
     ort = OrtModule(onnx_path, a.threads)
     errs["ours, ONNX Runtime"] = ort(x)
+    n_par = a.threads if a.batch_parallel is None else a.batch_parallel
+    extra: dict[str, nn.Module] = {}
+    if n_par > 1:
+        extra[f"reference fastervit (eager, batch split over {n_par} threads)"] = SplitBatch(ref, n_par)
+        extra[f"ours fastervit_0 (ONNX Runtime, {n_par} sessions)"] = OrtModule(onnx_path, a.threads, n_par)
+        with torch.no_grad():
+            for k, m in extra.items():
+                errs[k] = m(x)
     scale = float(y_ref.abs().max())
     rel = {k: float((v - y_ref).abs().max()) / scale for k, v in errs.items()}
 
     models = {"reference fastervit (eager)": ref, "reference fastervit (switch_to_deploy)": deployed,
-              "ours fastervit_0 (fused eager)": fused, "ours fastervit_0 (ONNX Runtime)": ort}
+              "ours fastervit_0 (fused eager)": fused, "ours fastervit_0 (ONNX Runtime)": ort, **extra}
     rows, info = benchmark(models, img_size=224, batch_size=a.batch, threads=a.threads, repeats=a.repeats,
                            throughput_repeats=a.throughput_repeats, warmup=2)
     flops = count_flops(fused, torch.randn(1, 3, 224, 224))
     for r in rows:
         r.backend = "onnxruntime" if "ONNX" in r.name else "eager"
-        if "ONNX" in r.name:  # the ONNX graph runs the same operations as the eager model it came from
-            r.params_m, r.gflops, r.peak_mem_mb = rows[2].params_m, flops / 1e9, None
-            r.achieved_gflops = flops * r.throughput / 1e9
+        src = rows[2] if "ONNX" in r.name else rows[0] if "batch split" in r.name else None
+        if src is not None:  # same operations as the model they came from (counters do not see worker threads)
+            r.params_m, r.peak_mem_mb = src.params_m, None
+            r.gflops = flops / 1e9 if "ONNX" in r.name else src.gflops
+            r.achieved_gflops = r.gflops * r.throughput
             r.peak_fraction = r.achieved_gflops / info.matmul_peak_gflops
     cmd = "python " + " ".join(shlex.quote(s) for s in sys.argv)
     _, md = write_results(rows, info, a.out, title="FasterViT-0 on CPU: ours vs the reference implementation",
@@ -107,6 +144,18 @@ def main() -> None:
     notes = ["", "Output agreement with the reference eager model on the same input (max abs diff / max |output|):",
              ""]
     notes += [f"- {k}: {v:.2e}" for k, v in rel.items()]
+    ref_tp = rows[0].throughput
+    notes += ["", f"Batch-{a.batch} throughput against the reference eager model ({ref_tp:.1f} img/s, intra-op "
+              "threads):", ""]
+    notes += [f"- {r.name}: {r.throughput / ref_tp:.2f}x" for r in rows[1:]]
+    split_ref = next((r for r in rows if "batch split" in r.name), None)
+    split_ours = next((r for r in rows if "sessions" in r.name), None)
+    if split_ref is not None and split_ours is not None:
+        ratio = split_ours.throughput / split_ref.throughput
+        notes += ["", f"Both split over {n_par} workers: ours in ONNX Runtime {ratio:.2f}x the reference eager model "
+                  f"({split_ref.throughput:.1f} img/s)."]
+    if a.note:
+        notes += ["", a.note]
     notes += ["", f"ONNX export: {res.exporter} exporter, onnxruntime parity {res.max_rel_err:.2e} (relative).",
               "", "Rows were timed in interleaved rounds, so the ratios stay comparable when other work shares the "
               "machine (see the load average in the machine line); absolute numbers do not."]

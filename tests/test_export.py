@@ -45,6 +45,28 @@ def test_structured_outputs_are_flattened(tmp_path):
     assert runner.output_names == ["score", "amap"]
 
 
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_batch_parallel_sessions_match_one_session(tmp_path, batch):
+    m = TwoHeads().eval()
+    res = export_onnx(m, tmp_path / "m.onnx", (2, 3, 8, 8), output_names=["score", "amap"])
+    x = torch.randn(batch, 3, 8, 8)
+    one = OrtRunner(res.path, threads=1)(x)
+    split = OrtRunner(res.path, threads=2, batch_parallel=3)
+    outs = split(x)
+    assert len(split.sessions) == 3 and [o.shape for o in outs] == [o.shape for o in one]
+    for a, b in zip(outs, one, strict=True):
+        torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=1e-6, rtol=1e-6)
+    split.close()
+
+
+def test_batch_parallel_rejects_bad_values(tmp_path):
+    res = export_onnx(TwoHeads().eval(), tmp_path / "m.onnx", (2, 3, 8, 8))
+    with pytest.raises(ValueError, match="batch_parallel"):
+        OrtRunner(res.path, batch_parallel=0)
+    with pytest.raises(ValueError, match="input"):
+        OrtRunner(res.path)(torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+
+
 class BakedBatch(nn.Module):
     """Uses the batch size as a Python number: exported graphs bake the example's batch size in."""
 
