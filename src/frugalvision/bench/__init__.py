@@ -12,7 +12,10 @@ from .core import (
     results_to_markdown,
     write_results,
 )
+from .flops import register_fused_cpu_flops
 from .run import BenchConfig, run_bench
+
+register_fused_cpu_flops()
 
 __all__ = [
     "BenchConfig",
@@ -24,6 +27,7 @@ __all__ = [
     "machine_info",
     "matmul_peak_gflops",
     "peak_memory_mb",
+    "register_fused_cpu_flops",
     "results_to_markdown",
     "run_bench",
     "write_results",

@@ -39,39 +39,6 @@ from ..errors import ConfigError
 __all__ = ["FasterViT", "checkpoint_filter_fn", "load_official_checkpoint"]
 
 
-def _register_cpu_sdpa_flops() -> None:
-    """Teach ``torch.utils.flop_counter`` the FLOPs of the fused CPU kernels used here.
-
-    The CPU flash-attention kernel (2 matmuls, like the math path) and oneDNN's fused linear/conv ops; without
-    this, FLOP counts on CPU would silently drop every fused attention, linear and conv.
-    """
-    from torch.utils import flop_counter as fc
-
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op in fc.flop_registry:
-        return
-
-    @fc.register_flop_formula(op)
-    def _flops(query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    mk = getattr(torch.ops, "mkldnn", None)
-    if mk is None or not hasattr(mk, "_linear_pointwise") or not hasattr(mk, "_convolution_pointwise"):
-        return
-
-    @fc.register_flop_formula(mk._linear_pointwise)
-    def _lin(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        x_shape, w_shape = (args[0], args[2]) if len(args) == 5 else (args[0], args[1])  # .binary has `other`
-        return 2 * math.prod(x_shape[:-1]) * w_shape[1] * w_shape[0]
-
-    @fc.register_flop_formula(mk._convolution_pointwise)
-    def _conv(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-        x_shape, w_shape = (args[0], args[2]) if len(args) == 13 else (args[0], args[1])
-        return fc.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
-
-
-_register_cpu_sdpa_flops()
-
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise")
 
