@@ -60,8 +60,8 @@ def _load_into(backbone: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     backbone.load_state_dict({k: sd[k] for k in own})
 
 
-def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio: float, fuse: bool, seed: int = 0
-             ) -> tuple[PatchCoreModel, float]:
+def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio: float, fuse: bool, seed: int = 0,
+             projection_dim: int | None = 128) -> tuple[PatchCoreModel, float]:
     t0 = time.perf_counter()
     m = PatchCoreModel(name, layers=layers, img_size=128)
     _load_into(m.backbone, sd)
@@ -69,7 +69,7 @@ def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio:
         from timm.utils import reparameterize_model
 
         m.backbone = reparameterize_model(m.backbone)
-    fit_patchcore(m, train.split(16), ratio, max_bank=None, seed=seed, progress=False)
+    fit_patchcore(m, train.split(16), ratio, max_bank=None, projection_dim=projection_dim, seed=seed, progress=False)
     return m.eval(), time.perf_counter() - t0
 
 
@@ -104,6 +104,7 @@ def evaluate(run, test: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor)
 def seed_sweep(a: argparse.Namespace, command: str) -> None:
     layers = [int(i) for i in a.layers.split(",")]
     seeds = [int(x) for x in a.ours_seeds.split(",")]
+    proj = None if a.projection_dim == "none" else int(a.projection_dim)
     sd = _weights(a.backbone)
     rows = []
     for cat in a.categories.split(","):
@@ -113,7 +114,7 @@ def seed_sweep(a: argparse.Namespace, command: str) -> None:
         labels = torch.tensor([s.label for s in ts])
         masks = torch.from_numpy(np.stack([load_mask(s.mask, (128, 128)) for s in ts]))
         for seed in seeds:
-            m, fit_s = fit_ours(a.backbone, layers, sd, train, a.ratio, fuse=True, seed=seed)
+            m, fit_s = fit_ours(a.backbone, layers, sd, train, a.ratio, fuse=True, seed=seed, projection_dim=proj)
 
             def run(x, m=m):
                 o = m(x)
@@ -127,13 +128,14 @@ def seed_sweep(a: argparse.Namespace, command: str) -> None:
     spread = {k: (min(r[k] for r in per_seed), max(r[k] for r in per_seed)) for k in ("image_AUROC", "pixel_AUROC",
                                                                                      "AUPRO")}
     md = ["# PatchCore (ours): spread over coreset seeds", "",
-          f"Machine: {machine_info('cpu').line()} (shared with other jobs).", "", f"Command: `{command}`", "",
-          f"Same setup as patchcore_vs_anomalib.md (coreset ratio {a.ratio}, layers {layers}); only the coreset",
-          "seed (first center and random projection) changes.", "",
+          f"Machine: {machine_info('cpu').line()}. {a.note}", "", f"Command: `{command}`", "",
+          f"Same setup as patchcore_vs_anomalib.md (coreset ratio {a.ratio}, layers {layers}, coreset distances "
+          f"{'on the full features' if proj is None else f'after a random projection to {proj} dimensions'}); only",
+          "the coreset seed (first center and random projection) changes.", "",
           "## Mean over categories, per seed", "", markdown_table(per_seed), "",
           "Range over seeds: " + ", ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in spread.items()) + ".", "",
           "## Per category", "", markdown_table(rows), ""]
-    out = Path(a.out + "_seeds")
+    out = Path(a.out + ("_seeds" if proj == 128 else f"_seeds_proj_{a.projection_dim}"))
     atomic_write_text(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
 
@@ -148,6 +150,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/patchcore_vs_anomalib")
     p.add_argument("--seeds", default="0,1,2", help="coreset seeds of the side-by-side comparison")
     p.add_argument("--note", default="Measured on an otherwise idle machine.", help="line on machine load")
+    p.add_argument("--projection-dim", default="128", help="coreset projection of ours in --ours-seeds runs "
+                   "(an integer, or none: distances on the full features)")
     p.add_argument("--ours-seeds", default="", help="only ours, these coreset seeds (comma-separated)")
     a = p.parse_args()
     if a.ours_seeds:
