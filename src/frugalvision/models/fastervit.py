@@ -54,6 +54,11 @@ def _onednn_ok(x: Tensor) -> bool:
             and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
 
 
+def _cdiv(n: int, d: int) -> int:
+    """``ceil(n / d)`` for ints."""
+    return -(-n // d)
+
+
 def _linear(x: Tensor, layer: nn.Linear, act: str = "none", residual: Tensor | None = None) -> Tensor:
     """``act(layer(x))`` or ``residual + layer(x)`` as one oneDNN call (``x``, ``residual``: ``(..., C)``)."""
     shape = x.shape
@@ -78,15 +83,37 @@ def _conv(x: Tensor, conv: nn.Conv2d, act: str = "none", residual: Tensor | None
 
 
 # --------------------------------------------------------------------------------------------- position terms
-def _window_order(grid: int, ct_size: int) -> Tensor:
+def _window_order(grid: int | tuple[int, int], ct_size: int) -> Tensor:
     """Raster index of each carrier token when tokens are stored window by window.
 
-    A ``grid x grid`` carrier-token map is split into ``ct_size x ct_size`` windows; token ``t`` in window order
-    (window row, window col, row in window, col in window) sits at raster position ``perm[t]``.
+    A ``grid x grid`` (or ``(rows, cols)``) carrier-token map is split into ``ct_size x ct_size`` windows; token
+    ``t`` in window order (window row, window col, row in window, col in window) sits at raster position ``perm[t]``.
+
+    Example:
+        >>> _window_order((2, 4), 2).tolist()
+        [0, 1, 4, 5, 2, 3, 6, 7]
     """
-    n = grid // ct_size
-    idx = torch.arange(grid * grid).view(n, ct_size, n, ct_size).permute(0, 2, 1, 3)
+    g0, g1 = (grid, grid) if isinstance(grid, int) else grid
+    idx = torch.arange(g0 * g1).view(g0 // ct_size, ct_size, g1 // ct_size, ct_size).permute(0, 2, 1, 3)
     return idx.reshape(-1)
+
+
+def _rewindow_shuffle(sr: tuple[int, int], ct_size: int) -> Tensor | None:
+    """Carrier-token reordering of the reference's any-resolution HAT blocks on a non-square window grid.
+
+    After the global carrier attention, the reference puts the (raster-ordered) carrier tokens back into windows
+    with the two window-grid sides swapped (rows ``sr[1]``, columns ``sr[0]``), so for ``sr[0] != sr[1]`` window
+    ``w`` receives tokens from other windows' areas, and the next block reads them back as if they were in place.
+    With tokens stored in window order, that is one gather: stored token ``p`` takes stored token ``shuffle[p]``.
+    ``None`` when nothing moves (a square grid, or one carrier token per window).
+    """
+    s0, s1 = sr
+    if s0 == s1:
+        return None
+    c = ct_size
+    back = torch.arange(s0 * s1 * c * c).view(s1, c, s0, c).permute(0, 2, 1, 3).reshape(-1)  # raster index
+    shuffle = torch.argsort(_window_order((s0 * c, s1 * c), c))[back]
+    return None if torch.equal(shuffle, torch.arange(len(shuffle))) else shuffle  # (ct_size 1: in place)
 
 
 class TokenPosEmbed(nn.Module):
@@ -151,9 +178,12 @@ class RelPosBias(nn.Module):
         pos = torch.stack(torch.meshgrid(ar, ar, indexing="ij")).flatten(1)  # 2, N
         d = (pos[:, :, None] - pos[:, None, :]).permute(1, 2, 0) + (window - 1)
         index = d[..., 0] * (2 * window - 1) + d[..., 1]
-        if order is not None:
+        if order is not None and not extra:
             index = index[order][:, order]
         self.register_buffer("index", index.reshape(-1), persistent=False)
+        # an order over extra + grid tokens (the reference's carrier attention on a non-square grid) permutes the
+        # padded bias instead
+        self.register_buffer("perm", order if order is not None and extra else None, persistent=False)
         self.n = window * window
         self.register_buffer("fused", None, persistent=False)
 
@@ -165,6 +195,8 @@ class RelPosBias(nn.Module):
         b = 16 * torch.sigmoid(b)
         if self.extra:
             b = F.pad(b, (self.extra, 0, self.extra, 0))
+        if self.perm is not None:
+            b = b[:, self.perm][:, :, self.perm]
         return b.unsqueeze(0)
 
     def forward(self) -> Tensor:
@@ -238,9 +270,10 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, gamma: Tensor | None = None) -
 class Stem(nn.Module):
     """Two stride-2 3x3 conv + BN + ReLU layers (stride 4); checks the input's channels and size."""
 
-    def __init__(self, in_chans: int, in_dim: int, dim: int, img_size: int) -> None:
+    def __init__(self, in_chans: int, in_dim: int, dim: int, img_size: int | tuple[int, int]) -> None:
         super().__init__()
-        self.in_chans, self.img_size = in_chans, img_size
+        self.in_chans = in_chans
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.conv1 = nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False)
         self.norm1 = nn.BatchNorm2d(in_dim, eps=1e-4)
         self.act1 = nn.ReLU()
@@ -251,10 +284,12 @@ class Stem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"FasterViT expects input of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"this FasterViT was built for {self.img_size}x{self.img_size} inputs (its windows and "
-                             f"carrier tokens depend on the resolution), got {x.shape[-2]}x{x.shape[-1]}; "
-                             f"build it with img_size={x.shape[-1]} or resize the input")
+        if x.shape[-2:] != self.img_size:
+            h, w = self.img_size
+            size = x.shape[-1] if x.shape[-2] == x.shape[-1] else (x.shape[-2], x.shape[-1])
+            raise ValueError(f"this FasterViT was built for {h}x{w} inputs (its windows and carrier tokens depend on "
+                             f"the resolution), got {x.shape[-2]}x{x.shape[-1]}; build it with img_size={size} or "
+                             f"resize the input")
         if isinstance(self.norm1, nn.Identity) and _onednn_ok(x):  # fused inference: channels-last, conv+ReLU
             x = x.contiguous(memory_format=torch.channels_last)
             return _conv(_conv(x, self.conv1, "relu"), self.conv2, "relu")
@@ -315,16 +350,19 @@ class Downsample(nn.Module):
 class CarrierInit(nn.Module):
     """Initial carrier tokens: depth-wise conv, then average pooling to ``ct_size x ct_size`` tokens per window.
 
-    Returns tokens ``(B, windows * ct_size**2, C)`` stored window by window.
+    ``resolution``: the (padded) stage map, a whole number of windows per side (an int or ``(H, W)``; the pooling
+    kernel and stride are per axis). Returns tokens ``(B, windows * ct_size**2, C)`` stored window by window.
     """
 
-    def __init__(self, dim: int, resolution: int, window: int, ct_size: int) -> None:
+    def __init__(self, dim: int, resolution: int | tuple[int, int], window: int, ct_size: int) -> None:
         super().__init__()
-        out = int(ct_size * resolution / window)
-        stride = int(resolution / out)
-        kernel = resolution - (out - 1) * stride
+        kernel, stride = [], []
+        for r in (resolution, resolution) if isinstance(resolution, int) else resolution:
+            out = int(ct_size * r / window)
+            stride.append(int(r / out))
+            kernel.append(r - (out - 1) * stride[-1])
         self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.pool = nn.AvgPool2d(kernel_size=kernel, stride=stride)
+        self.pool = nn.AvgPool2d(kernel_size=tuple(kernel), stride=tuple(stride))
         self.ct_size = ct_size
 
     def forward(self, x: Tensor) -> Tensor:
@@ -335,25 +373,29 @@ class CarrierInit(nn.Module):
 
 
 class HATBlock(nn.Module):
-    """Transformer block over window tokens; with ``sr_ratio > 1`` also the carrier-token (HAT) path.
+    """Transformer block over window tokens; with more than one window also the carrier-token (HAT) path.
 
     Args:
         dim: Channels.
         num_heads: Attention heads.
         window: Window side.
-        sr_ratio: Windows per side of the stage (carrier tokens only when > 1).
+        sr_ratio: Windows per side of the stage, an int or ``(rows, cols)`` (carrier tokens only when there is more
+            than one window). A non-square window grid follows the reference's any-resolution model: no carrier
+            position embedding, the carrier attention bias of an ``isqrt(tokens)``-sided grid (zero for the
+            remaining leading tokens), and its re-windowing of the carrier tokens.
         ct_size: Carrier tokens per window side.
         last: Last block of its stage (carrier tokens may be propagated back into the windows).
         do_propagation: Add the upsampled carrier tokens to the window tokens after the last block.
     """
 
-    def __init__(self, dim: int, num_heads: int, window: int, sr_ratio: int = 1, ct_size: int = 1,
+    def __init__(self, dim: int, num_heads: int, window: int, sr_ratio: int | tuple[int, int] = 1, ct_size: int = 1,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, layer_scale: float | None = None,
                  last: bool = False, do_propagation: bool = False) -> None:
         super().__init__()
-        self.window, self.sr_ratio, self.ct_size = window, sr_ratio, ct_size
-        hat = sr_ratio > 1
+        sr = (sr_ratio, sr_ratio) if isinstance(sr_ratio, int) else tuple(sr_ratio)
+        self.window, self.sr_ratio, self.ct_size = window, sr, ct_size
+        self.hat = hat = sr[0] > 1 or sr[1] > 1
         self.ct_per_window = ct_size**2 if hat else 0
         hidden = int(dim * mlp_ratio)
         use_ls = _is_scale(layer_scale)
@@ -369,15 +411,21 @@ class HATBlock(nn.Module):
         self.mlp = Mlp(dim, hidden, act_layer=nn.GELU, drop=drop)
         self.gamma3, self.gamma4 = gamma(), gamma()
         self.propagate = bool(hat and last and do_propagation)
+        self.hat_pos_embed: TokenPosEmbed | None = None
         if hat:
-            grid = ct_size * sr_ratio
+            grid = (ct_size * sr[0], ct_size * sr[1])
             order = _window_order(grid, ct_size)
+            tokens = grid[0] * grid[1]
+            side = int(tokens**0.5)  # the bias grid (the whole carrier grid when it is square)
             self.hat_norm1 = nn.LayerNorm(dim)
             self.hat_norm2 = nn.LayerNorm(dim)
-            self.hat_attn = Attention(dim, num_heads, grid, 0, qkv_bias, qk_scale, attn_drop, drop, order=order)
+            self.hat_attn = Attention(dim, num_heads, side, tokens - side * side, qkv_bias, qk_scale, attn_drop, drop,
+                                      order=order)
             self.hat_mlp = Mlp(dim, hidden, act_layer=nn.GELU, drop=drop)
             self.hat_drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-            self.hat_pos_embed = TokenPosEmbed(dim, grid, order)
+            if sr[0] == sr[1]:
+                self.hat_pos_embed = TokenPosEmbed(dim, grid[0], order)
+            self.register_buffer("ct_shuffle", _rewindow_shuffle(sr, ct_size), persistent=False)
             self.gamma1, self.gamma2 = gamma(), gamma()
             if self.propagate:  # nearest-neighbour upsampling of each window's carrier tokens, as a gather
                 src = torch.arange(self.ct_per_window, dtype=torch.float32).view(1, 1, ct_size, ct_size)
@@ -389,14 +437,17 @@ class HATBlock(nn.Module):
         if self.fused and _onednn_ok(x):
             return self._forward_fused(x, ct)
         x = self.pos_embed(x)
-        if self.sr_ratio > 1:
+        if self.hat:
             if ct is None:
                 raise ValueError("a HAT block with several windows needs carrier tokens")
-            ct = self.hat_pos_embed(ct)
+            if self.hat_pos_embed is not None:
+                ct = self.hat_pos_embed(ct)
             a = self.hat_attn(self.hat_norm1(ct))
             ct = ct + self.hat_drop_path(a if self.gamma1 is None or self.fused else self.gamma1 * a)
             m = self.hat_mlp(self.hat_norm2(ct))
             ct = ct + self.hat_drop_path(m if self.gamma2 is None else self.gamma2 * m)
+            if self.ct_shuffle is not None:
+                ct = ct.index_select(1, self.ct_shuffle)
             x = torch.cat((ct.reshape(x.shape[0], self.ct_per_window, -1), x), dim=1)
         a = self.attn(self.norm1(x))
         x = x + self.drop_path(a if self.gamma3 is None else self.gamma3 * a)
@@ -406,7 +457,7 @@ class HATBlock(nn.Module):
 
     def _split_carriers(self, x: Tensor, ct: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Split the carrier tokens off the window tokens again; with propagation, add them back to their windows."""
-        if self.sr_ratio > 1:
+        if self.hat:
             ctr, x = x.split([self.ct_per_window, self.window * self.window], dim=1)
             ct = ctr.reshape(ct.shape)
             if self.propagate:
@@ -417,10 +468,13 @@ class HATBlock(nn.Module):
     def _forward_fused(self, x: Tensor, ct: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Inference after :meth:`reparameterize`: layer scales folded, GEMM epilogues fuse bias, GELU, residual."""
         x = self.pos_embed(x)
-        if self.sr_ratio > 1:
-            ct = self.hat_pos_embed(ct)
+        if self.hat:
+            if self.hat_pos_embed is not None:
+                ct = self.hat_pos_embed(ct)
             ct = _linear(self.hat_attn.attend(self.hat_norm1(ct), fast=True), self.hat_attn.proj, residual=ct)
             ct = _linear(_linear(self.hat_norm2(ct), self.hat_mlp.fc1, "gelu"), self.hat_mlp.fc2, residual=ct)
+            if self.ct_shuffle is not None:
+                ct = ct.index_select(1, self.ct_shuffle)
             x = torch.cat((ct.reshape(x.shape[0], self.ct_per_window, -1), x), dim=1)
         x = _linear(self.attn.attend(self.norm1(x), fast=True), self.attn.proj, residual=x)
         x = _linear(_linear(self.norm2(x), self.mlp.fc1, "gelu"), self.mlp.fc2, residual=x)
@@ -434,7 +488,7 @@ class HATBlock(nn.Module):
             _fold_scale(self.attn.proj, self.gamma3)
             _fold_scale(self.mlp.fc2, self.gamma4)
             self.gamma3 = self.gamma4 = None
-        if self.sr_ratio > 1 and self.gamma1 is not None:
+        if self.hat and self.gamma1 is not None:
             _fold_scale(self.hat_attn.proj, self.gamma1)
             _fold_scale(self.hat_mlp.fc2, self.gamma2)
             self.gamma2 = None
@@ -442,12 +496,20 @@ class HATBlock(nn.Module):
 
 
 class FasterViTStage(nn.Module):
-    """One stage: optional downsampling, then conv blocks or (HAT) transformer blocks over windows."""
+    """One stage: optional downsampling, then conv blocks or (HAT) transformer blocks over windows.
 
-    def __init__(self, dim: int, depth: int, resolution: int, num_heads: int, window: int, ct_size: int,
-                 conv: bool, in_dim: int | None, mlp_ratio: float, qkv_bias: bool, qk_scale: float | None,
-                 drop: float, attn_drop: float, drop_path: Sequence[float], layer_scale: float | None,
-                 layer_scale_conv: float | None, only_local: bool, do_propagation: bool) -> None:
+    ``resolution`` is the stage map, an int or ``(H, W)``. A transformer stage whose map is not a whole number of
+    windows zero-pads it at the bottom/right (carrier tokens are pooled from the padded map, padded tokens take part
+    in attention, as in the reference's any-resolution model) and crops the output back. ``unused_carrier``: keep
+    the carrier-token conv of a single-window HAT stage although no block reads it (the reference's any-resolution
+    parameter layout).
+    """
+
+    def __init__(self, dim: int, depth: int, resolution: int | tuple[int, int], num_heads: int, window: int,
+                 ct_size: int, conv: bool, in_dim: int | None, mlp_ratio: float, qkv_bias: bool,
+                 qk_scale: float | None, drop: float, attn_drop: float, drop_path: Sequence[float],
+                 layer_scale: float | None, layer_scale_conv: float | None, only_local: bool, do_propagation: bool,
+                 unused_carrier: bool = False) -> None:
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if in_dim is not None else nn.Identity()
         self.conv = conv
@@ -456,29 +518,49 @@ class FasterViTStage(nn.Module):
             self.blocks = nn.Sequential(*[ConvBlock(dim, drop_path[i], layer_scale_conv) for i in range(depth)])
             self.carrier = None
             return
-        sr_ratio = resolution // window if not only_local else 1
+        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+        padded = (_cdiv(h, window) * window, _cdiv(w, window) * window)
+        sr = (1, 1) if only_local else (padded[0] // window, padded[1] // window)
         self.blocks = nn.Sequential(*[
-            HATBlock(dim, num_heads, window, sr_ratio, ct_size, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
+            HATBlock(dim, num_heads, window, sr, ct_size, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
                      drop_path[i], layer_scale, last=i == depth - 1, do_propagation=do_propagation)
             for i in range(depth)
         ])
-        self.carrier = CarrierInit(dim, resolution, window, ct_size) if depth and sr_ratio > 1 else None
+        hat = sr[0] > 1 or sr[1] > 1
+        self.carrier = (CarrierInit(dim, padded, window, ct_size)
+                        if depth and not only_local and (hat or unused_carrier) else None)
+        self.use_carrier = self.carrier is not None and hat
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         if self.conv:
             return self.blocks(x)
-        ct = self.carrier(x) if self.carrier is not None else None
         B, C, H, W = x.shape
         ws = self.window
-        x = x.permute(0, 2, 3, 1).reshape(B, H // ws, ws, W // ws, ws, C).transpose(2, 3).reshape(-1, ws * ws, C)
+        pad_b, pad_r = -H % ws, -W % ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        ct = self.carrier(x) if self.use_carrier else None
+        x = x.permute(0, 2, 3, 1).reshape(B, Hp // ws, ws, Wp // ws, ws, C).transpose(2, 3).reshape(-1, ws * ws, C)
         for blk in self.blocks:
             x, ct = blk(x, ct)
-        x = x.view(B, H // ws, W // ws, ws, ws, C).transpose(2, 3).reshape(B, H, W, C)
+        x = x.view(B, Hp // ws, Wp // ws, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
         return x.permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------- model
+def _size_pair(size: Any) -> tuple[int, int]:
+    """``(H, W)`` of an image size given as an int or a pair of positive ints."""
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else ()
+    if len(pair) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in pair):
+        raise ConfigError(f"FasterViT image size must be a positive int or an (H, W) pair of positive ints, got "
+                          f"{size!r}")
+    return pair[0], pair[1]
+
+
 class FasterViT(nn.Module):
     """FasterViT image classifier / backbone (constructor arguments as in the reference implementation).
 
@@ -486,11 +568,13 @@ class FasterViT(nn.Module):
         dim: Channels of stage 1 (doubling every stage).
         in_dim: Channels of the first stem conv.
         depths: Blocks per stage (4 stages).
-        window_size: Window side per stage (stages 3-4 use it; it must divide the stage resolution).
+        window_size: Window side per stage (stages 3-4 use it; it must divide the stage resolution unless
+            ``any_res``).
         ct_size: Carrier tokens per window side.
         mlp_ratio: MLP hidden ratio.
         num_heads: Attention heads per stage.
-        resolution: Input image side (the model is built for one resolution). ``img_size`` is an alias.
+        resolution: Input image size, an int or ``(H, W)`` (the model is built for one resolution). ``img_size``
+            is an alias.
         drop_path_rate: Stochastic depth, linearly increasing over blocks.
         in_chans: Input channels.
         num_classes: Classes (0: no classifier).
@@ -504,43 +588,116 @@ class FasterViT(nn.Module):
         hat: Per stage, whether hierarchical attention (carrier tokens) is used.
         do_propagation: Propagate carrier tokens into the windows after each HAT stage.
         global_pool: Classifier pooling.
+        any_res: The reference's any-resolution model: the input may be rectangular and need not be a multiple of
+            32 or of the windows; each transformer stage zero-pads its map to whole windows and crops back, the
+            window grid (and carrier-token grid) may be non-square, and a HAT stage with a single window keeps its
+            (unused) carrier-token conv, so that model's checkpoints load. Off: the square 224-style layout of the
+            reference's fixed-resolution variants (sizes multiples of 32, windows dividing the stage maps).
     """
 
     def __init__(self, dim: int = 64, in_dim: int = 64, depths: Sequence[int] = (2, 3, 6, 5),
                  window_size: Sequence[int] = (7, 7, 7, 7), ct_size: int = 2, mlp_ratio: float = 4.0,
-                 num_heads: Sequence[int] = (2, 4, 8, 16), resolution: int = 224, drop_path_rate: float = 0.2,
+                 num_heads: Sequence[int] = (2, 4, 8, 16), resolution: int | Sequence[int] = 224,
+                 drop_path_rate: float = 0.2,
                  in_chans: int = 3, num_classes: int = 1000, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, layer_scale: float | None = None,
                  layer_scale_conv: float | None = None, layer_norm_last: bool = False,
                  hat: Sequence[bool] | None = (False, False, True, False), do_propagation: bool = False,
-                 global_pool: str = "avg", img_size: int | Sequence[int] | None = None) -> None:
+                 global_pool: str = "avg", img_size: int | Sequence[int] | None = None,
+                 any_res: bool = False) -> None:
         super().__init__()
-        if img_size is not None:
-            sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-            if len(sizes) != 2 or sizes[0] != sizes[1]:
-                raise ConfigError(f"FasterViT needs a square input; got img_size={img_size}")
-            resolution = int(sizes[0])
+        size = _size_pair(img_size if img_size is not None else resolution)
         depths, window_size, num_heads = list(depths), list(window_size), list(num_heads)
         hat = [True] * len(depths) if hat is None else list(hat)
-        self._check_config(dim, depths, window_size, num_heads, hat, resolution, ct_size, in_chans)
+        if any_res:
+            self._check_any_res(dim, depths, window_size, num_heads, hat, size, ct_size, in_chans)
+            maps, hw = [], size
+            for i in range(len(depths)):  # stride-2 3x3 convs with padding 1: ceil(n / 2) each
+                hw = tuple(_cdiv(n, 4 if i == 0 else 2) for n in hw)
+                maps.append(hw)
+        else:
+            if size[0] != size[1]:
+                raise ConfigError(f"FasterViT needs a square input; got img_size={img_size or resolution}; use an "
+                                  f"*_any_res variant (any_res=True) for rectangular inputs")
+            self._check_config(dim, depths, window_size, num_heads, hat, size[0], ct_size, in_chans)
+            maps = [size[0] // 2 ** (2 + i) for i in range(len(depths))]
+        self.any_res = any_res
+        self.img_size = size
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = int(dim * 2 ** (len(depths) - 1))
-        self.stem = Stem(in_chans, in_dim, dim, resolution)
+        self.stem = Stem(in_chans, in_dim, dim, size)
         dpr = [float(x) for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         stages, self.feature_info = [], []
         for i, depth in enumerate(depths):
             d = int(dim * 2**i)
             stages.append(FasterViTStage(
-                d, depth, resolution // 2 ** (2 + i), num_heads[i], window_size[i], ct_size, conv=i < 2,
+                d, depth, maps[i], num_heads[i], window_size[i], ct_size, conv=i < 2,
                 in_dim=d // 2 if i > 0 else None, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                 drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[: i + 1])],
                 layer_scale=layer_scale, layer_scale_conv=layer_scale_conv, only_local=not hat[i],
-                do_propagation=do_propagation))
+                do_propagation=do_propagation, unused_carrier=any_res))
             self.feature_info.append(dict(num_chs=d, reduction=2 ** (2 + i), module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.norm = LayerNorm2d(self.num_features) if layer_norm_last else nn.BatchNorm2d(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=0.0)
         self.apply(self._init_weights)
+
+    @staticmethod
+    def _check_common(dim: int, depths: list[int], window_size: list[int], num_heads: list[int], hat: list[bool],
+                      ct_size: int, in_chans: int) -> None:
+        n = len(depths)
+        if n != 4 or len(window_size) != 4 or len(num_heads) != 4 or len(hat) != 4:
+            raise ConfigError(f"FasterViT has 4 stages: depths, window_size, num_heads and hat need 4 entries each, "
+                              f"got {depths}, {window_size}, {num_heads}, {hat}")
+        if in_chans < 1 or dim < 1 or ct_size < 1:
+            raise ConfigError(f"in_chans, dim and ct_size must be positive, got {in_chans}, {dim}, {ct_size}")
+        for i in (2, 3):
+            d = dim * 2**i
+            if d % num_heads[i]:
+                raise ConfigError(f"stage {i + 1}: {d} channels are not divisible by {num_heads[i]} heads")
+            if depths[i] and window_size[i] < 2:
+                raise ConfigError(f"stage {i + 1}: window size {window_size[i]} must be >= 2")
+
+    @staticmethod
+    def _check_any_res(dim: int, depths: list[int], window_size: list[int], num_heads: list[int], hat: list[bool],
+                       size: tuple[int, int], ct_size: int, in_chans: int) -> None:
+        """Checks of the any-resolution layout.
+
+        The reference plans a stage from ``floor(input / stride)`` while its map is ``ceil(input / stride)``; a HAT
+        stage runs only where both, padded to whole windows, give the same window grid.
+        """
+        FasterViT._check_common(dim, depths, window_size, num_heads, hat, ct_size, in_chans)
+        hat_stages = [i for i in (2, 3) if hat[i] and depths[i]]
+
+        def grid(n: int, i: int) -> tuple[int, int]:
+            """(planned, actual) windows along one axis of stage ``i``."""
+            stride, ws = 2 ** (2 + i), window_size[i]
+            return _cdiv(n // stride, ws), _cdiv(_cdiv(n, stride), ws)
+
+        def fits(n: int) -> bool:
+            return all(len(set(grid(n, i))) == 1 for i in hat_stages)
+
+        for i in hat_stages:
+            stride, ws = 2 ** (2 + i), window_size[i]
+            for axis, n in zip(("height", "width"), size, strict=True):
+                planned, actual = grid(n, i)
+                if planned != actual:
+                    near = sorted((m for m in range(max(1, n - 4 * stride), n + 4 * stride + 1) if fits(m)),
+                                  key=lambda m: (abs(m - n), m))[:3]
+                    raise ConfigError(
+                        f"input {axis} {n} does not fit stage {i + 1} (window {ws}): its map is {_cdiv(n, stride)} "
+                        f"({actual} windows) but the reference any-resolution FasterViT plans {n // stride} "
+                        f"({planned} windows) for it and cannot run such an input; choose a {axis} such as "
+                        f"{', '.join(map(str, sorted(near)))}")
+            sr = [_cdiv(n // stride, ws) for n in size]
+            if sr[0] * sr[1] > 1:
+                if ct_size > ws:
+                    raise ConfigError(f"stage {i + 1}: ct_size {ct_size} exceeds the window size {ws}")
+                if ct_size**2 * sr[0] * sr[1] < 4:
+                    raise ConfigError(
+                        f"stage {i + 1}: a {sr[0]}x{sr[1]} window grid with ct_size {ct_size} gives fewer than 4 "
+                        f"carrier tokens, for which the reference's carrier attention bias is undefined (NaN); use "
+                        f"ct_size >= 2, a larger input or hat=False for this stage")
 
     @staticmethod
     def _check_config(dim: int, depths: list[int], window_size: list[int], num_heads: list[int], hat: list[bool],
@@ -740,8 +897,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> FasterViT:
                                 feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
 
 
-def _cfg(size: int = 224, crop_pct: float = 1.0, crop_mode: str = "center", **kwargs: Any) -> dict[str, Any]:
-    return {"num_classes": 1000, "input_size": (3, size, size), "pool_size": None, "crop_pct": crop_pct,
+def _cfg(size: int | tuple[int, int] = 224, crop_pct: float = 1.0, crop_mode: str = "center",
+         **kwargs: Any) -> dict[str, Any]:
+    h, w = (size, size) if isinstance(size, int) else size
+    return {"num_classes": 1000, "input_size": (3, h, w), "pool_size": None, "crop_pct": crop_pct,
             "crop_mode": crop_mode, "interpolation": "bicubic", "fixed_input_size": True,
             "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": "stem.conv1",
             "classifier": "head.fc", "license": "other", **kwargs}
@@ -760,6 +919,19 @@ default_cfgs = generate_default_cfgs({
     "fastervit_4_21k_512.in21k_ft_in1k": _cfg(512, crop_mode="squash"),
     "fastervit_4_21k_768.in21k_ft_in1k": _cfg(768, crop_pct=0.93, crop_mode="squash"),
     "test_fastervit.untrained": _cfg(64, test_input_size=(3, 64, 64)),
+    # any resolution: input sizes are the reference's default resolutions, crops as its configs
+    "fastervit_0_any_res.in1k": _cfg((576, 960), crop_pct=0.875),
+    "fastervit_1_any_res.in1k": _cfg((576, 960)),
+    "fastervit_2_any_res.in1k": _cfg((541, 960)),
+    "fastervit_3_any_res.in1k": _cfg((576, 960)),
+    "fastervit_4_any_res.in1k": _cfg((576, 960)),
+    "fastervit_5_any_res.in1k": _cfg((576, 960)),
+    "fastervit_6_any_res.in1k": _cfg((576, 960)),
+    "fastervit_4_21k_224_any_res.in21k_ft_in1k": _cfg((576, 960), crop_pct=0.95, crop_mode="squash"),
+    "fastervit_4_21k_384_any_res.in21k_ft_in1k": _cfg((576, 960), crop_mode="squash"),
+    "fastervit_4_21k_512_any_res.in21k_ft_in1k": _cfg((576, 960), crop_mode="squash"),
+    "fastervit_4_21k_768_any_res.in21k_ft_in1k": _cfg((576, 960), crop_pct=0.93, crop_mode="squash"),
+    "test_fastervit_any_res.untrained": _cfg((96, 160), test_input_size=(3, 96, 160)),
 })
 
 _SMALL = dict(layer_scale=None, layer_scale_conv=None, do_propagation=False)
@@ -781,11 +953,18 @@ _NO_HAT = (False, False, False, False)
 for _res, _ws in ((224, (7, 7, 14, 7)), (384, (7, 7, 24, 12)), (512, (7, 7, 32, 16)), (768, (7, 7, 48, 24))):
     _ARCHS[f"fastervit_4_21k_{_res}"] = dict(_ARCHS["fastervit_4"], drop_path_rate=0.42, window_size=_ws,
                                              resolution=_res, hat=_NO_HAT)
+for _name in list(_ARCHS):  # the reference's any-resolution variants: same blocks, its default input sizes
+    _ARCHS[f"{_name}_any_res"] = dict(_ARCHS[_name], any_res=True, resolution=(576, 960))
+    if "_21k_" in _name:
+        _ARCHS[f"{_name}_any_res"]["drop_path_rate"] = 0.3
+_ARCHS["fastervit_2_any_res"]["resolution"] = (541, 960)
 
 
 def _variant(name: str, pretrained: bool, kwargs: dict[str, Any]) -> FasterViT:
     args = {"window_size": (7, 7, 7, 7), "ct_size": 2, "mlp_ratio": 4, "resolution": 224,
             "hat": (False, False, True, False), **_ARCHS[name]}
+    if "resolution" in kwargs and "img_size" not in kwargs:  # the reference's keyword for the input size
+        kwargs = {k: v for k, v in kwargs.items() if k != "resolution"} | {"img_size": kwargs["resolution"]}
     if "img_size" in kwargs and "resolution" not in kwargs:
         args.pop("resolution")
     return _create(name, pretrained, **{**args, **kwargs})
@@ -866,3 +1045,86 @@ def test_fastervit(pretrained: bool = False, **kwargs: Any) -> FasterViT:
     if "img_size" in kwargs and "resolution" not in kwargs:
         args.pop("resolution")
     return _create("test_fastervit", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def fastervit_0_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-0 for any input size (padding to whole windows); default input 576x960."""
+    return _variant("fastervit_0_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_1_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-1 for any input size (padding to whole windows); default input 576x960."""
+    return _variant("fastervit_1_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_2_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-2 for any input size (padding to whole windows); default input 541x960."""
+    return _variant("fastervit_2_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_3_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-3 for any input size (padding to whole windows); default input 576x960."""
+    return _variant("fastervit_3_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_4_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4 for any input size (padding to whole windows); default input 576x960."""
+    return _variant("fastervit_4_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_5_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-5 for any input size (padding to whole windows); default input 576x960."""
+    return _variant("fastervit_5_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_6_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-6 for any input size (padding to whole windows); default input 576x960."""
+    return _variant("fastervit_6_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_4_21k_224_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4, ImageNet-21k recipe (windows 14/7), for any input size; default input 576x960."""
+    return _variant("fastervit_4_21k_224_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_4_21k_384_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4, ImageNet-21k recipe (windows 24/12), for any input size; default input 576x960."""
+    return _variant("fastervit_4_21k_384_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_4_21k_512_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4, ImageNet-21k recipe (windows 32/16), for any input size; default input 576x960."""
+    return _variant("fastervit_4_21k_512_any_res", pretrained, kwargs)
+
+
+@register_model
+def fastervit_4_21k_768_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """FasterViT-4, ImageNet-21k recipe (windows 48/24), for any input size; default input 576x960."""
+    return _variant("fastervit_4_21k_768_any_res", pretrained, kwargs)
+
+
+@register_model
+def test_fastervit_any_res(pretrained: bool = False, **kwargs: Any) -> FasterViT:
+    """Tiny any-resolution FasterViT for tests (96x160 input).
+
+    Stage 3 (6x10 map, window 4) pads to a 2x3 window grid with a non-square 4x6 carrier grid (HAT, propagation);
+    stage 4 (3x5 map, window 2) pads to 2x3 windows.
+    """
+    args = dict(dim=16, in_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=(4, 4, 4, 2), ct_size=2,
+                resolution=(96, 160), hat=(False, False, True, False), layer_scale=0.5, layer_scale_conv=0.5,
+                do_propagation=True, drop_path_rate=0.0, any_res=True)
+    if "resolution" in kwargs and "img_size" not in kwargs:
+        kwargs = {k: v for k, v in kwargs.items() if k != "resolution"} | {"img_size": kwargs["resolution"]}
+    if "img_size" in kwargs:
+        args.pop("resolution")
+    return _create("test_fastervit_any_res", pretrained, **{**args, **kwargs})
