@@ -143,7 +143,7 @@ def test_variant_sizes_match_reference(ours_name, ref_name):
         x = torch.empty(1, *ours.pretrained_cfg["input_size"])
     assert ours.img_size == tuple(ours.pretrained_cfg["input_size"][1:])
     assert count_params(ours) == count_params(theirs)
-    assert set(checkpoint_filter_fn(theirs.state_dict(), ours)) == set(ours.state_dict())
+    assert set(checkpoint_filter_fn(theirs.state_dict())) == set(ours.state_dict())
     assert count_flops(ours, x) == count_flops(theirs, x)
 
 
@@ -156,6 +156,30 @@ def test_variant_outputs_match_reference_at_default_size(ours_name):
     ours = timm.create_model(ours_name).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
     _assert_parity(theirs, ours, torch.randn(1, *ours.pretrained_cfg["input_size"]))
+
+
+def test_fixed_resolution_checkpoint_loads_into_any_res(tmp_path):
+    """The reference initialises its any-res models from its 224 checkpoints (non-strict: no carrier position
+    embedding on a non-square grid); ours loads such a file strictly through timm and matches it."""
+    from safetensors.torch import save_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastervit.models.faster_vit import FasterViT as FixedRef
+    cfg, res = TINY["hat2_160x256"]
+    torch.manual_seed(0)
+    fixed = _randomized(FixedRef(**cfg, resolution=256, drop_path_rate=0.0)).eval()  # HAT in both stages
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in fixed.state_dict().items()}, str(path))
+    theirs = ref.FasterViT(**cfg, resolution=res, drop_path_rate=0.0).eval()
+    assert "levels.2.blocks.0.hat_pos_embed.cpb_mlp.0.weight" not in theirs.state_dict()
+    ref._load_state_dict(theirs, fixed.state_dict(), strict=False, logger=mock.Mock())  # the reference's loader
+    ours = timm.create_model("test_fastervit_any_res", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                             img_size=tuple(res), **{k: v for k, v in cfg.items() if k != "hat"},
+                             hat=tuple(cfg["hat"])).eval()
+    x = torch.randn(1, 3, *res)
+    with torch.no_grad():
+        assert _rel(theirs(x), ours(x)) <= 1e-5
 
 
 def test_square_sizes_keep_the_fixed_resolution_layout():

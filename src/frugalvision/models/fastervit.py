@@ -111,9 +111,12 @@ def _rewindow_shuffle(sr: tuple[int, int], ct_size: int) -> Tensor | None:
     if s0 == s1:
         return None
     c = ct_size
-    back = torch.arange(s0 * s1 * c * c).view(s1, c, s0, c).permute(0, 2, 1, 3).reshape(-1)  # raster index
-    shuffle = torch.argsort(_window_order((s0 * c, s1 * c), c))[back]
-    return None if torch.equal(shuffle, torch.arange(len(shuffle))) else shuffle  # (ct_size 1: in place)
+    with torch.device("cpu"):  # (index arithmetic, also when the model is built on another device)
+        back = torch.arange(s0 * s1 * c * c).view(s1, c, s0, c).permute(0, 2, 1, 3).reshape(-1)  # raster index
+        shuffle = torch.argsort(_window_order((s0 * c, s1 * c), c))[back]
+        if torch.equal(shuffle, torch.arange(len(shuffle))):  # (ct_size 1: everything stays in place)
+            return None
+    return shuffle.to(torch.empty(0).device)
 
 
 class TokenPosEmbed(nn.Module):
@@ -832,7 +835,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None 
     """Map a reference-implementation FasterViT state dict (or a wrapped checkpoint) to this module's names.
 
     Derived buffers (coordinate tables, cached biases) are dropped: they are recomputed here. State dicts that
-    already use this module's names pass through unchanged.
+    already use this module's names pass through unchanged. Given the ``model``, carrier-token position embeddings
+    it does not have are dropped too: an any-resolution model with a non-square carrier grid has none, and the
+    reference's any-resolution variants are initialised from its 224 checkpoints, which do.
 
     Example:
         >>> sd = {"levels.0.downsample.reduction.0.weight": torch.zeros(1), "head.weight": torch.zeros(1)}
@@ -843,8 +848,15 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None 
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
-    if "stem.conv1.weight" in state_dict:
-        return dict(state_dict)
+    out = dict(state_dict) if "stem.conv1.weight" in state_dict else _rename(state_dict)
+    if model is not None:
+        own = model.state_dict()
+        out = {k: v for k, v in out.items() if k in own or ".hat_pos_embed." not in k}
+    return out
+
+
+def _rename(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Reference names to ours (derived buffers dropped)."""
     out: dict[str, Tensor] = {}
     for k, v in state_dict.items():
         k = k.removeprefix("module.")
