@@ -19,6 +19,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     ref = pytest.importorskip("fastervit.models.faster_vit_any_res")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: a second thread only adds overhead
+
 _HAT2 = dict(dim=16, in_dim=8, depths=[1, 1, 2, 2], num_heads=[1, 2, 2, 4], window_size=[8, 8, 4, 4], ct_size=2,
              mlp_ratio=4, hat=[False, False, True, True], layer_scale=0.5, layer_scale_conv=0.5, do_propagation=True)
 TINY = {
