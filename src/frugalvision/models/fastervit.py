@@ -12,10 +12,16 @@ token position embeddings, layer scale, carrier-token pooling and propagation), 
 weights and caches the position terms; attention runs through ``scaled_dot_product_attention``; carrier tokens stay
 in window order between blocks (the position terms are permuted once instead of the tokens every block).
 
+The ``*_any_res`` variants (``any_res=True``) follow the reference's any-resolution model: rectangular inputs of any
+size it can run, each transformer stage zero-padded to whole windows and cropped back, non-square window and
+carrier-token grids with that model's numerics.
+
 Example:
     >>> import timm, torch, frugalvision
     >>> m = timm.create_model("test_fastervit").eval()
     >>> m(torch.randn(1, 3, 64, 64)).shape
+    torch.Size([1, 1000])
+    >>> timm.create_model("test_fastervit_any_res", img_size=(80, 136)).eval()(torch.randn(1, 3, 80, 136)).shape
     torch.Size([1, 1000])
 """
 
