@@ -21,7 +21,7 @@ Example:
     >>> m = timm.create_model("test_fastervit").eval()
     >>> m(torch.randn(1, 3, 64, 64)).shape
     torch.Size([1, 1000])
-    >>> timm.create_model("test_fastervit_any_res", img_size=(80, 136)).eval()(torch.randn(1, 3, 80, 136)).shape
+    >>> timm.create_model("test_fastervit_any_res", img_size=(80, 144)).eval()(torch.randn(1, 3, 80, 144)).shape
     torch.Size([1, 1000])
 """
 
