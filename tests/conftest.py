@@ -44,3 +44,19 @@ def randomize_bn_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
                     m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def perturb_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter (layer-scale ``gamma``s drawn in [0.3, 1)) and give BNs non-trivial statistics.
+
+    For parity tests against reference implementations: default initialisations (zero biases, unit scales, tiny
+    layer scales) would hide mistakes in the terms they multiply.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return randomize_bn_stats(model, seed)

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import frugalvision  # noqa: F401  (registers our models)
-from conftest import randomize_bn_stats
+from conftest import perturb_parameters, randomize_bn_stats
 from frugalvision.bench import count_flops, count_params
 from frugalvision.models.fastervit import FasterViT, checkpoint_filter_fn, load_official_checkpoint
 
@@ -33,21 +33,9 @@ TINY = {
 }
 
 
-def _randomized_reference(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter (position MLPs, layer scales included) and give BNs non-trivial statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gamma" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return randomize_bn_stats(model, seed)
-
-
 def _pair(cfg: dict) -> tuple[torch.nn.Module, FasterViT]:
     torch.manual_seed(0)
-    theirs = _randomized_reference(ref.FasterViT(**cfg, drop_path_rate=0.0)).eval()
+    theirs = perturb_parameters(ref.FasterViT(**cfg, drop_path_rate=0.0)).eval()
     ours = FasterViT(**cfg, drop_path_rate=0.0).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
     return theirs, ours
@@ -139,7 +127,7 @@ def test_variant_sizes_match_reference(ours_name, ref_name):
                                                                       "fastervit_4_21k_224")])
 def test_variant_outputs_match_reference(ours_name, ref_name):
     torch.manual_seed(0)
-    theirs = _randomized_reference(getattr(ref, ref_name)()).eval()
+    theirs = perturb_parameters(getattr(ref, ref_name)()).eval()
     ours = timm.create_model(ours_name).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
     x = torch.randn(1, *ours.pretrained_cfg["input_size"])
@@ -167,7 +155,7 @@ def test_pretrained_file_through_timm(tmp_path):
     cfg = {**TINY["hat_plain"], "resolution": 64, "window_size": [4, 4, 2, 2], "layer_scale": False,
            "layer_scale_conv": False, "do_propagation": False}  # (create_model drops None-valued kwargs)
     torch.manual_seed(0)
-    theirs = _randomized_reference(ref.FasterViT(**cfg, drop_path_rate=0.0)).eval()
+    theirs = perturb_parameters(ref.FasterViT(**cfg, drop_path_rate=0.0)).eval()
     path = tmp_path / "w.safetensors"
     save_file({k: v.clone().contiguous() for k, v in theirs.state_dict().items()}, str(path))
     ours = timm.create_model("test_fastervit", pretrained=True, pretrained_cfg_overlay={"file": str(path)},

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import frugalvision  # noqa: F401  (registers our models)
-from conftest import randomize_bn_stats
+from conftest import perturb_parameters, randomize_bn_stats
 from frugalvision.bench import count_flops, count_params
 from frugalvision.models.fastervit import FasterViT, checkpoint_filter_fn
 
@@ -43,21 +43,9 @@ TINY = {
 }
 
 
-def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter (position MLPs, layer scales included) and give BNs non-trivial statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gamma" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return randomize_bn_stats(model, seed)
-
-
 def _pair(cfg: dict, res: list[int]) -> tuple[torch.nn.Module, FasterViT]:
     torch.manual_seed(0)
-    theirs = _randomized(ref.FasterViT(**cfg, resolution=res, drop_path_rate=0.0)).eval()
+    theirs = perturb_parameters(ref.FasterViT(**cfg, resolution=res, drop_path_rate=0.0)).eval()
     ours = FasterViT(**cfg, img_size=tuple(res), drop_path_rate=0.0, any_res=True).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
     return theirs, ours
@@ -115,7 +103,7 @@ def test_gradients_match_reference():
 def test_fastervit_0_any_res_matches_reference():
     """The full FasterViT-0 any-res at 160x256 (stage 3: 10x16 padded to 14x21, 2x3 windows, 4x6 carriers)."""
     torch.manual_seed(0)
-    theirs = _randomized(ref.faster_vit_0_any_res(resolution=[160, 256])).eval()
+    theirs = perturb_parameters(ref.faster_vit_0_any_res(resolution=[160, 256])).eval()
     ours = timm.create_model("fastervit_0_any_res", img_size=(160, 256)).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
     assert ours.stages[2].blocks[0].ct_shuffle is not None
@@ -154,7 +142,7 @@ def test_variant_sizes_match_reference(ours_name, ref_name):
 def test_variant_outputs_match_reference_at_default_size(ours_name):
     """576x960 (541x960 for FasterViT-2: not a multiple of 32), generic and fused."""
     torch.manual_seed(0)
-    theirs = _randomized(getattr(ref, ALL[ours_name])()).eval()
+    theirs = perturb_parameters(getattr(ref, ALL[ours_name])()).eval()
     ours = timm.create_model(ours_name).eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
     _assert_parity(theirs, ours, torch.randn(1, *ours.pretrained_cfg["input_size"]))
@@ -170,7 +158,7 @@ def test_fixed_resolution_checkpoint_loads_into_any_res(tmp_path):
         from fastervit.models.faster_vit import FasterViT as FixedRef
     cfg, res = TINY["hat2_160x256"]
     torch.manual_seed(0)
-    fixed = _randomized(FixedRef(**cfg, resolution=256, drop_path_rate=0.0)).eval()  # HAT in both stages
+    fixed = perturb_parameters(FixedRef(**cfg, resolution=256, drop_path_rate=0.0)).eval()  # HAT in both stages
     path = tmp_path / "w.safetensors"
     save_file({k: v.clone().contiguous() for k, v in fixed.state_dict().items()}, str(path))
     theirs = ref.FasterViT(**cfg, resolution=res, drop_path_rate=0.0).eval()

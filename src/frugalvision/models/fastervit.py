@@ -711,23 +711,17 @@ class FasterViT(nn.Module):
     @staticmethod
     def _check_config(dim: int, depths: list[int], window_size: list[int], num_heads: list[int], hat: list[bool],
                       resolution: int, ct_size: int, in_chans: int) -> None:
-        n = len(depths)
-        if n != 4 or len(window_size) != 4 or len(num_heads) != 4 or len(hat) != 4:
-            raise ConfigError(f"FasterViT has 4 stages: depths, window_size, num_heads and hat need 4 entries each, "
-                              f"got {depths}, {window_size}, {num_heads}, {hat}")
-        if in_chans < 1 or dim < 1 or ct_size < 1:
-            raise ConfigError(f"in_chans, dim and ct_size must be positive, got {in_chans}, {dim}, {ct_size}")
+        """Checks of the fixed (square) layout: windows must tile every transformer stage exactly."""
+        FasterViT._check_common(dim, depths, window_size, num_heads, hat, ct_size, in_chans)
         if resolution % 32:
             raise ConfigError(f"FasterViT needs an input size divisible by 32 (overall stride), got {resolution}")
         for i in (2, 3):
-            r, ws, d = resolution // 2 ** (2 + i), window_size[i], dim * 2**i
-            if d % num_heads[i]:
-                raise ConfigError(f"stage {i + 1}: {d} channels are not divisible by {num_heads[i]} heads")
+            r, ws = resolution // 2 ** (2 + i), window_size[i]
             if depths[i] == 0:
                 continue
-            if ws < 2 or r % ws:
+            if r % ws:
                 raise ConfigError(
-                    f"stage {i + 1}: window size {ws} must be >= 2 and divide the stage resolution {r} "
+                    f"stage {i + 1}: window size {ws} must divide the stage resolution {r} "
                     f"(input {resolution} / {2 ** (2 + i)}); choose window_size[{i}] among "
                     f"{[w for w in range(2, r + 1) if r % w == 0]} or another input size")
             if hat[i] and r // ws > 1 and ct_size > ws:
