@@ -11,6 +11,7 @@ import torch
 
 import frugalvision  # noqa: F401  (registers our models)
 from conftest import perturb_parameters, randomize_bn_stats
+from fastervit_parity import assert_gradients_match, rel
 from frugalvision.bench import count_flops, count_params
 from frugalvision.models.fastervit import FasterViT, checkpoint_filter_fn, load_official_checkpoint
 
@@ -41,10 +42,6 @@ def _pair(cfg: dict) -> tuple[torch.nn.Module, FasterViT]:
     return theirs, ours
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
-
-
 @pytest.mark.parametrize("cfg", TINY.values(), ids=TINY.keys())
 def test_parity_with_reference(cfg):
     from timm.utils import reparameterize_model
@@ -53,26 +50,17 @@ def test_parity_with_reference(cfg):
     x = torch.randn(2, 3, cfg["resolution"], cfg["resolution"])
     with torch.no_grad():
         f_ref, y_ref = theirs.forward_features(x), theirs(x)
-        assert _rel(f_ref, ours.forward_features(x)) <= 1e-5
-        assert _rel(y_ref, ours(x)) <= 1e-5
+        assert rel(f_ref, ours.forward_features(x)) <= 1e-5
+        assert rel(y_ref, ours(x)) <= 1e-5
         fused = reparameterize_model(ours)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.stages.modules())
-        assert _rel(f_ref, fused.forward_features(x)) <= 1e-5
-        assert _rel(y_ref, fused(x)) <= 1e-5
+        assert rel(f_ref, fused.forward_features(x)) <= 1e-5
+        assert rel(y_ref, fused(x)) <= 1e-5
 
 
 def test_gradients_match_reference():
     theirs, ours = _pair(TINY["hat_ls_prop"])
-    theirs.train(), ours.train()
-    x = torch.randn(2, 3, 128, 128)
-    theirs(x).square().mean().backward()
-    ours(x).square().mean().backward()
-    mapped = checkpoint_filter_fn({k: p.grad for k, p in theirs.named_parameters() if p.grad is not None}, ours)
-    grads = dict(ours.named_parameters())
-    assert mapped.keys() == {k for k, p in grads.items() if p.grad is not None}
-    scale = max(float(g.abs().max()) for g in mapped.values())
-    for k, g in mapped.items():  # (biases in front of training-mode BN get ~0 gradients: compare on one scale)
-        assert torch.allclose(grads[k].grad, g, rtol=1e-4, atol=1e-5 * scale), k
+    assert_gradients_match(theirs, ours, torch.randn(2, 3, 128, 128))
 
 
 def test_fastervit_0_matches_reference_outputs():
@@ -82,7 +70,7 @@ def test_fastervit_0_matches_reference_outputs():
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        assert _rel(theirs.forward_features(x), ours.forward_features(x)) <= 1e-5
+        assert rel(theirs.forward_features(x), ours.forward_features(x)) <= 1e-5
 
 
 def test_fastervit_0_params_and_flops():
@@ -132,7 +120,7 @@ def test_variant_outputs_match_reference(ours_name, ref_name):
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours))
     x = torch.randn(1, *ours.pretrained_cfg["input_size"])
     with torch.no_grad():
-        assert _rel(theirs(x), ours(x)) <= 1e-5
+        assert rel(theirs(x), ours(x)) <= 1e-5
 
 
 def test_load_official_checkpoint_file(tmp_path):
@@ -143,7 +131,7 @@ def test_load_official_checkpoint_file(tmp_path):
     ours = load_official_checkpoint(FasterViT(**TINY["hat_ls_prop"]).eval(), path)
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
-        assert _rel(theirs(x), ours(x)) <= 1e-5
+        assert rel(theirs(x), ours(x)) <= 1e-5
     with pytest.raises(ValueError, match="does not match"):
         load_official_checkpoint(FasterViT(**TINY["hat_plain"]), path)
 
@@ -162,7 +150,7 @@ def test_pretrained_file_through_timm(tmp_path):
                              **{k: v for k, v in cfg.items() if k != "resolution"}).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert _rel(theirs(x), ours(x)) <= 1e-5
+        assert rel(theirs(x), ours(x)) <= 1e-5
 
 
 def test_features_for_dense_heads():

@@ -12,6 +12,7 @@ import torch
 
 import frugalvision  # noqa: F401  (registers our models)
 from conftest import perturb_parameters, randomize_bn_stats
+from fastervit_parity import assert_gradients_match, rel
 from frugalvision.bench import count_flops, count_params
 from frugalvision.models.fastervit import FasterViT, checkpoint_filter_fn
 
@@ -51,21 +52,17 @@ def _pair(cfg: dict, res: list[int]) -> tuple[torch.nn.Module, FasterViT]:
     return theirs, ours
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
-
-
 def _assert_parity(theirs: torch.nn.Module, ours: FasterViT, x: torch.Tensor) -> None:
     from timm.utils import reparameterize_model
 
     with torch.no_grad():
         f_ref, y_ref = theirs.forward_features(x), theirs(x)
-        assert _rel(f_ref, ours.forward_features(x)) <= 1e-5
-        assert _rel(y_ref, ours(x)) <= 1e-5
+        assert rel(f_ref, ours.forward_features(x)) <= 1e-5
+        assert rel(y_ref, ours(x)) <= 1e-5
         fused = reparameterize_model(copy.deepcopy(ours))
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.stages.modules())
-        assert _rel(f_ref, fused.forward_features(x)) <= 1e-5
-        assert _rel(y_ref, fused(x)) <= 1e-5
+        assert rel(f_ref, fused.forward_features(x)) <= 1e-5
+        assert rel(y_ref, fused(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("cfg,res", TINY.values(), ids=TINY.keys())
@@ -83,21 +80,12 @@ def test_parity_tests_see_the_carrier_reordering():
             m.ct_shuffle = None
     x = torch.randn(1, 3, 160, 256)
     with torch.no_grad():
-        assert _rel(theirs(x), ours(x)) > 1e-3
+        assert rel(theirs(x), ours(x)) > 1e-3
 
 
 def test_gradients_match_reference():
     theirs, ours = _pair(*TINY["hat2_160x256"])
-    theirs.train(), ours.train()
-    x = torch.randn(2, 3, 160, 256)
-    theirs(x).square().mean().backward()
-    ours(x).square().mean().backward()
-    mapped = checkpoint_filter_fn({k: p.grad for k, p in theirs.named_parameters() if p.grad is not None}, ours)
-    grads = dict(ours.named_parameters())
-    assert mapped.keys() == {k for k, p in grads.items() if p.grad is not None}
-    scale = max(float(g.abs().max()) for g in mapped.values())
-    for k, g in mapped.items():
-        assert torch.allclose(grads[k].grad, g, rtol=1e-4, atol=1e-5 * scale), k
+    assert_gradients_match(theirs, ours, torch.randn(2, 3, 160, 256))
 
 
 def test_fastervit_0_any_res_matches_reference():
@@ -169,7 +157,7 @@ def test_fixed_resolution_checkpoint_loads_into_any_res(tmp_path):
                              hat=tuple(cfg["hat"])).eval()
     x = torch.randn(1, 3, *res)
     with torch.no_grad():
-        assert _rel(theirs(x), ours(x)) <= 1e-5
+        assert rel(theirs(x), ours(x)) <= 1e-5
 
 
 def test_square_sizes_keep_the_fixed_resolution_layout():
