@@ -99,15 +99,6 @@ def test_modulate_argument_errors():
         find_attention_blocks(model)
 
 
-@pytest.fixture
-def one_thread():
-    """Timing on a shared machine: one thread avoids waiting on descheduled worker threads."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_measured_costs_and_side_by_side_report(one_thread):
     model = tiny_vit(depth=2).eval()
     table = measure_block_costs(model, torch.randn(1, 3, 32, 32), kernel_size=3, repeats=3, warmup=1)
