@@ -11,11 +11,14 @@ Same weights (the reference model's random weights with non-trivial BN statistic
 * with ``--batch-parallel N`` (default: the thread count), two more rows split each batch into N chunks run
   concurrently on N single-thread workers: ours in ONNX Runtime (``OrtRunner(batch_parallel=N)``) and, given the
   same treatment, the reference eager model (N Python threads, one torch thread each). These rows are for
-  throughput; their batch-1 latency is one single-thread worker.
+  throughput; their batch-1 latency is one single-thread worker;
+* with ``--openvino`` (needs the ``openvino`` package), the same ONNX file compiled by OpenVINO's CPU plugin
+  (oneDNN kernels, f32 inference precision forced, same threads): a second backend that fuses element-wise work
+  into its GEMM/conv kernels, to check whether the ONNX Runtime row is limited by its kernels or by the FLOPs.
 
 Outputs of every row are checked against the reference on the benchmark input before timing.
 
-    python benchmarks/fastervit_speed.py [--threads 2] [--batch 32] [--out benchmarks/results/fastervit_speed]
+    python benchmarks/fastervit_speed.py [--threads 2] [--batch 32] [--openvino] [--out PATH]
 """
 
 from __future__ import annotations
@@ -71,6 +74,25 @@ class SplitBatch(nn.Module):
             torch.set_num_threads(before)
 
 
+class OpenVinoModule(nn.Module):
+    """An ONNX file compiled by OpenVINO for the CPU (f32 inference precision, ``threads`` threads)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        super().__init__()
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise SystemExit("--openvino needs the openvino package: pip install openvino") from e
+        core = ov.Core()
+        cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        self.request = self.compiled.create_infer_request()
+        self.version = ov.get_version()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.request.infer({0: x.numpy()})[0]))
+
+
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -90,6 +112,7 @@ def main() -> None:
     p.add_argument("--throughput-repeats", type=int, default=5)
     p.add_argument("--batch-parallel", type=int, default=None, help="workers of the batch-split rows "
                    "(default: --threads; 1: no such rows)")
+    p.add_argument("--openvino", action="store_true", help="add a row: the ONNX file run by OpenVINO's CPU plugin")
     p.add_argument("--note", default="", help="line on machine load, added to the table")
     p.add_argument("--out", default="benchmarks/results/fastervit_speed")
     a = p.parse_args()
@@ -117,13 +140,15 @@ def main() -> None:
     n_par = a.threads if a.batch_parallel is None else a.batch_parallel
     extra: dict[str, nn.Module] = {}  # timed with the main rows (no torch thread changes)
     split: dict[str, nn.Module] = {}  # timed on their own: SplitBatch changes torch's thread count per call
+    if a.openvino:
+        extra["ours fastervit_0 (OpenVINO, same ONNX file)"] = OpenVinoModule(onnx_path, a.threads)
     if n_par > 1:
         extra[f"ours fastervit_0 (ONNX Runtime, {n_par} sessions)"] = OrtModule(onnx_path, a.threads, n_par)
         split[f"reference fastervit (eager, batch split over {n_par} threads)"] = SplitBatch(ref, n_par)
         split[f"ours fastervit_0 (ONNX Runtime, {n_par} sessions)"] = extra[next(iter(extra))]
-        with torch.no_grad():
-            for k, m in {**extra, **split}.items():
-                errs[k] = m(x)
+    with torch.no_grad():
+        for k, m in {**extra, **split}.items():
+            errs[k] = m(x)
     scale = float(y_ref.abs().max())
     rel = {k: float((v - y_ref).abs().max()) / scale for k, v in errs.items()}
 
@@ -137,13 +162,14 @@ def main() -> None:
                                   throughput_repeats=a.throughput_repeats, warmup=2, memory=False)
     flops = count_flops(fused, torch.randn(1, 3, 224, 224))
     for r in [*rows, *split_rows]:
-        r.backend = "onnxruntime" if "ONNX" in r.name else "eager"
-        src = rows[2] if "ONNX" in r.name else rows[0] if "batch split" in r.name else None
+        onnx_row = "ONNX" in r.name or "OpenVINO" in r.name
+        r.backend = "openvino" if "OpenVINO" in r.name else "onnxruntime" if "ONNX" in r.name else "eager"
+        src = rows[2] if onnx_row else rows[0] if "batch split" in r.name else None
         if src is r:
             continue
         if src is not None:  # same operations as the model they came from (counters do not see worker threads)
             r.params_m, r.peak_mem_mb = src.params_m, None
-            r.gflops = flops / 1e9 if "ONNX" in r.name else src.gflops
+            r.gflops = flops / 1e9 if onnx_row else src.gflops
             r.achieved_gflops = r.gflops * r.throughput
             r.peak_fraction = r.achieved_gflops / info.matmul_peak_gflops
     cmd = "python " + " ".join(shlex.quote(s) for s in sys.argv)

@@ -91,7 +91,9 @@ def main() -> int:
     p.add_argument("--original", default="runs/surgery_distill/original_seed{seed}_e{epochs}.safetensors",
                    help="weights of each seed's original: loaded when the file exists, else trained and written there")
     p.add_argument("--note", default="Measured on an otherwise idle machine.", help="line on machine load")
+    p.add_argument("--out", default=str(OUT), help="result path without suffix (.md and .csv are written)")
     args = p.parse_args()
+    out = Path(args.out)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     command = "nice -n 5 python experiments/surgery_distill.py " + " ".join(sys.argv[1:])
@@ -194,7 +196,7 @@ def main() -> int:
             print(json.dumps(entry), flush=True)
 
     # ---------------------------------------------------------------------------------------- write
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*rows[0], "latency_ms", "speedup", "best_ms", "speedup_best"])
     w.writeheader()
@@ -203,7 +205,7 @@ def main() -> int:
         t = lat[key].latency_ms
         w.writerow({**r, "latency_ms": t, "speedup": lat["original"].latency_ms / t, "best_ms": best_of[key],
                     "speedup_best": best_of["original"] / best_of[key]})
-    atomic_write_text(OUT.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
 
     def ms(v: float | None) -> str:
         return "—" if v is None else f"{v:.2f}"
@@ -287,8 +289,8 @@ def main() -> int:
                      f"{ms(e['predicted_ms'])} | {ms(e['measured_after_ms'])} | {spd} |")
         L.append("")
     L.append(f"Total wall-clock: {(time.time() - t_start) / 60:.1f} min.")
-    atomic_write_text(OUT.with_suffix(".md"), "\n".join(L) + "\n")
-    print(OUT.with_suffix(".md").read_text())
+    atomic_write_text(out.with_suffix(".md"), "\n".join(L) + "\n")
+    print(out.with_suffix(".md").read_text())
     return 0
 
 
