@@ -91,6 +91,9 @@ def main() -> int:
     p.add_argument("--original", default="runs/surgery_distill/original_seed{seed}_e{epochs}.safetensors",
                    help="weights of each seed's original: loaded when the file exists, else trained and written there")
     p.add_argument("--note", default="Measured on an otherwise idle machine.", help="line on machine load")
+    p.add_argument("--kernel", type=int, default=7, help="depth-wise context kernel of the new mixers")
+    p.add_argument("--originals-only", action="store_true",
+                   help="train (or load) and cache the originals of --seeds, then stop (to train seeds in parallel)")
     p.add_argument("--out", default=str(OUT), help="result path without suffix (.md and .csv are written)")
     args = p.parse_args()
     out = Path(args.out)
@@ -119,11 +122,13 @@ def main() -> int:
         originals[seed] = model.eval()
         acc_orig[seed] = acc(model, test)
         print(f"original (seed {seed}): test acc1 {acc_orig[seed]:.2f}", flush=True)
+    if args.originals_only:
+        return 0
     original = originals[args.seeds[0]]
 
     # 2. per-block costs once (the planner's input; the seeds share the architecture), budgets from them
     x = torch.randn(1, 3, args.img_size, args.img_size)
-    table = measure_block_costs(original, x, repeats=args.repeats, progress=True)
+    table = measure_block_costs(original, x, kernel_size=args.kernel, repeats=args.repeats, progress=True)
     savings = sorted((c.saving_ms for c in table.blocks if c.saving_ms > 0), reverse=True)
     if not savings:
         raise SystemExit("no block's mixer is faster than its attention at this shape: nothing to replace")
@@ -137,7 +142,8 @@ def main() -> int:
         for seed in args.seeds:
             seed_everything(seed)
             teacher = originals[seed]
-            student, rep = fv.modulate(teacher, budget_ms=budget, costs=table, measure_after=False, progress=False)
+            student, rep = fv.modulate(teacher, budget_ms=budget, costs=table, kernel_size=args.kernel,
+                                       measure_after=False, progress=False)
             reports[bi] = rep
             acc_surg = acc(student, test)
             dcfg = TrainConfig(epochs=args.distill_epochs, batch_size=64, lr=args.distill_lr, weight_decay=0.05,
@@ -221,9 +227,9 @@ def main() -> int:
         f"{args.img_size // args.patch} = {(args.img_size // args.patch) ** 2} patch tokens + class token, "
         f"width {args.dim}, {args.depth} blocks, {args.heads} head(s), MLP ratio 4), trained from scratch with the "
         f"engine for {args.epochs} epochs (AdamW, lr 2e-3, warm-up 1 epoch, cosine), once per seed. Surgery "
-        f"(kernel 7, context FCs on, v/proj initialised from the attention) of that seed's original and distillation "
-        f"from it ({args.distill_epochs} epochs, AdamW lr {args.distill_lr:g}, warm-up 0.5 epoch, cosine, loss "
-        "0.5·CE + 1·KD(T=2) + 1·MSE on every block output, all weights trained) for seeds "
+        f"(kernel {args.kernel}, context FCs on, v/proj initialised from the attention) of that seed's original and "
+        f"distillation from it ({args.distill_epochs} epochs, AdamW lr {args.distill_lr:g}, warm-up 0.5 epoch, "
+        "cosine, loss 0.5·CE + 1·KD(T=2) + 1·MSE on every block output, all weights trained) for seeds "
         f"{', '.join(map(str, args.seeds))}. Accuracy: top-1 on the test split. Latency: batch 1, median of "
         f"{args.repeats} interleaved rounds, one model per budget (seeds share the architecture).", "",
         "## Accuracy and latency", "",
