@@ -10,7 +10,9 @@
 4. Latency of the original and of each budget's model, side by side in one interleaved run (``fv.benchmark``).
 5. Latency-only sweep (no training) over standard timm shapes: where does replacing attention pay off?
 
-Run: ``nice -n 5 python experiments/surgery_distill.py`` (about 20 minutes on 2 shared CPU cores).
+Run: ``nice -n 5 python experiments/surgery_distill.py --epochs 100 --distill-epochs 40 --kernel 11 --jobs 2`` (the
+committed table; about 40 minutes on 2 cores once the originals are cached, which takes 100 epochs per seed; train
+seeds in parallel with ``--originals-only --seeds N``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import argparse
 import csv
 import io
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import timm
@@ -73,6 +77,59 @@ def best_of_rounds(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: 
     return best
 
 
+_DATA: dict[tuple, tuple] = {}
+
+
+def _data(args: argparse.Namespace) -> tuple:
+    """The train / test splits (built once per process)."""
+    key = (args.img_size,)
+    if key not in _DATA:
+        _DATA[key] = (load_bundled("textures", "train", build_transforms(args.img_size, train=True)),
+                      load_bundled("textures", "test", build_transforms(args.img_size, train=False)))
+    return _DATA[key]
+
+
+def _cached_original(args: argparse.Namespace, seed: int) -> torch.nn.Module:
+    model = build_vit(args)
+    model.load_state_dict(load_file(args.original.format(seed=seed, epochs=args.epochs)))
+    return model.eval()
+
+
+def _distill_cfg(args: argparse.Namespace, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=args.distill_epochs, batch_size=64, lr=args.distill_lr, weight_decay=0.05,
+                       warmup_epochs=0.5, grad_clip=1.0, device="cpu", seed=seed)
+
+
+def distill_job(args: argparse.Namespace, seed: int, bi: int, budget: float, table) -> tuple[dict, object, dict]:
+    """Surgery of seed's original for one budget, then distillation from it: (row, report, student weights)."""
+    torch.set_num_threads(args.threads)
+    train, test = _data(args)
+    seed_everything(seed)
+    teacher = _cached_original(args, seed)
+    student, rep = fv.modulate(teacher, budget_ms=budget, costs=table, kernel_size=args.kernel, measure_after=False,
+                               progress=False)
+    acc_surg = acc(student, test)
+    task = DistillationTask(teacher, features=find_attention_blocks(teacher), alpha_ce=0.5, alpha_kd=1.0,
+                            alpha_feat=1.0, temperature=2.0)
+    Trainer(student.train(), _distill_cfg(args, seed), train, None, task).fit()
+    row = {"budget": bi + 1, "budget_ms": budget, "seed": seed, "replaced": " ".join(rep.replaced),
+           "predicted_ms": rep.predicted_ms, "acc_surgery": acc_surg, "acc_distilled": acc(student.eval(), test)}
+    print(json.dumps(row), flush=True)
+    return row, rep, student.state_dict()
+
+
+def control_job(args: argparse.Namespace, seed: int) -> float:
+    """The original trained further for as many epochs as the distillation took (plain CE, same schedule)."""
+    torch.set_num_threads(args.threads)
+    train, test = _data(args)
+    seed_everything(seed)
+    more = _cached_original(args, seed)
+    Trainer(more.train(), _distill_cfg(args, seed), train).fit()
+    result = acc(more.eval(), test)
+    print(f"control (seed {seed}): original + {args.distill_epochs} epochs: {result:.2f}", flush=True)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--img-size", type=int, default=48)
@@ -80,8 +137,8 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--distill-epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--distill-epochs", type=int, default=40)
     p.add_argument("--distill-lr", type=float, default=2e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
@@ -91,7 +148,9 @@ def main() -> int:
     p.add_argument("--original", default="runs/surgery_distill/original_seed{seed}_e{epochs}.safetensors",
                    help="weights of each seed's original: loaded when the file exists, else trained and written there")
     p.add_argument("--note", default="Measured on an otherwise idle machine.", help="line on machine load")
-    p.add_argument("--kernel", type=int, default=7, help="depth-wise context kernel of the new mixers")
+    p.add_argument("--kernel", type=int, default=11, help="depth-wise context kernel of the new mixers")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes for the distillation and control runs (each uses --threads threads)")
     p.add_argument("--originals-only", action="store_true",
                    help="train (or load) and cache the originals of --seeds, then stop (to train seeds in parallel)")
     p.add_argument("--out", default=str(OUT), help="result path without suffix (.md and .csv are written)")
@@ -101,8 +160,7 @@ def main() -> int:
     t_start = time.time()
     command = "nice -n 5 python experiments/surgery_distill.py " + " ".join(sys.argv[1:])
 
-    train = load_bundled("textures", "train", build_transforms(args.img_size, train=True))
-    test = load_bundled("textures", "test", build_transforms(args.img_size, train=False))
+    train, test = _data(args)
 
     # 1. the originals, one per seed
     originals: dict[int, torch.nn.Module] = {}
@@ -135,44 +193,31 @@ def main() -> int:
     budgets = sorted({table.base_ms - table.scale * sum(savings[:k]) + 1e-9 for k in (1, len(savings))},
                      reverse=True)
 
+    # 3. surgery + distillation per (budget, seed), and the control per seed: independent jobs
+    jobs = [(distill_job, (args, seed, bi, budget, table)) for bi, budget in enumerate(budgets) for seed in args.seeds]
+    if not args.no_control:
+        jobs += [(control_job, (args, seed)) for seed in args.seeds]
+    if args.jobs > 1:  # separate single-thread processes (spawned: no forked thread pools)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = [f.result() for f in [pool.submit(fn, *a) for fn, a in jobs]]
+    else:
+        results = [fn(*a) for fn, a in jobs]
     rows: list[dict] = []
+    control: dict[int, float] = {}
     models_for_latency: dict[str, torch.nn.Module] = {"original": original}
     reports = {}
-    for bi, budget in enumerate(budgets):
-        for seed in args.seeds:
-            seed_everything(seed)
-            teacher = originals[seed]
-            student, rep = fv.modulate(teacher, budget_ms=budget, costs=table, kernel_size=args.kernel,
-                                       measure_after=False, progress=False)
-            reports[bi] = rep
-            acc_surg = acc(student, test)
-            dcfg = TrainConfig(epochs=args.distill_epochs, batch_size=64, lr=args.distill_lr, weight_decay=0.05,
-                               warmup_epochs=0.5, grad_clip=1.0, device="cpu", seed=seed)
-            task = DistillationTask(teacher, features=find_attention_blocks(teacher), alpha_ce=0.5, alpha_kd=1.0,
-                                    alpha_feat=1.0, temperature=2.0)
-            student.train()
-            Trainer(student, dcfg, train, None, task).fit()
-            student.eval()
-            acc_dist = acc(student, test)
-            rows.append({"budget": bi + 1, "budget_ms": budget, "seed": seed, "replaced": " ".join(rep.replaced),
-                         "predicted_ms": rep.predicted_ms, "acc_original": acc_orig[seed], "acc_surgery": acc_surg,
-                         "acc_distilled": acc_dist})
-            print(json.dumps(rows[-1]), flush=True)
-            if seed == args.seeds[0]:
-                models_for_latency[f"budget {bi + 1} ({len(rep.replaced)} blocks)"] = student
-
-    # 3b. control: the original trained further for as many epochs as the distillation took (plain CE, same schedule)
-    control: dict[int, float] = {}
-    if not args.no_control:
-        for seed in args.seeds:
-            seed_everything(seed)
-            more = build_vit(args)
-            more.load_state_dict(originals[seed].state_dict())
-            ccfg = TrainConfig(epochs=args.distill_epochs, batch_size=64, lr=args.distill_lr, weight_decay=0.05,
-                               warmup_epochs=0.5, grad_clip=1.0, device="cpu", seed=seed)
-            Trainer(more.train(), ccfg, train).fit()
-            control[seed] = acc(more.eval(), test)
-            print(f"control (seed {seed}): original + {args.distill_epochs} epochs: {control[seed]:.2f}", flush=True)
+    for (fn, a), res in zip(jobs, results, strict=True):
+        if fn is control_job:
+            control[a[1]] = res
+            continue
+        row, rep, state = res
+        rows.append({**row, "acc_original": acc_orig[row["seed"]]})
+        reports[row["budget"] - 1] = rep
+        if row["seed"] == args.seeds[0]:  # one student per budget for latency (weights do not change latency)
+            student, _ = fv.modulate(original, budget_ms=row["budget_ms"], costs=table, kernel_size=args.kernel,
+                                     measure_after=False, progress=False)
+            student.load_state_dict(state)
+            models_for_latency[f"budget {row['budget']} ({len(rep.replaced)} blocks)"] = student.eval()
 
     # 4. latency side by side (batch 1, interleaved), one model per budget (weights do not change latency)
     bench_rows, info = benchmark(models_for_latency, img_size=args.img_size, batch_size=8, device="cpu",
