@@ -21,23 +21,21 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import frugalvision as fv
-from frugalvision.data import build_transforms, load_bundled
 from frugalvision.engine import TrainConfig, Trainer, seed_everything
 from frugalvision.engine.distill import DistillationTask
 from frugalvision.surgery import find_attention_blocks
 from frugalvision.utils.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from surgery_distill import acc, build_vit  # same model and evaluation as the main experiment
+from surgery_distill import _cached_original, _data, acc, add_model_args  # same model, data and evaluation
 
 OUT = Path(__file__).resolve().parent / "results" / "surgery_ablation"
 
 # name -> (description, overrides of the base recipe)
 RECIPES: dict[str, tuple[str, dict]] = {
-    "base": ("as surgery_distill.py: 0.5 CE + 1 KD(T=2) + 1 block-output MSE, k=7, context FCs", {}),
+    "base": ("0.5 CE + 1 KD(T=2) + 1 block-output MSE, k=7, context FCs (surgery_distill.py uses k=11)", {}),
     "nofeat": ("no feature matching: 0.5 CE + 1 KD", {"alpha_feat": 0.0}),
     "kdonly": ("logit KD only", {"alpha_feat": 0.0, "alpha_ce": 0.0}),
     "ce": ("no teacher: plain CE on the student", {"alpha_feat": 0.0, "alpha_kd": 0.0, "alpha_ce": 1.0}),
@@ -58,33 +56,25 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipes", nargs="+", default=["base", "nofeat"], choices=sorted(RECIPES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--epochs", type=int, default=30, help="epochs of the cached originals")
+    p.add_argument("--epochs", type=int, default=100, help="epochs of the cached originals")
     p.add_argument("--distill-epochs", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=48)
-    p.add_argument("--patch", type=int, default=2)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
+    add_model_args(p)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--original", default="runs/surgery_distill/original_seed{seed}_e{epochs}.safetensors")
     p.add_argument("--out", default=str(OUT), help="result path without suffix (.md and .csv are written)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t_start = time.time()
 
-    train = load_bundled("textures", "train", build_transforms(args.img_size, train=True))
-    test = load_bundled("textures", "test", build_transforms(args.img_size, train=False))
+    train, test = _data(args)
     originals, acc_orig = {}, {}
     for seed in args.seeds:
         path = Path(args.original.format(seed=seed, epochs=args.epochs))
         if not path.is_file():
             raise SystemExit(f"{path}: no cached original; run experiments/surgery_distill.py --epochs {args.epochs}"
-                             " first (it trains and caches them)")
-        m = build_vit(args)
-        m.load_state_dict(load_file(str(path)))
-        originals[seed] = m.eval()
-        acc_orig[seed] = acc(m, test)
+                             " --originals-only first (it trains and caches them)")
+        originals[seed] = _cached_original(args, seed)
+        acc_orig[seed] = acc(originals[seed], test)
 
     rows = []
     for name in args.recipes:

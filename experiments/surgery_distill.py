@@ -130,13 +130,20 @@ def control_job(args: argparse.Namespace, seed: int) -> float:
     return result
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The original ViT's shape and where its per-seed weights are cached (shared with ``surgery_ablation.py``)."""
     p.add_argument("--img-size", type=int, default=48)
     p.add_argument("--patch", type=int, default=2)
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--original", default="runs/surgery_distill/original_seed{seed}_e{epochs}.safetensors",
+                   help="weights of each seed's original: loaded when the file exists, else trained and written there")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--distill-epochs", type=int, default=40)
     p.add_argument("--distill-lr", type=float, default=2e-3)
@@ -145,8 +152,6 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--no-control", action="store_true", help="skip training the originals further (the control)")
-    p.add_argument("--original", default="runs/surgery_distill/original_seed{seed}_e{epochs}.safetensors",
-                   help="weights of each seed's original: loaded when the file exists, else trained and written there")
     p.add_argument("--note", default="Measured on an otherwise idle machine.", help="line on machine load")
     p.add_argument("--kernel", type=int, default=11, help="depth-wise context kernel of the new mixers")
     p.add_argument("--jobs", type=int, default=1,
