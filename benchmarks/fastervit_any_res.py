@@ -30,7 +30,6 @@ from unittest import mock
 import timm
 import torch
 from timm.utils import reparameterize_model
-from torch import nn
 from tqdm import tqdm
 
 import frugalvision  # noqa: F401  (registers our architectures)
@@ -38,25 +37,9 @@ from frugalvision.bench import benchmark, results_to_markdown
 from frugalvision.models import fastervit
 from frugalvision.models.fastervit import checkpoint_filter_fn
 from frugalvision.utils.io import atomic_write_text
+from frugalvision.utils.testing import perturb_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gamma" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.7 + 0.3)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.8 + 0.4)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def _module_at(rev: str) -> object:
@@ -95,7 +78,7 @@ def main() -> None:
     for name, size in tqdm(cases, desc="parity"):
         torch.manual_seed(0)
         kw = {} if size is None else {"resolution": list(size)}
-        theirs = _randomized(getattr(ref, name.replace("fastervit", "faster_vit"))(**kw)).eval()
+        theirs = perturb_parameters(getattr(ref, name.replace("fastervit", "faster_vit"))(**kw)).eval()
         ours = timm.create_model(name, **({} if size is None else {"img_size": size})).eval()
         ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
         x = torch.randn(1, 3, *ours.img_size)
@@ -111,7 +94,7 @@ def main() -> None:
     args = {"window_size": (7, 7, 7, 7), "ct_size": 2, "mlp_ratio": 4, "resolution": 224,
             "hat": (False, False, True, False), **fastervit._ARCHS["fastervit_0"]}
     torch.manual_seed(0)
-    new = _randomized(fastervit.FasterViT(**args)).eval()
+    new = perturb_parameters(fastervit.FasterViT(**args)).eval()
     old = before.FasterViT(**args).eval()
     old.load_state_dict(new.state_dict(), strict=True)
     new, old = reparameterize_model(new), reparameterize_model(old)
@@ -124,7 +107,7 @@ def main() -> None:
 
     # 3. any resolution at the reference's default size
     torch.manual_seed(0)
-    theirs = _randomized(ref.faster_vit_0_any_res()).eval()
+    theirs = perturb_parameters(ref.faster_vit_0_any_res()).eval()
     ours = timm.create_model("fastervit_0_any_res").eval()
     ours.load_state_dict(checkpoint_filter_fn(theirs.state_dict(), ours), strict=True)
     with torch.no_grad():

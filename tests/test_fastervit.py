@@ -10,10 +10,10 @@ import timm
 import torch
 
 import frugalvision  # noqa: F401  (registers our models)
-from conftest import perturb_parameters, randomize_bn_stats
 from fastervit_parity import assert_gradients_match, rel
 from frugalvision.bench import count_flops, count_params
 from frugalvision.models.fastervit import FasterViT, checkpoint_filter_fn, load_official_checkpoint
+from frugalvision.utils.testing import perturb_parameters, randomize_bn_stats
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import frugalvision as fv
-from conftest import randomize_bn_stats
 from frugalvision.errors import ConfigError
 from frugalvision.export import FuseError, export_onnx, fuse_with_report
+from frugalvision.utils.testing import randomize_bn_stats
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

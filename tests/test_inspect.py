@@ -135,7 +135,7 @@ def test_dice_and_task_loss_prefer_the_right_answer():
 def test_segmenters_and_frozen_backbone_fusion():
     from timm.utils import reparameterize_model
 
-    from conftest import randomize_bn_stats
+    from frugalvision.utils.testing import randomize_bn_stats
 
     m = build_segmenter("ours:repvgg_a0", 5, dim=16)
     m.freeze_backbone("all")

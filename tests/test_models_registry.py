@@ -10,7 +10,7 @@ import timm
 import torch
 
 import frugalvision  # noqa: F401  (registers our models)
-from conftest import randomize_bn_stats
+from frugalvision.utils.testing import randomize_bn_stats
 
 OURS = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("frugalvision"))
 SMALL = [n for n in OURS if n.startswith("test_")]

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from conftest import randomize_bn_stats
 from frugalvision.errors import CheckpointError, ConfigError, DataError
 from frugalvision.inspect.anomaly import AnomalyOutput
 from frugalvision.inspect.anomaly.export import AnomalyPredictor, AnomalySpec, export_anomaly_onnx, read_onnx_spec
@@ -19,6 +18,7 @@ from frugalvision.inspect.anomaly.patchcore import (
     load_patchcore,
     save_patchcore,
 )
+from frugalvision.utils.testing import randomize_bn_stats
 
 SIZE = 64
 

@@ -18,7 +18,6 @@ from timm.utils import reparameterize_model
 from torch import nn
 
 import frugalvision  # noqa: F401  (registers the models)
-from conftest import randomize_bn_stats
 from frugalvision.models.rep import (
     BottleRep,
     ConvBNAct,
@@ -31,6 +30,7 @@ from frugalvision.models.rep import (
     checkpoint_filter_fn,
     efficientrep_config,
 )
+from frugalvision.utils.testing import randomize_bn_stats
 
 VARIANTS = ["efficientrep_n", "efficientrep_s", "efficientrep_m"]
 
