@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -54,3 +55,49 @@ def test_side_by_side_ratios_and_tables(tmp_path):
     assert len(table) == 4 and table[0]["machine"] == info.line()
     md = md_path.read_text()
     assert "Machine:" in md and "frugalvision bench x" in md and md.count("| small |") == 2
+
+
+class _ConvNet(nn.Module):
+    """Dense conv, depth-wise conv, channels-last linear and an activation-activation matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(16, 16, 5, padding=2, groups=16)
+        self.fc = nn.Linear(16, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(torch.relu(self.dw(self.conv(x))).permute(0, 2, 3, 1)).flatten(1, 2)  # (B, HW, 24)
+        return y.transpose(1, 2) @ y  # (B, 24, 24)
+
+
+def test_ort_profile_counts_the_same_flops_as_torch(tmp_path):
+    from frugalvision.bench import profile_onnx
+    from frugalvision.export import export_onnx
+
+    model, x = _ConvNet().eval(), torch.randn(2, 3, 32, 32)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, x, exporter="torchscript")
+    prof = profile_onnx(path, x, threads=1, runs=4, warmup=2)
+    assert prof.runs == 4 and prof.threads == 1
+    assert prof.gflop * 1e9 == pytest.approx(count_flops(model, x), rel=1e-6)
+    assert sum(o.share for o in prof.ops) == pytest.approx(1.0)
+    assert prof.kernel_ms == pytest.approx(sum(o.ms for o in prof.ops)) and 0 < prof.kernel_ms <= prof.run_ms
+    by = {o.op_type: o for o in prof.ops}
+    dw = by["Conv (depth-wise)"]
+    assert dw.calls == 1 and dw.gflop * 1e9 == pytest.approx(2 * 2 * 16 * 16 * 16 * 25)
+    assert all(o.gflops_per_s > 0 for o in prof.ops if o.gflop)
+    md = prof.to_markdown(peak_gflops=100.0, top=2)
+    assert "of matmul peak" in md and "other (" in md and "**all kernels**" in md
+
+
+def test_ort_profile_rejects_missing_inputs(tmp_path):
+    from frugalvision.bench import profile_onnx
+    from frugalvision.export import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(nn.Linear(4, 2).eval(), path, torch.randn(1, 4), exporter="torchscript")
+    with pytest.raises(ValueError, match="no array given"):
+        profile_onnx(path, {"x": np.zeros((1, 4), np.float32)}, runs=1)
+    with pytest.raises(ValueError, match="runs must be"):
+        profile_onnx(path, np.zeros((1, 4), np.float32), runs=0)

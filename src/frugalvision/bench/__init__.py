@@ -13,6 +13,7 @@ from .core import (
     write_results,
 )
 from .flops import register_fused_cpu_flops
+from .ort_profile import OrtOpStats, OrtProfile, profile_onnx
 from .run import BenchConfig, run_bench
 
 register_fused_cpu_flops()
@@ -21,12 +22,15 @@ __all__ = [
     "BenchConfig",
     "BenchResult",
     "MachineInfo",
+    "OrtOpStats",
+    "OrtProfile",
     "benchmark",
     "count_flops",
     "count_params",
     "machine_info",
     "matmul_peak_gflops",
     "peak_memory_mb",
+    "profile_onnx",
     "register_fused_cpu_flops",
     "results_to_markdown",
     "run_bench",

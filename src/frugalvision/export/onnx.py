@@ -40,6 +40,19 @@ class ExportResult:
     checked_batch_sizes: tuple[int, ...] = ()
 
 
+def session_options(ort: Any, threads: int) -> Any:
+    """Session options shared by the runners here.
+
+    ``threads`` intra-op threads, one inter-op thread, all graph optimisations, warnings off.
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
 class OrtRunner:
     """Run an ONNX file with onnxruntime on CPU (or CUDA when asked and available).
 
@@ -77,11 +90,7 @@ class OrtRunner:
             providers.insert(0, "CUDAExecutionProvider")
             batch_parallel = 1  # one GPU stream: splitting the batch only adds launches
         self.batch_parallel = int(batch_parallel)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, threads // self.batch_parallel)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(ort, max(1, threads // self.batch_parallel))
         try:
             self.sessions = [ort.InferenceSession(str(path), opts, providers=providers)
                              for _ in range(self.batch_parallel)]
