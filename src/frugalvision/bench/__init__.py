@@ -13,7 +13,7 @@ from .core import (
     write_results,
 )
 from .flops import register_fused_cpu_flops
-from .ort_profile import OrtOpStats, OrtProfile, profile_onnx
+from .ort_profile import OrtOpStats, OrtProfile, ort_matmul_peak_gflops, profile_onnx
 from .run import BenchConfig, run_bench
 
 register_fused_cpu_flops()
@@ -29,6 +29,7 @@ __all__ = [
     "count_params",
     "machine_info",
     "matmul_peak_gflops",
+    "ort_matmul_peak_gflops",
     "peak_memory_mb",
     "profile_onnx",
     "register_fused_cpu_flops",

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from .._deps import require
 
-__all__ = ["OrtOpStats", "OrtProfile", "profile_onnx"]
+__all__ = ["OrtOpStats", "OrtProfile", "ort_matmul_peak_gflops", "profile_onnx"]
 
 _MATMULS = {"MatMul", "FusedMatMul", "Gemm"}
 
@@ -225,3 +226,41 @@ def _aggregate(events: list[dict[str, Any]], path: str, runs: int, threads: int)
            for k, v in time_us.items()]
     run_ms = float(np.mean([e["dur"] for e in run_events])) / 1e3
     return OrtProfile(path, len(run_events), threads, run_ms, sorted(ops, key=lambda o: -o.ms))
+
+
+def ort_matmul_peak_gflops(threads: int | None = None, sizes: Sequence[int] = (512, 1024, 2048),
+                           seconds: float = 0.5) -> float:
+    """Achievable dense fp32 GFLOP/s of onnxruntime's own MatMul kernel (best over sizes and repeats).
+
+    The yardstick for :func:`profile_onnx` tables: onnxruntime's GEMM and torch's differ by up to ~10 % on the
+    same cores, so its kernels are best judged against its own peak.
+
+    Example:
+        >>> ort_matmul_peak_gflops(threads=1, sizes=(128,), seconds=0.05) > 0
+        True
+    """
+    ort = require("onnxruntime", "measuring onnxruntime's matmul peak")
+    onnx = require("onnx", "measuring onnxruntime's matmul peak")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ..export.onnx import session_options
+
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for n in sizes:
+        weight = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "B")
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["Y"])], "matmul",
+                                  [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.checker.check_model(model)
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(ort, threads or torch.get_num_threads()),
+                                    providers=["CPUExecutionProvider"])
+        a = {"A": rng.standard_normal((n, n), dtype=np.float32)}
+        sess.run(None, a)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            sess.run(None, a)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
