@@ -7,7 +7,9 @@ each EfficientMod is faster on CPU than the EfficientFormerV2 of its size.
 
     python benchmarks/efficientmod_cpu.py [--threads 1] [--repeats 40] [--out benchmarks/results/efficientmod_cpu]
 
-``--threads 1`` matches the official benchmark script's default (onnxruntime ``intra_op_num_threads=1``).
+``--threads 1`` by default: single-core latency, the setting least disturbed by other work on a shared machine
+(the official repository has not published its latency script). ``--openvino`` adds OpenVINO rows on the same
+ONNX files: a second compiled runtime, to tell a runtime's gap from the model's.
 """
 
 from __future__ import annotations
@@ -58,22 +60,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-onnx", action="store_true", help="eager PyTorch only")
+    p.add_argument("--openvino", action="store_true", help="add OpenVINO (CPU plugin, f32) on the same ONNX files")
+    p.add_argument("--note", default="", help="a line on the run (machine load, purpose), added under the title")
     p.add_argument("--out", default="benchmarks/results/efficientmod_cpu")
     a = p.parse_args()
     torch.manual_seed(0)
     models = {n: reparameterize_model(timm.create_model(n).eval()) for n in MODELS}
     macs = {n: exact_gmacs(n) for n in MODELS}
     rows, info = benchmark(models, img_size=224, batch_size=1, threads=a.threads, warmup=a.warmup,
-                           repeats=a.repeats, throughput_repeats=2, onnx=not a.no_onnx, memory=False)
+                           repeats=a.repeats, throughput_repeats=2, onnx=not a.no_onnx, openvino=a.openvino,
+                           memory=False)
     cmd = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     title = "EfficientMod vs EfficientFormerV2, MobileNetV2, DeiT-T: batch-1 CPU latency at 224x224"
     csv_path, md_path = write_results(rows, info, a.out, title=title, command=cmd)
 
     by = {(r.name, r.backend): r for r in rows}
-    backends = [b for b in ("eager", "onnxruntime") if any(r.backend == b for r in rows)]
-    lines = [f"# {title}", "", f"Machine: {info.line()}", "",
-             "The machine is shared with other jobs (2 cores, several processes): absolute times are inflated and "
-             "noisy; the interleaved rounds keep the ratios between models meaningful.", "",
+    backends = [b for b in ("eager", "onnxruntime", "openvino") if any(r.backend == b for r in rows)]
+    lines = [f"# {title}", "", f"Machine: {info.line()}", "", *([a.note, ""] if a.note else []),
+             "All rows are timed in interleaved rounds, so the ratios between models stay meaningful when other "
+             "work shares the machine (see the load average above); absolute times do not.", "",
              "Command:", "", f"    {cmd}", "",
              f"Batch 1, {a.threads} thread(s) for torch and onnxruntime, median of {a.repeats} interleaved rounds "
              "(IQR in brackets). MACs: multiply-accumulates with attention included (the paper's \"FLOPs\"); "

@@ -39,7 +39,7 @@ from torch import nn
 
 import frugalvision  # noqa: F401  (registers our architectures)
 from frugalvision.bench import benchmark, count_flops, results_to_markdown, write_results
-from frugalvision.export import OrtRunner, export_onnx
+from frugalvision.export import OpenVinoRunner, OrtRunner, export_onnx
 from frugalvision.models.fastervit import checkpoint_filter_fn
 from frugalvision.utils.io import atomic_write_text
 
@@ -79,18 +79,10 @@ class OpenVinoModule(nn.Module):
 
     def __init__(self, path: Path, threads: int) -> None:
         super().__init__()
-        try:
-            import openvino as ov
-        except ImportError as e:
-            raise SystemExit("--openvino needs the openvino package: pip install openvino") from e
-        core = ov.Core()
-        cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
-        self.request = self.compiled.create_infer_request()
-        self.version = ov.get_version()
+        self.runner = OpenVinoRunner(path, threads=threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.request.infer({0: x.numpy()})[0]))
+        return torch.from_numpy(self.runner(x)[0])
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> None:

@@ -15,6 +15,7 @@ _EXTRAS: dict[str, str] = {
     "transformers": "lm",
     "open_clip": "clip",
     "diffusers": "diffusion",
+    "openvino": "openvino",
 }
 
 

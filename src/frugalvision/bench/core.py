@@ -274,6 +274,7 @@ def benchmark(
     repeats: int = 20,
     throughput_repeats: int = 5,
     onnx: bool = False,
+    openvino: bool = False,
     channels_last: bool = False,
     memory: bool = True,
     progress: bool = True,
@@ -291,6 +292,8 @@ def benchmark(
         repeats: Timed batch-1 rounds.
         throughput_repeats: Timed batch-N rounds.
         onnx: Also export each model to ONNX and time it in onnxruntime (rows with backend ``onnxruntime``).
+        openvino: Also time the exported file with OpenVINO's CPU plugin, f32 (rows with backend ``openvino``;
+            needs ``frugalvision[openvino]``).
         channels_last: Run eager models in channels-last memory format.
         memory: Measure peak forward memory at batch N.
         progress: Show a progress bar.
@@ -318,7 +321,7 @@ def benchmark(
     if not named:
         raise ValueError("no models to benchmark")
     entries: list[_Entry] = []
-    tmpdir = Path(tempfile.mkdtemp(prefix="fv-bench-")) if onnx else None
+    tmpdir = Path(tempfile.mkdtemp(prefix="fv-bench-")) if onnx or openvino else None
     try:
         for name, model in named.items():
             model = model.eval().to(dev)
@@ -342,16 +345,21 @@ def benchmark(
                 return run
 
             entries.append(_Entry(name, "eager", eager(model, x1), eager(model, xN), params, flops, mem))
-            if onnx and tmpdir is not None:
-                from ..export import OrtRunner, export_onnx
+            if tmpdir is not None:
+                from ..export import OpenVinoRunner, OrtRunner, export_onnx
 
                 path = tmpdir / f"{len(entries)}.onnx"
                 export_onnx(model.cpu(), path, x1.cpu(), check=True)
                 model.to(dev)
-                ort = OrtRunner(path, threads=torch.get_num_threads(), device=dev.type)
                 a1, aN = x1.cpu().numpy(), xN.cpu().numpy()
-                entries.append(_Entry(name, "onnxruntime", lambda o=ort, a=a1: o(a), lambda o=ort, a=aN: o(a),
-                                      params, flops, None))
+                runners: dict[str, Callable[..., Any]] = {}
+                if onnx:
+                    runners["onnxruntime"] = OrtRunner(path, threads=torch.get_num_threads(), device=dev.type)
+                if openvino:
+                    runners["openvino"] = OpenVinoRunner(path, threads=torch.get_num_threads())
+                for backend, runner in runners.items():
+                    entries.append(_Entry(name, backend, lambda o=runner, a=a1: o(a), lambda o=runner, a=aN: o(a),
+                                          params, flops, None))
 
         from tqdm.auto import tqdm
 

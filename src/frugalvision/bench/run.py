@@ -24,6 +24,7 @@ class BenchConfig:
         warmup: Untimed runs before timing.
         device: cpu or cuda.
         onnx: Also export each model and time it in onnxruntime.
+        openvino: Also time the exported file with OpenVINO's CPU plugin (``frugalvision[openvino]``).
         channels_last: Channels-last memory format for the eager models.
         out: Write ``<out>.csv`` and ``<out>.md`` (e.g. ``benchmarks/results/mine``).
         title: Title of the Markdown table.
@@ -38,6 +39,7 @@ class BenchConfig:
     warmup: int = 3
     device: str = "cpu"
     onnx: bool = False
+    openvino: bool = False
     channels_last: bool = False
     out: str | None = None
     title: str = "Benchmark"
@@ -50,7 +52,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchR
     models = {n: create_model(n) for n in cfg.models}
     rows, info = benchmark(models, img_size=cfg.img_size, batch_size=cfg.batch_size, device=cfg.device,
                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
-                           throughput_repeats=cfg.throughput_repeats, onnx=cfg.onnx, channels_last=cfg.channels_last)
+                           throughput_repeats=cfg.throughput_repeats, onnx=cfg.onnx, openvino=cfg.openvino,
+                           channels_last=cfg.channels_last)
     md = results_to_markdown(rows, info, cfg.title, command)
     if cfg.out:
         write_results(rows, info, Path(cfg.out), cfg.title, command)
