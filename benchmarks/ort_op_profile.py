@@ -36,12 +36,17 @@ PAIRS = [("efficientmod_xxs", "efficientformerv2_s0"), ("efficientmod_xs", "effi
 COMPUTE = ("MatMul", "FusedMatMul", "Gemm", "Conv")
 
 
-def _profile(name: str, batch: int, threads: int, runs: int, tmp: Path) -> OrtProfile:
+def _profile(name: str, batch: int, threads: int, runs: int, tmp: Path, by_shape: bool = False
+             ) -> tuple[OrtProfile, OrtProfile | None]:
+    """The per-operator-type profile and, with ``by_shape``, a second run grouped by operator and input shapes."""
     torch.manual_seed(0)
     model = reparameterize_model(timm.create_model(name).eval())
     path = tmp / f"{name}.onnx"
     export_onnx(model, path, torch.randn(1, 3, 224, 224), check=True)
-    return profile_onnx(path, torch.randn(batch, 3, 224, 224), threads=threads, runs=runs, warmup=2)
+    x = torch.randn(batch, 3, 224, 224)
+    prof = profile_onnx(path, x, threads=threads, runs=runs, warmup=2)
+    shapes = profile_onnx(path, x, threads=threads, runs=runs, warmup=1, group_by="shape") if by_shape else None
+    return prof, shapes
 
 
 def _dense_share(prof: OrtProfile) -> float:
@@ -68,15 +73,21 @@ def main() -> None:
     info = machine_info()
     cmd = "python " + " ".join(shlex.quote(x) for x in sys.argv)
 
-    peaks = {}  # measured first, on the idle machine: (onnxruntime MatMul, torch matmul) per thread count
-    for t in sorted({1, a.threads}):
-        torch.set_num_threads(t)
-        peaks[t] = (ort_matmul_peak_gflops(t), matmul_peak_gflops())
-    peak_n, peak_1 = peaks[a.threads][0], peaks[1][0]
+    peaks: dict[int, tuple[float, float]] = {}  # threads -> (onnxruntime MatMul, torch matmul) GFLOP/s
+
+    def measure_peaks() -> None:  # a peak is a best case: keep the best of the probes before and after the profiles
+        for t in sorted({1, a.threads}):
+            torch.set_num_threads(t)
+            o, tp = ort_matmul_peak_gflops(t, seconds=1.0), matmul_peak_gflops(seconds=1.0)
+            peaks[t] = (max(o, peaks.get(t, (0.0, 0.0))[0]), max(tp, peaks.get(t, (0.0, 0.0))[1]))
+
+    measure_peaks()
     torch.set_num_threads(a.threads)
-    fv = _profile("fastervit_0", a.batch, a.threads, max(3, a.runs // 2), tmp)
+    fv, fv_shapes = _profile("fastervit_0", a.batch, a.threads, max(3, a.runs // 2), tmp, by_shape=True)
     torch.set_num_threads(1)
-    em = {n: _profile(n, 1, 1, a.runs, tmp) for pair in PAIRS for n in pair}
+    em = {n: _profile(n, 1, 1, a.runs, tmp)[0] for pair in PAIRS for n in pair}
+    measure_peaks()
+    peak_n, peak_1 = peaks[a.threads][0], peaks[1][0]
 
     head = ("| model | run ms | GFLOP counted | time in dense kernels | dense kernels' GFLOP/s of peak | "
             "other kernels ms | all FLOPs at peak, ms |")
@@ -88,11 +99,12 @@ def main() -> None:
              "MatMul / FusedMatMul / Gemm / dense Conv; depth-wise convs are listed separately. \"All FLOPs at "
              "peak\": the run time if every counted FLOP ran at the measured matmul peak and nothing else took time "
              "— the floor no export can go below without removing FLOPs. Peak: onnxruntime's own MatMul kernel on "
-             "large squares, measured at the start.", "",
+             "large squares, the best of probes before and after the profiles.", "",
              "## Summary", "", head, sep,
              _summary_row(f"FasterViT-0 (ours, fused), batch {a.batch}, {a.threads} threads", fv, peak_n)]
     lines += [_summary_row(f"{n}, batch 1, 1 thread", em[n], peak_1) for pair in PAIRS for n in pair]
-    lines += ["", "Matmul peak (fp32, best over 512/1024/2048 squares; the tables use onnxruntime's): " + ", ".join(
+    lines += ["", "Matmul peak (fp32, best over 512/1024/2048 squares and over probes before and after the "
+              "profiles; the tables use onnxruntime's): " + ", ".join(
         f"{t} thread{'s' * (t > 1)}: onnxruntime {o:.1f}, torch {tp:.1f} GFLOP/s" for t, (o, tp) in peaks.items())
         + ".",
               "", "EfficientMod against the EfficientFormerV2 of its size in ONNX Runtime (1 thread):", "",
@@ -108,6 +120,12 @@ def main() -> None:
               f"({100 * fv.gflop / (fv.run_ms / 1e3) / peak_n:.0f}% of peak over the whole run).", ""]
     lines += [f"## FasterViT-0 (ours, fused), batch {a.batch}, {a.threads} threads", "",
               fv.to_markdown(peak_n), ""]
+    if fv_shapes is not None:
+        mm = OrtProfile(fv_shapes.path, fv_shapes.runs, fv_shapes.threads, fv_shapes.run_ms,
+                        [o for o in fv_shapes.ops if o.gflop])
+        lines += [f"### FasterViT-0: dense kernels by input shape (a separate profiled run of {fv_shapes.runs} "
+                  f"batches; share = of all kernel time)", "",
+                  mm.to_markdown(peak_n, top=16, total_label="**dense kernels**"), ""]
     for n in em:
         lines += [f"## {n}, batch 1, 1 thread", "", em[n].to_markdown(peak_1), ""]
     out = atomic_write_text(a.out, "\n".join(lines))

@@ -113,3 +113,22 @@ def test_benchmark_openvino_rows_follow_their_model():
     rows, _ = benchmark(models, img_size=16, batch_size=2, warmup=1, repeats=2, throughput_repeats=1,
                         progress=False, openvino=True, memory=False)
     assert [r.backend for r in rows] == ["eager", "openvino", "eager", "openvino"]
+
+
+def test_ort_profile_by_shape_splits_rows_and_keeps_totals(tmp_path):
+    from frugalvision.bench import profile_onnx
+    from frugalvision.export import export_onnx
+
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(16, 32)
+    path = tmp_path / "mlp.onnx"
+    export_onnx(model, path, x, exporter="torchscript")
+    by_op = profile_onnx(path, x, threads=1, runs=3, warmup=1)
+    by_shape = profile_onnx(path, x, threads=1, runs=3, warmup=1, group_by="shape")
+    gemms = [o for o in by_shape.ops if "Gemm" in o.op_type]
+    assert sorted(o.op_type for o in gemms) == ["FusedGemm (16, 32) x (64,)", "FusedGemm (16, 64) x (64,)",
+                                                "Gemm (16, 64) x (8,)"]
+    assert sum(o.calls for o in gemms) == 3 and by_shape.gflop == pytest.approx(by_op.gflop)
+    assert by_shape.gflop * 1e9 == pytest.approx(count_flops(model, x))
+    with pytest.raises(ValueError, match="group_by"):
+        profile_onnx(path, x, group_by="node")

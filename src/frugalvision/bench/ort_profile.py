@@ -2,9 +2,9 @@
 
 ``profile_onnx`` runs a graph with onnxruntime's node profiler on, keeps the timed runs (warm-up runs are dropped)
 and sums the kernel time of every node by operator type. For the compute operators (``MatMul``, ``FusedMatMul``,
-``Gemm``, ``Conv``) it also counts the multiply-adds from the shapes the profiler records, so the table says how
-close each kind of kernel gets to the machine's matmul peak: the question that decides whether a graph can still be
-made faster by removing memory-bound work, or only by removing FLOPs.
+``Gemm``, ``FusedGemm``, ``Conv``, ``FusedConv``) it also counts the multiply-adds from the shapes the profiler
+records, so the table says how close each kind of kernel gets to the machine's matmul peak: the question that
+decides whether a graph can still be made faster by removing memory-bound work, or only by removing FLOPs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,14 +26,15 @@ from .._deps import require
 
 __all__ = ["OrtOpStats", "OrtProfile", "ort_matmul_peak_gflops", "profile_onnx"]
 
-_MATMULS = {"MatMul", "FusedMatMul", "Gemm"}
+_MATMULS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm"}
+_CONVS = {"Conv", "FusedConv"}  # FusedConv: onnxruntime's conv + activation
 
 
 @dataclass
 class OrtOpStats:
     """One operator type's share of a run."""
 
-    op_type: str
+    op_type: str  #: operator type (followed by the input shapes when grouped by shape)
     calls: int  #: nodes of this type executed per run
     ms: float  #: kernel time per run
     share: float  #: fraction of the summed kernel time
@@ -65,12 +66,13 @@ class OrtProfile:
         """Counted GFLOP per run (compute operators only)."""
         return sum(o.gflop or 0.0 for o in self.ops)
 
-    def to_markdown(self, peak_gflops: float | None = None, top: int = 12) -> str:
-        """A table of the ``top`` operator types by time (the rest summed in one row).
+    def to_markdown(self, peak_gflops: float | None = None, top: int = 12, total_label: str = "**all kernels**") -> str:
+        """A table of the ``top`` operator types by time (the rest summed in one row) and a total row.
 
         Args:
             peak_gflops: The machine's matmul peak for the same threads; adds an "of peak" column.
             top: Operator types listed individually.
+            total_label: Name of the total row (its share is the sum of the rows', 100 % for a whole profile).
         """
         head = "| operator | nodes / run | ms / run | share | GFLOP / run | GFLOP/s |"
         sep = "|---|---|---|---|---|---|"
@@ -92,7 +94,8 @@ class OrtProfile:
         if rest:
             rows.append(fmt(OrtOpStats(f"other ({len(rest)} types)", sum(o.calls for o in rest),
                                        sum(o.ms for o in rest), sum(o.share for o in rest))))
-        total = OrtOpStats("**all kernels**", sum(o.calls for o in ops), self.kernel_ms, 1.0, self.gflop)
+        total = OrtOpStats(total_label, sum(o.calls for o in ops), self.kernel_ms, sum(o.share for o in ops),
+                           self.gflop)
         rows.append(fmt(total))
         return "\n".join(rows)
 
@@ -109,7 +112,7 @@ def _node_gflop(op: str, ins: list[list[int]], outs: list[list[int]]) -> float |
     if op in _MATMULS:
         k = _contraction(ins, outs[0])
         return None if k is None else 2.0 * out * k / 1e9
-    if op == "Conv" and len(ins) >= 2 and len(ins[1]) >= 3:  # weight (C_out, C_in / groups, *kernel)
+    if op in _CONVS and len(ins) >= 2 and len(ins[1]) >= 3:  # weight (C_out, C_in / groups, *kernel)
         return 2.0 * out * math.prod(ins[1][1:]) / 1e9
     return None
 
@@ -137,13 +140,14 @@ def _contraction(ins: list[list[int]], out: list[int]) -> int | None:
 
 
 def _label(op: str, ins: list[list[int]]) -> str:
-    if op == "Conv" and len(ins) >= 2 and len(ins[1]) >= 3 and ins[1][1] == 1 and len(ins[0]) > 1 and ins[0][1] > 1:
-        return "Conv (depth-wise)"
+    if op in _CONVS and len(ins) >= 2 and len(ins[1]) >= 3 and ins[1][1] == 1 and len(ins[0]) > 1 and ins[0][1] > 1:
+        return f"{op} (depth-wise)"
     return op
 
 
 def profile_onnx(path: str | Path, inputs: np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor],
-                 threads: int | None = None, runs: int = 20, warmup: int = 3) -> OrtProfile:
+                 threads: int | None = None, runs: int = 20, warmup: int = 3,
+                 group_by: Literal["op", "shape"] = "op") -> OrtProfile:
     """Profile an ONNX file in onnxruntime (CPU, all graph optimisations, as :class:`~frugalvision.export.OrtRunner`).
 
     Args:
@@ -152,6 +156,8 @@ def profile_onnx(path: str | Path, inputs: np.ndarray | torch.Tensor | Mapping[s
         threads: Intra-op threads (``torch.get_num_threads()`` when omitted).
         runs: Timed runs averaged.
         warmup: Runs before the timed ones (their events are dropped).
+        group_by: ``op``: one row per operator type; ``shape``: one row per operator type and input shapes
+            (e.g. to see which matmuls fall short of the peak).
 
     Returns:
         The per-operator-type breakdown.
@@ -169,6 +175,8 @@ def profile_onnx(path: str | Path, inputs: np.ndarray | torch.Tensor | Mapping[s
     ort = require("onnxruntime", "profiling ONNX models")
     from ..export.onnx import ExportError, session_options
 
+    if group_by not in ("op", "shape"):
+        raise ValueError(f"profile_onnx: group_by must be 'op' or 'shape', got {group_by!r}")
     if runs < 1 or warmup < 0:
         raise ValueError(f"profile_onnx: runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     threads = threads or torch.get_num_threads()
@@ -196,10 +204,10 @@ def profile_onnx(path: str | Path, inputs: np.ndarray | torch.Tensor | Mapping[s
         events = json.loads(Path(sess.end_profiling()).read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _aggregate(events, str(path), runs, threads)
+    return _aggregate(events, str(path), runs, threads, group_by == "shape")
 
 
-def _aggregate(events: list[dict[str, Any]], path: str, runs: int, threads: int) -> OrtProfile:
+def _aggregate(events: list[dict[str, Any]], path: str, runs: int, threads: int, by_shape: bool) -> OrtProfile:
     run_events = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                         key=lambda e: e["ts"])[-runs:]
     if not run_events:
@@ -215,10 +223,12 @@ def _aggregate(events: list[dict[str, Any]], path: str, runs: int, threads: int)
         op = args.get("op_name", "?")
         ins, outs = _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape"))
         label = _label(op, ins)
+        if by_shape:
+            label += " " + " x ".join(str(tuple(i)) for i in ins)
         time_us[label] = time_us.get(label, 0.0) + e["dur"]
         calls[label] = calls.get(label, 0) + 1
         g = _node_gflop(op, ins, outs)
-        if op in _MATMULS or op == "Conv":
+        if op in _MATMULS or op in _CONVS:
             gflop[label] = None if g is None or (label in gflop and gflop[label] is None) else gflop.get(label, 0) + g
     total = sum(time_us.values()) or 1.0
     ops = [OrtOpStats(k, round(calls[k] / len(run_events)), v / len(run_events) / 1e3, v / total,
