@@ -103,18 +103,6 @@ def test_ort_profile_rejects_missing_inputs(tmp_path):
         profile_onnx(path, np.zeros((1, 4), np.float32), runs=0)
 
 
-def test_benchmark_openvino_rows_follow_their_model():
-    models = {"a": nn.Conv2d(3, 4, 3), "b": nn.Conv2d(3, 8, 3)}
-    rows, _ = benchmark(models, img_size=16, batch_size=2, warmup=1, repeats=3, throughput_repeats=2,
-                        progress=False, onnx=True, openvino=True, memory=False)
-    assert [(r.name, r.backend) for r in rows] == [("a", "eager"), ("a", "onnxruntime"), ("a", "openvino"),
-                                                    ("b", "eager"), ("b", "onnxruntime"), ("b", "openvino")]
-    assert all(r.latency_ms > 0 and r.gflops == rows[0 if r.name == "a" else 3].gflops for r in rows)
-    rows, _ = benchmark(models, img_size=16, batch_size=2, warmup=1, repeats=2, throughput_repeats=1,
-                        progress=False, openvino=True, memory=False)
-    assert [r.backend for r in rows] == ["eager", "openvino", "eager", "openvino"]
-
-
 def test_ort_profile_by_shape_splits_rows_and_keeps_totals(tmp_path):
     from frugalvision.bench import profile_onnx
     from frugalvision.export import export_onnx

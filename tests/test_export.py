@@ -88,29 +88,3 @@ def test_export_restores_training_mode(tmp_path):
     m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
     export_onnx(m, tmp_path / "m.onnx", (1, 4))
     assert m.training
-
-
-def test_openvino_runner_matches_pytorch_on_structured_outputs(tmp_path):
-    from frugalvision.export import OpenVinoRunner
-
-    m = TwoHeads().eval()
-    res = export_onnx(m, tmp_path / "m.onnx", (2, 3, 8, 8), output_names=["score", "amap"])
-    runner = OpenVinoRunner(res.path, threads=1)
-    x = torch.randn(3, 3, 8, 8)  # a batch size the export did not see
-    s, a = runner(x)
-    ref = m(x)
-    torch.testing.assert_close(torch.from_numpy(s), ref.score, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(a), ref.amap, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="takes 1 input"):
-        runner(x, x)
-
-
-def test_openvino_runner_reports_bad_files_and_hints(tmp_path):
-    from frugalvision.export import OpenVinoRunner
-
-    bad = tmp_path / "broken.onnx"
-    bad.write_bytes(b"not an onnx file")
-    with pytest.raises(ExportError, match=r"broken\.onnx"):
-        OpenVinoRunner(bad)
-    with pytest.raises(ValueError, match="hint must be"):
-        OpenVinoRunner(bad, hint="FAST")

@@ -29,6 +29,11 @@ class OpenVinoRunner:
             bf16 units OpenVINO would otherwise pick bf16 by itself.
         hint: OpenVINO's performance hint, ``LATENCY`` or ``THROUGHPUT``.
 
+    Note:
+        Keep OpenVINO out of processes that also fork (e.g. ``DataLoader`` workers started with ``fork``): once its
+        worker threads are running, such a process has been seen to crash with a segmentation fault when it later
+        reaps child processes. Benchmark scripts are fine; the tests run OpenVINO in a fresh interpreter.
+
     Example:
         >>> import tempfile, pathlib
         >>> from torch import nn
