@@ -88,3 +88,65 @@ def test_export_restores_training_mode(tmp_path):
     m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
     export_onnx(m, tmp_path / "m.onnx", (1, 4))
     assert m.training
+
+
+def _convnet(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten()).eval()
+
+
+def test_external_data_goes_to_one_file_per_model_and_exports_never_share_it(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    a, b = _convnet(0), _convnet(1)
+    ra = export_onnx(a, tmp_path / "a.onnx", x, external_data=True)
+    rb = export_onnx(b, tmp_path / "b.onnx", x, external_data=True)
+    assert ra.data_path == tmp_path / "a.onnx.data" and rb.data_path == tmp_path / "b.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx", "b.onnx.data"]
+    assert ra.data_path.stat().st_size > ra.path.stat().st_size  # the weights really moved out of the graph
+    for model, res in ((a, ra), (b, rb)):
+        got = torch.from_numpy(OrtRunner(res.path, threads=1)(x)[0])
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+    # the same name again, now self-contained: the old weights file is gone and the graph still runs
+    res = export_onnx(a, tmp_path / "a.onnx", x)
+    assert res.data_path is None and not (tmp_path / "a.onnx.data").exists()
+    torch.testing.assert_close(torch.from_numpy(OrtRunner(res.path, threads=1)(x)[0]), a(x), atol=1e-5, rtol=1e-5)
+
+
+def test_per_tensor_external_files_are_gathered_into_one(tmp_path):
+    import onnx
+
+    from frugalvision.export.onnx import _store_weights
+
+    m, x = _convnet(2), torch.randn(1, 3, 8, 8)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    path = export_onnx(m, stage / "m.onnx", x, check=False).path
+    proto = onnx.load(str(path))
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(stage.iterdir())) > 2  # one file per tensor, as exporters write graphs over 2 GB
+    assert _store_weights(path, external=False)
+    assert sorted(p.name for p in stage.iterdir()) == ["m.onnx", "m.onnx.data"]
+    torch.testing.assert_close(torch.from_numpy(OrtRunner(path, threads=1)(x)[0]), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_failed_export_leaves_no_stage_behind(tmp_path):
+    class Unfaithful(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * (2.0 if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() else 1.0)
+
+    (tmp_path / "keep.onnx").write_bytes(b"previous content")
+    with pytest.raises(ExportError):
+        export_onnx(Unfaithful(), tmp_path / "keep.onnx", (1, 4), exporter="torchscript", external_data=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.onnx"]
+    assert (tmp_path / "keep.onnx").read_bytes() == b"previous content"
+
+
+@pytest.mark.slow
+def test_model_over_2gb_exports_with_one_weights_file(tmp_path):
+    torch.manual_seed(0)
+    h = 23200
+    big = nn.Sequential(nn.Linear(256, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 4)).eval()
+    assert sum(p.numel() for p in big.parameters()) * 4 > 2**31  # over protobuf's limit
+    res = export_onnx(big, tmp_path / "big.onnx", torch.randn(1, 256))
+    assert res.data_path == tmp_path / "big.onnx.data" and res.max_rel_err <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +21,6 @@ from torch.utils._pytree import tree_flatten
 
 from .._deps import require
 from ..errors import FrugalVisionError
-from ..utils.io import atomic_path
 
 __all__ = ["ExportResult", "OrtRunner", "export_onnx"]
 
@@ -38,6 +40,7 @@ class ExportResult:
     max_abs_err: float | None = None
     max_rel_err: float | None = None
     checked_batch_sizes: tuple[int, ...] = ()
+    data_path: Path | None = None  #: the weights file beside ``path`` when they are stored as external data
 
 
 def session_options(ort: Any, threads: int) -> Any:
@@ -164,6 +167,60 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, export
                               dynamic_axes=axes, do_constant_folding=True)
 
 
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """Yield ``<stage>/<path.name>`` in a fresh folder beside ``path``; on success move it (and ``<name>.data``).
+
+    The weights file moves first, then the graph, each by an atomic rename; on an exception nothing moves and the
+    stage is removed, so ``path`` keeps its previous content.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield stage / path.name
+        staged = [stage / (path.name + ".data"), stage / path.name]
+        for f in staged:
+            if f.exists():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        data = path.with_name(path.name + ".data")
+        external = staged[0].exists()
+        if external:
+            os.replace(staged[0], data)
+        os.replace(staged[1], path)
+        if not external and data.exists():
+            data.unlink()  # left by an earlier, larger export of the same name; the new graph does not read it
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _uses_external_data(path: Path) -> bool:
+    onnx = require("onnx", "ONNX export")
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _store_weights(model_path: Path, external: bool) -> bool:
+    """Leave the graph self-contained, or put all weights in one ``<name>.data`` file beside it.
+
+    Exporters write a graph over 2 GB with one file per tensor (named after the parameters) or their own data file;
+    those are gathered into ``<name>.data``. Returns whether the weights are external.
+    """
+    onnx = require("onnx", "ONNX export")
+    others = [p for p in model_path.parent.iterdir() if p != model_path]
+    data_name = model_path.name + ".data"
+    if not others and not external:
+        return False
+    if [p.name for p in others] == [data_name] and _uses_external_data(model_path):
+        return True  # already in the layout we want
+    proto = onnx.load(str(model_path), load_external_data=True)
+    for p in others:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    onnx.save_model(proto, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return (model_path.parent / data_name).exists()  # tensors under 1 KiB stay in the graph
+
+
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
@@ -177,12 +234,18 @@ def export_onnx(
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto",
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] | None = None,
+    external_data: bool = False,
 ) -> ExportResult:
     """Export ``model`` (in eval mode, on CPU) to ONNX and check it against PyTorch with onnxruntime.
 
     The file is written atomically. With ``check=True`` the graph is run on the example input and, when the
     batch axis is dynamic, on a batch of a different size too (catching graphs that baked the batch size
     in); any output differing by more than ``atol + rtol * |reference|`` raises and removes the file.
+
+    Models over protobuf's 2 GB limit (FasterViT-5/6, for example) keep their weights in one file beside the graph,
+    ``<name>.data`` (ONNX external data), which onnxruntime and OpenVINO find by that name: move the two together.
+    Both are staged in a temporary folder and moved into place only after the check, so an export never leaves
+    half-written or per-tensor files behind, and two exports into one folder never share weight files.
 
     Args:
         model: The model; exported as is (call ``fv.reparameterize_model`` first to export the fused form).
@@ -197,6 +260,7 @@ def export_onnx(
             dynamo if it fails or its graph is not faithful).
         input_names: Graph input names.
         output_names: Graph output names.
+        external_data: Store the weights in ``<name>.data`` even when the model is under 2 GB.
 
     Returns:
         The path, the exporter used and the measured errors.
@@ -221,11 +285,13 @@ def export_onnx(
     errors: list[str] = []
     used = None
     try:
-        with atomic_path(path) as tmp:
+        with _staged(path) as tmp:
             for name in tried:  # the first exporter whose graph is faithful wins
                 try:
                     _export(model, args, tmp, name, opset, dynamic_batch, input_names, output_names)
-                    result = ExportResult(path, name)
+                    external = _store_weights(tmp, external_data)
+                    result = ExportResult(path, name, data_path=path.with_name(path.name + ".data") if external
+                                          else None)
                     if check:
                         _check(model, args, tmp, dynamic_batch, atol, rtol, result)
                     used = name
