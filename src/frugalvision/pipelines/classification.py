@@ -203,4 +203,5 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         model, report = fuse_with_report(model, (2, 3, size, size))
         fused = report.summary()
     res = export_onnx(model, cfg.out, (1, 3, size, size), opset=cfg.opset, check=cfg.check)
-    return {"path": str(res.path), "exporter": res.exporter, "max_abs_err": res.max_abs_err, "fused": fused}
+    return {"path": str(res.path), "weights_file": str(res.data_path) if res.data_path else None,
+            "exporter": res.exporter, "max_abs_err": res.max_abs_err, "fused": fused}
