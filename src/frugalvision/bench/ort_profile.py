@@ -173,7 +173,7 @@ def profile_onnx(path: str | Path, inputs: np.ndarray | torch.Tensor | Mapping[s
         (['Gemm'], 32768)
     """
     ort = require("onnxruntime", "profiling ONNX models")
-    from ..export.onnx import ExportError, session_options
+    from ..export.onnx import ExportError, session_options, to_array
 
     if group_by not in ("op", "shape"):
         raise ValueError(f"profile_onnx: group_by must be 'op' or 'shape', got {group_by!r}")
@@ -197,8 +197,7 @@ def profile_onnx(path: str | Path, inputs: np.ndarray | torch.Tensor | Mapping[s
         missing = set(names) - set(inputs)
         if missing:
             raise ValueError(f"profile_onnx: no array given for input(s) {sorted(missing)} of {path}")
-        feed = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.ascontiguousarray(v)
-                for k, v in inputs.items() if k in names}
+        feed = {k: to_array(v) for k, v in inputs.items() if k in names}
         for _ in range(warmup + runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())

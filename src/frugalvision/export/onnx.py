@@ -56,6 +56,18 @@ def session_options(ort: Any, threads: int) -> Any:
     return opts
 
 
+def to_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A graph input as a contiguous numpy array (tensors are detached and moved to the CPU)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
+
+
+def input_arrays(inputs: Sequence[np.ndarray | torch.Tensor], names: Sequence[str]) -> list[np.ndarray]:
+    """Positional graph inputs as arrays, checked against the graph's input ``names``."""
+    if len(inputs) != len(names):
+        raise ValueError(f"the ONNX graph takes {len(names)} input(s) {list(names)}, got {len(inputs)}")
+    return [to_array(x) for x in inputs]
+
+
 class OrtRunner:
     """Run an ONNX file with onnxruntime on CPU (or CUDA when asked and available).
 
@@ -110,11 +122,7 @@ class OrtRunner:
 
     def __call__(self, *inputs: np.ndarray | torch.Tensor) -> list[np.ndarray]:
         """Run the graph on numpy arrays or CPU tensors; returns the outputs as numpy arrays."""
-        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
-                  for x in inputs]
-        if len(arrays) != len(self.input_names):
-            raise ValueError(f"the ONNX graph takes {len(self.input_names)} input(s) {self.input_names}, got "
-                             f"{len(arrays)}")
+        arrays = input_arrays(inputs, self.input_names)
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         parts = min(self.batch_parallel, n)
         if parts <= 1 or self._pool is None:

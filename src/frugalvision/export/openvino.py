@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._deps import require
-from .onnx import ExportError
+from .onnx import ExportError, input_arrays
 
 __all__ = ["OpenVinoRunner"]
 
@@ -62,10 +62,5 @@ class OpenVinoRunner:
 
     def __call__(self, *inputs: np.ndarray | torch.Tensor) -> list[np.ndarray]:
         """Run the graph on numpy arrays or CPU tensors; returns the outputs as numpy arrays."""
-        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.ascontiguousarray(x)
-                  for x in inputs]
-        if len(arrays) != len(self.input_names):
-            raise ValueError(f"the ONNX graph takes {len(self.input_names)} input(s) {self.input_names}, got "
-                             f"{len(arrays)}")
-        result = self.request.infer(dict(enumerate(arrays)))
+        result = self.request.infer(dict(enumerate(input_arrays(inputs, self.input_names))))
         return [np.array(result[out]) for out in self.compiled.outputs]
