@@ -227,8 +227,9 @@ def _aggregate(events: list[dict[str, Any]], path: str, runs: int, threads: int,
         time_us[label] = time_us.get(label, 0.0) + e["dur"]
         calls[label] = calls.get(label, 0) + 1
         g = _node_gflop(op, ins, outs)
-        if op in _MATMULS or op in _CONVS:
-            gflop[label] = None if g is None or (label in gflop and gflop[label] is None) else gflop.get(label, 0) + g
+        if op in _MATMULS or op in _CONVS:  # one node without a FLOP count makes its row's count unknown
+            prev = gflop.get(label, 0.0)
+            gflop[label] = None if g is None or prev is None else prev + g
     total = sum(time_us.values()) or 1.0
     ops = [OrtOpStats(k, round(calls[k] / len(run_events)), v / len(run_events) / 1e3, v / total,
                       None if gflop.get(k) is None else gflop[k] / len(run_events))
