@@ -69,7 +69,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/ort_op_profile.md")
     a = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="ort-op-profile-"))
+    with tempfile.TemporaryDirectory(prefix="ort-op-profile-") as d:  # exported graphs; removed at the end
+        _run(a, Path(d))
+
+
+def _run(a: argparse.Namespace, tmp: Path) -> None:
     info = machine_info()
     cmd = "python " + " ".join(shlex.quote(x) for x in sys.argv)
 

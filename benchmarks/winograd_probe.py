@@ -101,7 +101,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", default="benchmarks/results/winograd_probe.md")
     a = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="winograd-probe-"))
+    with tempfile.TemporaryDirectory(prefix="winograd-probe-") as d:  # exported graphs; removed at the end
+        _run(a, Path(d))
+
+
+def _run(a: argparse.Namespace, tmp: Path) -> None:
     info = machine_info()
     cmd = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     rows = ["| layer | batch, threads | form | ms | vs direct | direct-equivalent GFLOP/s | max rel. error |",
