@@ -148,7 +148,7 @@ def _run_export(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _run_bench(cfg: Any, args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .pipelines.bench import run_bench
 
     command = "frugalvision " + " ".join(shlex.quote(a) for a in args._argv)
     _, _, md = run_bench(cfg, command)
@@ -274,7 +274,7 @@ class InfoConfig:
 
 
 def _run_surgery(cfg: Any, args: argparse.Namespace) -> int:
-    from .surgery import run_surgery
+    from .pipelines.surgery import run_surgery
 
     res = run_surgery(cfg)
     rep = res["report"]
@@ -284,14 +284,14 @@ def _run_surgery(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _commands() -> list[_Command]:
-    from .bench.run import BenchConfig
+    from .pipelines.bench import BenchConfig
     from .demo import DemoConfig
     from .inspect.predict import PredictConfig
     from .pipelines.adaptation import ProfileConfig
     from .pipelines.anomaly import AnomalyConfig
     from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
-    from .surgery import SurgeryConfig
+    from .pipelines.surgery import SurgeryConfig
 
     return [
         _Command("demo", "run the main pipeline end to end on bundled real data", DemoConfig, _run_demo),

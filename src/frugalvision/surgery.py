@@ -15,35 +15,30 @@ block with an ``attn`` module holding ``qkv`` and ``proj`` linear layers, in a m
 from __future__ import annotations
 
 import copy
-import json
 import math
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .engine.trainer import TrainConfig, resolve_device
+from .bench.timing import interleaved, median_ms
+from .engine.trainer import resolve_device
 from .errors import ConfigError
 
 __all__ = [
     "BlockCost",
     "CostTable",
     "ModulateResult",
-    "SurgeryConfig",
     "SurgeryReport",
     "TokenModulationMixer",
+    "build_modulated",
     "find_attention_blocks",
-    "load_modulated",
     "measure_block_costs",
     "modulate",
     "plan_surgery",
     "replace_mixers",
-    "run_surgery",
 ]
 
 # GELU(b) == 1: the depth-wise context starts as a constant 1 when the context FCs are off (see _init_context).
@@ -236,33 +231,15 @@ def replace_mixers(model: nn.Module, blocks: Sequence[str], kernel_size: int = 7
 
 
 # --------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _interleaved_ms(fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
                     progress: bool = False, desc: str = "timing") -> dict[str, float]:
-    """Median batch-1 time (ms) of each function, timed in interleaved rounds with a rotating order."""
+    """Median batch-1 time (ms) of each function, timed in interleaved rounds (:func:`frugalvision.bench.timing`)."""
     from tqdm.auto import tqdm
 
-    keys = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    with torch.inference_mode():
-        for k in keys:
-            for _ in range(warmup):
-                fns[k]()
-        bar = tqdm(total=repeats * len(keys), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-        for r in range(repeats):
-            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-                _sync(device)
-                t0 = time.perf_counter()
-                fns[k]()
-                _sync(device)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-                bar.update(1)
-        bar.close()
-    return {k: statistics.median(v) for k, v in times.items()}
+    with tqdm(total=(repeats + warmup) * len(fns), desc=desc, disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        times = interleaved(fns, repeats, warmup, device, on_call=bar.update, inference=True)
+    return median_ms(times)
 
 
 @dataclass
@@ -595,110 +572,16 @@ def _modulate(model: nn.Module, budget_ms: float | None, speedup: float | None, 
 
 
 # --------------------------------------------------------------------------------------------- files
-def load_modulated(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model file written by ``frugalvision surgery`` (mixers in place) and load its weights."""
-    from .engine.checkpoint import _check_and_load, load_state_dict_file
-    from .models import create_model, read_model_info
+def build_modulated(info: Mapping[str, Any]) -> nn.Module:
+    """The architecture of a ``surgery`` model file: the original model with its recorded mixers in place.
 
-    info = read_model_info(path)
+    Weights are not loaded (:func:`frugalvision.weights.load_model_file` does that).
+    """
+    from .models import create_model
+
     spec = info.get("surgery")
     if not spec:
-        raise ConfigError(f"{path} is not a surgery model file (no surgery record); load it with load_model_file")
+        raise ConfigError("the model file has no surgery record (which blocks were replaced)")
     model = create_model(info["name"], **info.get("model_kwargs", {}))
     replace_mixers(model, spec["blocks"], spec["kernel_size"], spec["context_fc"], init="random")
-    _check_and_load(model, load_state_dict_file(path), Path(path), strict=True)
-    return model.eval(), info
-
-
-# --------------------------------------------------------------------------------------------- CLI job
-@dataclass
-class SurgeryConfig(TrainConfig):
-    """Replace a ViT's most expensive attention mixers to meet a latency budget, then distil from the original.
-
-    Every :class:`~frugalvision.engine.TrainConfig` key applies to the distillation (``epochs``, ``lr``, ...).
-
-    Attributes:
-        model_file: A model file written by ``frugalvision train`` (a ViT-family model); when unset, ``model``.
-        model: A timm model name with random weights (latency surgery only, no distillation).
-        img_size: Input resolution when ``model`` is used (the model file's otherwise).
-        budget_ms: Target batch-1 latency in ms on ``device``.
-        speedup: Alternative target: the measured latency divided by this.
-        blocks: Replace exactly these blocks (e.g. ``[blocks.0,blocks.3]``) instead of planning for a budget.
-        kernel_size: Depth-wise context kernel of the new mixers.
-        context_fc: Keep the mixers' context FCs.
-        repeats: Timed interleaved rounds per latency measurement.
-        threads: torch threads for the latency measurement (unchanged when unset).
-        data: Bundled dataset or image-folder root for distillation and evaluation.
-        distill_epochs: Distillation epochs (0: no distillation).
-        alpha_ce: Weight of the cross-entropy on labels.
-        alpha_kd: Weight of the logit distillation (KL at ``temperature``, times T^2).
-        alpha_feat: Weight of the block-output MSE.
-        temperature: Softmax temperature of the logit distillation.
-    """
-
-    model_file: str | None = None
-    model: str | None = None
-    img_size: int = 224
-    budget_ms: float | None = None
-    speedup: float | None = None
-    blocks: list[str] | None = None
-    kernel_size: int = 7
-    context_fc: bool = True
-    repeats: int = 30
-    threads: int | None = None
-    data: str = "textures"
-    distill_epochs: int = 5
-    alpha_ce: float = 0.5
-    alpha_kd: float = 1.0
-    alpha_feat: float = 1.0
-    temperature: float = 2.0
-
-
-def run_surgery(cfg: SurgeryConfig) -> dict[str, Any]:
-    """The ``frugalvision surgery`` job: surgery, optional distillation, evaluation; writes a model file + report."""
-    from .engine import ClassificationTask, Trainer, evaluate
-    from .engine.distill import DistillationTask
-    from .models import create_model, load_model_file, save_model_file
-    from .utils.io import atomic_write_text
-
-    if (cfg.model_file is None) == (cfg.model is None):
-        raise ConfigError("give exactly one of model_file=PATH (a trained model file) or model=NAME")
-    dev = resolve_device(cfg.device)
-    info: dict[str, Any]
-    if cfg.model_file:
-        teacher, info = load_model_file(cfg.model_file)
-        img_size = int(info.get("img_size", cfg.img_size))
-    else:
-        teacher = create_model(cfg.model, img_size=cfg.img_size)  # type: ignore[arg-type]
-        info = {"name": cfg.model, "model_kwargs": {"img_size": cfg.img_size}}
-        img_size = cfg.img_size
-    student, report = modulate(teacher, cfg.budget_ms, speedup=cfg.speedup, device=dev, img_size=img_size,
-                               kernel_size=cfg.kernel_size, context_fc=cfg.context_fc, repeats=cfg.repeats,
-                               threads=cfg.threads, blocks=cfg.blocks, progress=cfg.progress)
-    out = Path(cfg.output_dir or f"runs/surgery/{info['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    result: dict[str, Any] = {"report": report.to_dict(), "output_dir": str(out)}
-    if cfg.model_file and cfg.distill_epochs > 0 and report.replaced:
-        from .pipelines.classification import load_splits
-
-        splits, classes = load_splits(cfg.data, img_size, info["mean"], info["std"])
-        if classes != info.get("classes", classes):
-            raise ConfigError(f"data {cfg.data!r} has classes {classes[:5]}..., the model file "
-                              f"{info['classes'][:5]}...")
-        test = splits.get("test", splits.get("val"))
-        acc = {"original": evaluate(teacher, test, ClassificationTask(), device=dev)["acc1"],
-               "surgery": evaluate(student, test, ClassificationTask(), device=dev)["acc1"]}
-        train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
-        train_cfg.epochs, train_cfg.output_dir, train_cfg.resume = cfg.distill_epochs, None, None
-        task = DistillationTask(teacher, features=find_attention_blocks(teacher), alpha_ce=cfg.alpha_ce,
-                                alpha_kd=cfg.alpha_kd, alpha_feat=cfg.alpha_feat, temperature=cfg.temperature)
-        Trainer(student, train_cfg, splits["train"], None, task).fit()
-        acc["distilled"] = evaluate(student, test, ClassificationTask(), device=dev)["acc1"]
-        result["acc1"] = acc
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in info.items() if k not in ("name", "model_kwargs")}
-    meta["surgery"] = {"blocks": report.replaced, "kernel_size": cfg.kernel_size, "context_fc": cfg.context_fc}
-    save_model_file(student.cpu(), out / "model.safetensors", info["name"], info.get("model_kwargs", {}), **meta)
-    atomic_write_text(out / "report.md", report.to_markdown())
-    atomic_write_text(out / "report.json", json.dumps(result, indent=2, default=str))
-    result["model_file"] = str(out / "model.safetensors")
-    return result
+    return model

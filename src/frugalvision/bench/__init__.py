@@ -1,4 +1,4 @@
-"""Latency, throughput, params, FLOPs, peak memory and roofline, side by side."""
+"""Latency, throughput, params, FLOPs, peak memory and roofline, side by side; the one timing utility."""
 
 from .core import (
     BenchResult,
@@ -9,17 +9,17 @@ from .core import (
     machine_info,
     matmul_peak_gflops,
     peak_memory_mb,
+    result_header,
     results_to_markdown,
     write_results,
 )
 from .flops import register_fused_cpu_flops
 from .ort_profile import OrtOpStats, OrtProfile, ort_matmul_peak_gflops, profile_onnx
-from .run import BenchConfig, run_bench
+from .timing import interleaved, median_ms, time_call
 
 register_fused_cpu_flops()
 
 __all__ = [
-    "BenchConfig",
     "BenchResult",
     "MachineInfo",
     "OrtOpStats",
@@ -27,13 +27,16 @@ __all__ = [
     "benchmark",
     "count_flops",
     "count_params",
+    "interleaved",
     "machine_info",
     "matmul_peak_gflops",
+    "median_ms",
     "ort_matmul_peak_gflops",
     "peak_memory_mb",
     "profile_onnx",
     "register_fused_cpu_flops",
+    "result_header",
     "results_to_markdown",
-    "run_bench",
+    "time_call",
     "write_results",
 ]

@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import tempfile
@@ -29,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..utils.io import atomic_write_text
+from .timing import interleaved, synchronize, time_call
 
 __all__ = [
     "BenchResult",
@@ -39,6 +41,7 @@ __all__ = [
     "machine_info",
     "matmul_peak_gflops",
     "peak_memory_mb",
+    "result_header",
     "results_to_markdown",
     "write_results",
 ]
@@ -96,11 +99,6 @@ def machine_info(device: str | torch.device = "cpu") -> MachineInfo:
     return MachineInfo(_cpu_name(), os.cpu_count() or 1, torch.get_num_threads(), torch.__version__, dev, ort_version)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def matmul_peak_gflops(device: str | torch.device = "cpu", sizes: Sequence[int] = (512, 1024, 2048),
                        seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
@@ -117,13 +115,10 @@ def matmul_peak_gflops(device: str | torch.device = "cpu", sizes: Sequence[int] 
         b = torch.randn(n, n, device=device, dtype=dtype)
         c = torch.empty(n, n, device=device, dtype=dtype)
         torch.mm(a, b, out=c)
-        _sync(device)
+        synchronize(device)
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
-            _sync(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+            best = max(best, 2 * n**3 / time_call(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), device) / 1e9)
     return best
 
 
@@ -243,14 +238,6 @@ def _median_iqr(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), q[2] - q[0]
 
 
-def _timer(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 @dataclass
 class _Entry:
     name: str
@@ -366,19 +353,13 @@ def benchmark(
         total = len(entries) * (warmup * 2 + repeats + throughput_repeats)
         bar = tqdm(total=total, desc="bench", disable=not progress, dynamic_ncols=True)
         for e in entries:  # warm-up, both batch sizes
-            for _ in range(warmup):
-                e.run1()
-                e.runN()
-                bar.update(2)
-        order = list(range(len(entries)))
-        for r in range(repeats):
-            for i in order[r % len(order):] + order[: r % len(order)]:
-                entries[i].lat.append(_timer(entries[i].run1, dev) * 1e3)
-                bar.update(1)
-        for r in range(throughput_repeats):
-            for i in order[r % len(order):] + order[: r % len(order)]:
-                entries[i].thr.append(batch_size / _timer(entries[i].runN, dev))
-                bar.update(1)
+            interleaved({1: e.run1, 2: e.runN}, rounds=0, warmup=warmup, on_call=bar.update)
+        lat = interleaved({i: e.run1 for i, e in enumerate(entries)}, repeats, device=dev, on_call=bar.update)
+        thr = interleaved({i: e.runN for i, e in enumerate(entries)}, throughput_repeats, device=dev,
+                          on_call=bar.update)
+        for i, e in enumerate(entries):
+            e.lat = [t * 1e3 for t in lat[i]]
+            e.thr = [batch_size / t for t in thr[i]]
         bar.close()
     finally:  # the ONNX sessions hold their graphs in memory; the files can go
         if tmpdir is not None:
@@ -413,12 +394,45 @@ _COLUMNS = [
 ]
 
 
+def result_header(title: str, machine: MachineInfo | str | None = None, command: str | Sequence[str] | None = None,
+                  notes: Sequence[str] = ()) -> str:
+    """The header every committed result table starts with: title, machine line (with its date), command, notes.
+
+    Args:
+        title: The table's title (a Markdown ``#`` heading).
+        machine: A :class:`MachineInfo` (its line carries the date), a line of text, or ``None`` for this machine
+            (CPU, torch threads and versions; no matmul probe).
+        command: The command that reproduces the table (``sys.argv`` as given, or one string).
+        notes: Paragraphs after the command (conditions of the run, caveats).
+
+    Example:
+        >>> print(result_header("Speed", "2026-01-01 · CPU: x", "python b.py --fast"))
+        # Speed
+        <BLANKLINE>
+        Machine: 2026-01-01 · CPU: x
+        <BLANKLINE>
+        Command:
+        <BLANKLINE>
+            python b.py --fast
+        <BLANKLINE>
+    """
+    if machine is None:
+        machine = machine_info("cpu")
+    line = machine.line() if isinstance(machine, MachineInfo) else str(machine)
+    lines = [f"# {title}", "", f"Machine: {line}", ""]
+    if command:
+        cmd = command if isinstance(command, str) else " ".join(shlex.quote(c) for c in command)
+        lines += ["Command:", "", f"    {cmd}", ""]
+    for note in notes:
+        if note:
+            lines += [note, ""]
+    return "\n".join(lines) + "\n"
+
+
 def results_to_markdown(rows: Sequence[BenchResult], info: MachineInfo, title: str = "Benchmark",
                         command: str | None = None) -> str:
     """A Markdown table with the machine line and the reproducing command."""
-    lines = [f"# {title}", "", f"Machine: {info.line()}", ""]
-    if command:
-        lines += ["Command:", "", f"    {command}", ""]
+    lines = [result_header(title, info, command).rstrip("\n"), ""]
     bs = rows[0].batch_size if rows else 0
     lines += [f"Latency: batch 1, median of interleaved rounds. Throughput: batch {bs}. Speed-ups are relative "
               "to the first row (>1 is faster).", ""]

@@ -1,12 +1,6 @@
 """Training engine: one loop, checkpoints, distributed data parallel."""
 
-from .checkpoint import (
-    CheckpointState,
-    load_checkpoint,
-    load_state_dict_file,
-    save_checkpoint,
-    save_weights,
-)
+from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, init_distributed
 from .schedule import WarmupCosine, build_scheduler
 from .task import Accuracy, ClassificationTask, MeanLoss, Metric, Task, to_device
@@ -29,10 +23,8 @@ __all__ = [
     "evaluate",
     "init_distributed",
     "load_checkpoint",
-    "load_state_dict_file",
     "resolve_device",
     "save_checkpoint",
-    "save_weights",
     "seed_everything",
     "to_device",
 ]

@@ -8,12 +8,9 @@ written atomically: an interrupted save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import argparse
 import json
-import pickle
 import random
 import time
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,25 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
 
 from ..errors import CheckpointError
-from ..utils.io import atomic_path
+from ..weights import CHECKPOINT_META, load_weights, read_safetensors, write_weights
 
 __all__ = [
     "CheckpointState",
     "capture_rng_state",
     "load_checkpoint",
-    "load_state_dict_file",
     "restore_rng_state",
     "save_checkpoint",
-    "save_weights",
 ]
 
 FORMAT = "frugalvision.checkpoint"
 FORMAT_VERSION = 1
-_META_KEY = "frugalvision"
+_META_KEY = CHECKPOINT_META
 
 
 @dataclass
@@ -108,20 +101,6 @@ def _rng_from_flat(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _detach_unique(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors with no two sharing storage (safetensors refuses shared memory)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for k, v in tensors.items():
-        t = v.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if t.numel() and key in seen:
-            t = t.clone()
-        seen.add(key)
-        out[k] = t
-    return out
-
-
 def _json_safe(obj: Any, where: str) -> Any:
     if isinstance(obj, torch.Tensor):
         if obj.numel() == 1:
@@ -224,49 +203,10 @@ def save_checkpoint(
         rng_tensors, rng_meta = _rng_to_flat(rng, f"rng/{rank}")
         tensors.update(rng_tensors)
         meta["rng"].append(rng_meta)
-    with atomic_path(path) as tmp:
-        save_file(_detach_unique(tensors), str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    return path
-
-
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Save only the model's state_dict as safetensors, atomically.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = save_weights(torch.nn.Linear(2, 2), pathlib.Path(tempfile.mkdtemp()) / "w.safetensors")
-        >>> sorted(load_state_dict_file(p))
-        ['bias', 'weight']
-    """
-    with atomic_path(path) as tmp:
-        save_file(_detach_unique(_unwrap(model).state_dict()), str(tmp), metadata=dict(metadata or {}))
-    return Path(path)
+    return write_weights(path, tensors, metadata={_META_KEY: json.dumps(meta)})
 
 
 # --------------------------------------------------------------------------------------------- load
-def _describe_foreign(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head[:2] == b"PK" or zipfile.is_zipfile(path):
-        return ("it is a PyTorch (pickle/zip) file, not a frugalvision safetensors checkpoint; to import weights from "
-                "it use frugalvision.engine.load_state_dict_file, which reads it with torch.load(weights_only=True)")
-    if head[:1] == b"\x80":
-        return "it is a raw pickle file; pickles are never loaded because they can run arbitrary code"
-    return "it is not a safetensors file (bad header) or it is truncated/corrupt"
-
-
-def _open_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_describe_foreign(path)} ({exc})") from None
-    return tensors, metadata
-
-
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -275,7 +215,6 @@ def load_checkpoint(
     scaler: Any | None = None,
     restore_rng: bool = True,
     rank: int = 0,
-    strict: bool = True,
 ) -> CheckpointState:
     """Restore a checkpoint written by :func:`save_checkpoint` into the given objects, in place.
 
@@ -287,7 +226,6 @@ def load_checkpoint(
         scaler: Optional grad scaler to restore.
         restore_rng: Restore the RNG state of ``rank`` (falls back to rank 0's).
         rank: This process's rank in distributed training.
-        strict: Require the model's keys to match exactly.
 
     Returns:
         The step, epoch and extra values stored.
@@ -296,11 +234,13 @@ def load_checkpoint(
         CheckpointError: If the file is missing, corrupt, not a frugalvision checkpoint, or does not match.
     """
     path = Path(path)
-    tensors, metadata = _open_safetensors(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    tensors, metadata = read_safetensors(path)
     if _META_KEY not in metadata:
         raise CheckpointError(
             f"{path} is a safetensors file but not a frugalvision training checkpoint (no '{_META_KEY}' header); "
-            "for plain weights use frugalvision.engine.load_state_dict_file"
+            "for plain weights use frugalvision.weights.load_weights"
         )
     try:
         meta = json.loads(metadata[_META_KEY])
@@ -316,7 +256,7 @@ def load_checkpoint(
 
     target = _unwrap(model)
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    _check_and_load(target, model_sd, path, strict)
+    load_weights(target, model_sd, source=path, what=f"the model ({type(target).__name__})")
     try:
         if optimizer is not None:
             if "optimizer" not in meta:
@@ -332,72 +272,3 @@ def load_checkpoint(
         r = rank if rank < len(meta["rng"]) else 0
         restore_rng_state(_rng_from_flat(tensors, meta["rng"][r], f"rng/{r}"))
     return CheckpointState(step=int(meta["step"]), epoch=int(meta["epoch"]), extra=meta.get("extra", {}), path=path)
-
-
-def _check_and_load(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, strict: bool) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
-    problems = []
-    if shape:
-        problems.append(f"{len(shape)} shape mismatch(es), e.g. {'; '.join(shape[:3])}")
-    if strict and missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(dict(sd), strict=strict)
-
-
-def load_state_dict_file(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a weights file (safetensors, or a PyTorch file read with ``weights_only=True``).
-
-    Wrapped state dicts (``{"state_dict": ...}``, ``{"model": ...}``, ``{"model_ema": ...}``) are unwrapped;
-    the ``argparse.Namespace`` that training scripts store beside weights is the only non-tensor class allowed.
-
-    Args:
-        path: ``.safetensors``, ``.pt``, ``.pth``, ``.pth.tar``, ``.bin`` or a frugalvision training checkpoint.
-        key: Which entry of a wrapped dict to use; the first of the usual names when omitted.
-
-    Returns:
-        A flat ``{name: tensor}`` mapping.
-
-    Raises:
-        CheckpointError: If the file is missing, corrupt, or would need unsafe unpickling.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    is_torch = head[:2] == b"PK" or head[:1] == b"\x80"
-    if not is_torch:
-        tensors, metadata = _open_safetensors(path)
-        if _META_KEY in metadata:  # our own training checkpoint: its model part
-            return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        return tensors
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects other than tensors ({first}); only weights-only "
-            "files are read. Re-save it as a plain state_dict or as safetensors in a trusted environment."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"cannot read weights file {path}: corrupt or truncated ({exc})") from None
-    if isinstance(obj, Mapping):
-        for k in ([key] if key else ["state_dict", "model", "model_ema", "module", "net"]):
-            if k in obj and isinstance(obj[k], Mapping):
-                obj = obj[k]
-                break
-        else:
-            if key:
-                raise CheckpointError(f"weights file {path} has no entry {key!r}; it has {', '.join(map(str, obj))}")
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"weights file {path} does not hold a state_dict of tensors")
-    return {str(k): v for k, v in obj.items()}

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from ..engine.distributed import all_reduce_sum
 from ..engine.task import Metric
 
-__all__ = ["ScoreHistogram", "SegmentationMetrics", "f1_max", "iou_from_confusion"]
+__all__ = ["ScoreHistogram", "SegmentationMetrics", "decide", "f1_max", "iou_from_confusion"]
 
 
 def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,23 @@ def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:
     tp = cm.diag()
     denom = cm.sum(0) + cm.sum(1) - tp
     return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, float("nan"))).float()
+
+
+def decide(probs: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """The decision rule of a segmenter: class map ``(N, H, W)`` of probabilities ``(N, C, H, W)``.
+
+    Without a threshold, the arg-max over all classes (background included). With one, a pixel is a defect when
+    its defect score ``1 - p(background)`` reaches the threshold, and its class is the most likely defect class.
+
+    Example:
+        >>> p = torch.tensor([[[[0.6]], [[0.3]], [[0.1]]]])  # one pixel: background 0.6, class 1 0.3, class 2 0.1
+        >>> decide(p).item(), decide(p, threshold=0.35).item(), decide(p, threshold=0.5).item()
+        (0, 1, 0)
+    """
+    if threshold is None:
+        return probs.argmax(1)
+    score = 1 - probs[:, 0]
+    return torch.where(score >= threshold, probs[:, 1:].argmax(1) + 1, torch.zeros_like(score, dtype=torch.long))
 
 
 def f1_max(precision: torch.Tensor, recall: torch.Tensor, thresholds: torch.Tensor) -> tuple[float, float]:
@@ -98,7 +115,9 @@ class SegmentationMetrics(Metric):
 
     Args:
         class_names: Names of the classes, background first.
-        thresholds: Bins of the pixel AUROC / F1 curves.
+        bins: Bins of the pixel AUROC / F1 curves.
+        threshold: Decision rule of the IoUs (:func:`decide`): arg-max when ``None``, else the defect-score
+            threshold a deployed model uses.
 
     Example:
         >>> m = SegmentationMetrics(["bg", "hole"])
@@ -108,9 +127,10 @@ class SegmentationMetrics(Metric):
         (100.0, 100.0, 100.0)
     """
 
-    def __init__(self, class_names: Sequence[str], bins: int = 1000) -> None:
+    def __init__(self, class_names: Sequence[str], bins: int = 1000, threshold: float | None = None) -> None:
         super().__init__()
         self.class_names = list(class_names)
+        self.threshold = threshold
         self.cm = MulticlassConfusionMatrix(len(self.class_names), validate_args=False)
         self.hist = ScoreHistogram(bins)
 
@@ -130,8 +150,10 @@ class SegmentationMetrics(Metric):
         logits = outputs.detach().float()
         target = batch["mask"] if isinstance(batch, dict) else batch[1]
         self.cm.to(logits.device)
-        self.cm.update(logits.argmax(1).flatten(), target.flatten())
-        self.hist.update(1 - logits.softmax(1)[:, 0], target > 0)
+        probs = logits.softmax(1)
+        pred = logits.argmax(1) if self.threshold is None else decide(probs, self.threshold)
+        self.cm.update(pred.flatten(), target.flatten())
+        self.hist.update(1 - probs[:, 0], target > 0)
 
     def compute(self) -> dict[str, float]:
         """The metrics, in percent.

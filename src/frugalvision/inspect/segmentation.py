@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,10 +18,10 @@ from torch import nn
 from .._deps import require
 from ..engine.task import MeanLoss, Metric, Task
 from ..models.heads import SegmentationModel
-from .metrics import SegmentationMetrics
+from .metrics import SegmentationMetrics, decide
 
-__all__ = ["SMP_ARCHS", "CachedFeatures", "DecoderOnly", "SegmentationTask", "build_segmenter", "cache_features",
-           "dihedral", "soft_dice_loss"]
+__all__ = ["SMP_ARCHS", "CachedFeatures", "DecoderOnly", "SegmentationPrediction", "SegmentationPredictor",
+           "SegmentationTask", "build_segmenter", "cache_features", "decide", "dihedral", "soft_dice_loss"]
 
 SMP_ARCHS = {"unet": "Unet", "pspnet": "PSPNet", "deeplabv3plus": "DeepLabV3Plus", "segformer": "Segformer",
              "fpn": "FPN"}
@@ -57,10 +58,12 @@ class SegmentationTask(Task):
     main_metric = "mIoU"
     higher_is_better = True
 
-    def __init__(self, class_names: Sequence[str], dice_weight: float = 1.0, input_key: str = "image") -> None:
+    def __init__(self, class_names: Sequence[str], dice_weight: float = 1.0, input_key: str = "image",
+                 threshold: float | None = None) -> None:
         self.class_names = list(class_names)
         self.dice_weight = dice_weight
         self.input_key = input_key
+        self.threshold = threshold
 
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Logits of the batch's inputs (images, or cached backbone features)."""
@@ -76,7 +79,7 @@ class SegmentationTask(Task):
 
     def metrics(self) -> list[Metric]:
         """Mean loss and segmentation metrics."""
-        return [MeanLoss(), SegmentationMetrics(self.class_names)]
+        return [MeanLoss(), SegmentationMetrics(self.class_names, threshold=self.threshold)]
 
 
 def build_segmenter(name: str, num_classes: int, dim: int = 64, **kwargs: Any) -> nn.Module:
@@ -197,3 +200,86 @@ class DecoderOnly(nn.Module):
         """Upsampled logits."""
         logits = self.decoder(feats)
         return F.interpolate(logits, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------------------------- inference
+class SegmentationPrediction(NamedTuple):
+    """A segmenter's output for one image, at the image's own resolution.
+
+    Attributes:
+        classes: ``(H, W)`` uint8 class map (0 = background, k = the k-th defect class).
+        score: ``(H, W)`` float32 defect score ``1 - p(background)``.
+    """
+
+    classes: np.ndarray
+    score: np.ndarray
+
+
+class SegmentationPredictor:
+    """The one inference path of a segmenter: pre-processing, the model and the decision rule.
+
+    Evaluation, ``frugalvision predict`` and the demo's pictures all go through it, so a stored threshold means the
+    same thing everywhere: a pixel is a defect when its score ``1 - p(background)`` reaches the threshold, and its
+    class is the most likely defect class (:func:`~frugalvision.inspect.metrics.decide`; without a threshold, the
+    arg-max over all classes).
+
+    Args:
+        model: Maps normalised images ``(N, 3, S, S)`` to logits ``(N, C, S, S)``.
+        img_size: The model's input size ``S``.
+        mean: Normalisation mean (RGB, images in [0, 1]).
+        std: Normalisation std.
+        threshold: Defect-score threshold; arg-max when ``None``.
+        device: Where the model runs.
+
+    Example:
+        >>> m = build_segmenter("ours:resnet10t", 3, dim=8).eval()
+        >>> p = SegmentationPredictor(m, 64, (0.5,) * 3, (0.5,) * 3, threshold=0.5)
+        >>> out = p([np.zeros((40, 50, 3), np.uint8)])[0]
+        >>> out.classes.shape, out.score.dtype
+        ((40, 50), dtype('float32'))
+    """
+
+    def __init__(self, model: nn.Module, img_size: int, mean: Sequence[float], std: Sequence[float],
+                 threshold: float | None = None, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.img_size = int(img_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.threshold = threshold
+
+    @classmethod
+    def from_model(cls, model: nn.Module, info: Mapping[str, Any], threshold: float | None = None,
+                   device: str | torch.device = "cpu") -> SegmentationPredictor:
+        """From a segmentation model file's model and description; its stored threshold unless one is given."""
+        thr = threshold if threshold is not None else info.get("threshold")
+        return cls(model, int(info["img_size"]), info["mean"], info["std"], thr, device)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(H, W, 3)`` uint8 images -> a normalised batch at the model's size (bilinear, antialiased)."""
+        x = torch.stack([
+            F.interpolate(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float().div(255),
+                          size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                          antialias=True)[0] for a in images
+        ]).to(self.device)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, C, S, S)`` of a normalised batch."""
+        return self.model(x.to(self.device)).float().softmax(1)
+
+    def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class map and defect score of probabilities ``(N, C, H, W)``."""
+        return decide(probs, self.threshold), 1 - probs[:, 0]
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[np.ndarray]) -> list[SegmentationPrediction]:
+        """Predict ``(H, W, 3)`` uint8 images of any sizes; outputs at each image's resolution."""
+        probs = self.probs(self.preprocess(images))
+        out = []
+        for a, p in zip(images, probs, strict=True):
+            p = F.interpolate(p[None], size=a.shape[:2], mode="bilinear", align_corners=False)
+            cls, score = self.decide(p)
+            out.append(SegmentationPrediction(cls[0].cpu().numpy().astype(np.uint8), score[0].cpu().numpy()))
+        return out

@@ -1,29 +1,26 @@
-"""Creating models by name and saving/loading self-describing model files.
+"""Creating models by name without downloads, loading weights into them, and rebuilding classifier model files.
 
-A *model file* is a safetensors file of weights whose header also records how to rebuild the model (timm
-name, number of classes, input size, class names, ...), so ``frugalvision eval``/``export``/``predict``
-need only the file.
+The file format itself (reading, writing, the fit check, model-file kinds) lives in :mod:`frugalvision.weights`;
+this module only knows how timm models are built and how a classifier's weights map onto its features-only
+backbone.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import timm
-from safetensors import SafetensorError
-from safetensors.torch import safe_open
+import torch
 from torch import nn
 
-from ..engine.checkpoint import _check_and_load, load_state_dict_file, save_weights
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
+from ..weights import WeightsFit, load_weights
 
-__all__ = ["create_model", "load_model_file", "read_model_info", "save_model_file"]
-
-_MODEL_META = "frugalvision.model"
+__all__ = ["build_classifier", "classifier_keys", "create_model", "features_only_keys", "load_backbone_weights"]
 
 
 def create_model(name: str, num_classes: int | None = None, weights: str | Path | None = None,
@@ -34,7 +31,7 @@ def create_model(name: str, num_classes: int | None = None, weights: str | Path 
         name: A timm model name (ours are registered in timm too).
         num_classes: Classifier size; the model's default when omitted.
         weights: Optional weights file (safetensors or weights-only PyTorch). A family's ``checkpoint_filter_fn``
-            maps official checkpoints' keys when the family defines one.
+            maps official checkpoints' keys when the family defines one. Every key must fit.
         **kwargs: Passed to the model constructor (``img_size``, ``drop_path_rate``, ...).
 
     Example:
@@ -52,60 +49,47 @@ def create_model(name: str, num_classes: int | None = None, weights: str | Path 
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"cannot build {name} with {kwargs}: {exc}") from None
     if weights is not None:
-        sd = load_state_dict_file(weights)
         module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
         filt = getattr(module, "checkpoint_filter_fn", None)
-        if filt is not None:
-            sd = filt(sd, model)
-        _check_and_load(model, sd, Path(weights), strict=True)
+        load_weights(model, weights, what=name, key_map=(lambda sd: filt(sd, model)) if filt else None)
     return model
 
 
-def save_model_file(model: nn.Module, path: str | Path, name: str, model_kwargs: Mapping[str, Any] | None = None,
-                    **meta: Any) -> Path:
-    """Save weights plus what rebuilds the model: its ``name``, constructor ``model_kwargs`` and free ``meta``.
+def build_classifier(info: Mapping[str, Any]) -> nn.Module:
+    """The architecture of a ``classifier`` model file (a timm model by name), weights not loaded."""
+    return create_model(info["name"], **info.get("model_kwargs", {}))
+
+
+def classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of a timm model's classifier (from its ``pretrained_cfg``).
 
     Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.safetensors"
-        >>> m = create_model("resnet18", num_classes=3)
-        >>> _ = save_model_file(m, p, "resnet18", {"num_classes": 3}, classes=["a", "b", "c"])
-        >>> load_model_file(p)[1]["classes"]
-        ['a', 'b', 'c']
+        >>> classifier_keys(create_model("resnet18"))
+        ('fc.',)
     """
-    info = {"name": name, "model_kwargs": dict(model_kwargs or {}), **meta}
-    return save_weights(model, path, metadata={_MODEL_META: json.dumps(info)})
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier")
+    if not names:
+        raise ConfigError(f"{type(model).__name__} does not name its classifier (pretrained_cfg['classifier'])")
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{n}." for n in names)
 
 
-def read_model_info(path: str | Path) -> dict[str, Any]:
-    """The description stored in a model file by :func:`save_model_file`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a safetensors model file ({exc})") from None
-    if _MODEL_META not in header:
-        raise CheckpointError(
-            f"{path} has no model description; give the model name and load it as weights (model=NAME weights={path})"
-        )
-    return json.loads(header[_MODEL_META])
+def features_only_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A classifier's keys as a timm ``features_only`` model names them (``stages.0.x`` -> ``stages_0.x``).
+
+    Example:
+        >>> list(features_only_keys({"stages.0.conv.weight": torch.zeros(1), "stem.weight": torch.zeros(1)}))
+        ['stages_0.conv.weight', 'stem.weight']
+    """
+    return {re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k): v for k, v in state_dict.items()}
 
 
-def load_model_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_model_file`; returns the model (eval mode) and its description."""
-    info = read_model_info(path)
-    if info["name"] == "segmentation":
-        from .heads.seg import SegmentationModel
+def load_backbone_weights(backbone: nn.Module, weights: str | Path | Mapping[str, torch.Tensor],
+                          what: str = "the backbone") -> WeightsFit:
+    """Load a classifier's weights file into its ``features_only`` backbone.
 
-        model: nn.Module = SegmentationModel(**info.get("model_kwargs", {}))
-        if info.get("fused_backbone"):
-            from timm.utils import reparameterize_model
-
-            model.backbone = reparameterize_model(model.backbone)
-    else:
-        model = create_model(info["name"], **info.get("model_kwargs", {}))
-    _check_and_load(model, load_state_dict_file(path), Path(path), strict=True)
-    return model.eval(), info
+    Every backbone tensor must come from the file; the file's tensors the backbone does not use (the classifier
+    head, final norms) are allowed and counted in the returned fit.
+    """
+    return load_weights(backbone, weights, what=what, key_map=features_only_keys, allow_unused=True)

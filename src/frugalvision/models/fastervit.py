@@ -41,6 +41,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..weights import load_weights
 
 __all__ = ["FasterViT", "checkpoint_filter_fn", "load_official_checkpoint"]
 
@@ -877,26 +878,18 @@ def _rename(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_official_checkpoint(model: FasterViT, path: str | Path, strict: bool = True) -> FasterViT:
+def load_official_checkpoint(model: FasterViT, path: str | Path) -> FasterViT:
     """Load a reference FasterViT checkpoint file (``.pth.tar`` read with ``weights_only=True``, or safetensors).
 
     Args:
         model: A model built with the checkpoint's configuration (e.g. ``timm.create_model("fastervit_0")``).
         path: The weights file.
-        strict: Require every key to match.
-    """
-    from ..engine.checkpoint import load_state_dict_file
 
-    state = checkpoint_filter_fn(load_state_dict_file(path), model)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong or (strict and (missing or unexpected)):
-        raise ConfigError(f"checkpoint {path} does not match this FasterViT configuration (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, shapes {wrong[:3]}); build the variant it was trained as")
-    model.load_state_dict(state, strict=strict)
+    Raises:
+        CheckpointError: If the file's keys or shapes do not fit this configuration (every key must fit).
+    """
+    load_weights(model, path, what="this FasterViT configuration (build the variant it was trained as)",
+                 key_map=lambda sd: checkpoint_filter_fn(sd, model))
     return model
 
 

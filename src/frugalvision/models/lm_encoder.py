@@ -43,6 +43,7 @@ from torch import nn
 
 from .._deps import require
 from ..errors import CheckpointError, ConfigError, MissingDependencyError
+from ..weights import load_weights, read_weights, tensor_names
 
 __all__ = [
     "LMBlock",
@@ -317,35 +318,19 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
                           "transformers model folder")
 
 
-def _keys_of(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(file), "pt") as fh:
-                return list(fh.keys())
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read {file}: not a valid safetensors file ({exc})") from None
-    return list(_torch_file(file))
-
-
 _TORCH_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
 
 
 def _torch_file(file: Path) -> dict[str, torch.Tensor]:
     """A PyTorch weights file, memory-mapped where the format allows (only the tensors used are read)."""
-    from ..engine.checkpoint import load_state_dict_file
-
     if file not in _TORCH_CACHE:
         _TORCH_CACHE.clear()
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # legacy format, unsafe or bad files: the checked loader below explains
-            obj = load_state_dict_file(file)
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            obj = load_state_dict_file(file)
-        _TORCH_CACHE[file] = dict(obj)
+        _TORCH_CACHE[file] = read_weights(file, mmap=True)
     return _TORCH_CACHE[file]
+
+
+def _keys_of(file: Path) -> list[str]:
+    return tensor_names(file) if file.suffix == ".safetensors" else list(_torch_file(file))
 
 
 # the original LLaMA release (``consolidated.00.pth`` + ``params.json``, as the paper loads it) -> transformers names
@@ -421,10 +406,7 @@ def _read_layer_tensors(files: list[Path], family: Family, idx: int, where: Path
         if not wanted:
             continue
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), "pt") as fh:
-                out.update({k[len(prefix):]: fh.get_tensor(k) for k in wanted})
+            out.update({k[len(prefix):]: v for k, v in read_weights(f, names=wanted).items()})
         else:
             sd = _torch_file(f)
             out.update({k[len(prefix):]: sd[k] for k in wanted})
@@ -480,20 +462,11 @@ def _load_lm_block(path: Path, layer: int, config: Any, attn_implementation: str
     if meta:
         tensors = _meta_llama_tensors(tensors, config)
     module = _new_layer(config, idx)
+    if family == "gpt2":  # causal-mask buffers some GPT-2 versions store in checkpoints
+        tensors = {k: v for k, v in tensors.items() if k not in ("attn.bias", "attn.masked_bias")}
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    # buffers some versions store in checkpoints (GPT-2's causal-mask ``attn.bias``/``attn.masked_bias``)
-    unexpected = sorted(k for k in set(tensors) - set(expected)
-                        if not (family == "gpt2" and k in ("attn.bias", "attn.masked_bias")))
-    if missing or unexpected:
-        raise CheckpointError(f"layer {idx} of {path} does not match a {family} layer of this config: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    bad = [k for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"layer {idx} of {path}: tensor {k} has shape {tuple(tensors[k].shape)}, the config "
-                              f"expects {tuple(expected[k].shape)}")
-    module.load_state_dict({k: tensors[k].to(expected[k].dtype) for k in expected}, strict=True)
+    load_weights(module, {k: v.to(expected[k].dtype) if k in expected else v for k, v in tensors.items()},
+                 source=f"layer {idx} of {path}", what=f"a {family} layer of this config")
     return LMBlock(module, config, **kwargs).eval()
 
 

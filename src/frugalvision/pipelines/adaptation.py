@@ -132,7 +132,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     from ..data import data_config_of
     from ..engine import seed_everything
     from ..models import create_model
-    from .classification import _load_backbone_weights, load_splits
+    from .common import load_pretrained, load_splits
 
     out = Path(cfg.output_dir or f"runs/profile/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     seed_everything(cfg.seed)
@@ -146,7 +146,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     except ConfigError:
         model = create_model(cfg.model, num_classes=len(classes))
     if cfg.weights:
-        _load_backbone_weights(model, cfg.weights)
+        load_pretrained(model, cfg.weights)
     st = SubTuningConfig(data=few_shot(splits["train"], cfg.shots, cfg.seed),
                          val_data=few_shot(splits["val"], cfg.val_shots, cfg.seed), k=cfg.k, min_gain=cfg.min_gain,
                          max_k=cfg.max_k, max_params=cfg.max_params, max_compute=cfg.max_compute, layers=cfg.layers,

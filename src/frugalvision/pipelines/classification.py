@@ -8,17 +8,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..config import config_to_dict
-from ..data import BUNDLED, ImageFolderDataset, build_bundled, build_transforms, data_config_of
+from ..data import ImageFolderDataset, build_transforms, data_config_of
+from ..data.bundled import cache_dir
 from ..engine import ClassificationTask, TrainConfig, Trainer, evaluate, resolve_device, seed_everything
-from ..errors import ConfigError, DataError
-from ..models import create_model, load_model_file, save_model_file
+from ..errors import DataError
+from ..models import create_model
 from ..utils.io import atomic_write_text
+from ..weights import load_model_file, save_model_file
+from .common import load_pretrained, load_splits, resolve_data_root
 
-__all__ = ["ClassifyConfig", "EvalConfig", "ExportConfig", "export_model", "load_splits", "train_classifier"]
+__all__ = ["ClassifyConfig", "EvalConfig", "ExportConfig", "export_model", "pretrain_backbone", "train_classifier"]
 
 
 @dataclass
@@ -91,30 +93,6 @@ class ExportConfig:
     reparameterize: bool = True
 
 
-def _resolve_data_root(data: str) -> Path:
-    if data in BUNDLED:
-        return build_bundled(data)
-    root = Path(data)
-    if not root.is_dir():
-        raise DataError(f"data {data!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor a folder")
-    return root
-
-
-def load_splits(data: str, img_size: int, mean: Any, std: Any, train_aug: bool = True
-                ) -> tuple[dict[str, ImageFolderDataset], list[str]]:
-    """Image-folder splits of ``data`` (augmented ``train``; ``val``/``test`` when present) and the class names."""
-    root = _resolve_data_root(data)
-    if not (root / "train").is_dir():
-        raise DataError(f"dataset folder {root} has no train/ sub-folder (expected train/, val/ and optionally test/)")
-    train = ImageFolderDataset(root / "train", build_transforms(img_size, train=train_aug, mean=mean, std=std))
-    out = {"train": train}
-    for s in ("val", "test"):
-        if (root / s).is_dir():
-            out[s] = ImageFolderDataset(root / s, build_transforms(img_size, train=False, mean=mean, std=std),
-                                        classes=train.classes)
-    return out, train.classes
-
-
 def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; writes ``model.safetensors``, ``metrics.json`` and ``config.yaml``.
 
@@ -136,7 +114,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = create_model(cfg.model, weights=None, **kwargs)
     if cfg.weights:
-        _load_backbone_weights(model, cfg.weights)
+        load_pretrained(model, cfg.weights)
     train_cfg = TrainConfig(**{k: getattr(cfg, k) for k in TrainConfig.__dataclass_fields__})
     task = ClassificationTask(label_smoothing=cfg.label_smoothing)
     if cfg.adapt:
@@ -156,33 +134,18 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
         metrics["test"] = trainer.evaluate(splits["test"])
     if trainer.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_model_file(model, out / "model.safetensors", cfg.model, kwargs, classes=classes,
-                        img_size=cfg.img_size, mean=list(dc["mean"]), std=list(dc["std"]))
+        save_model_file(model, out / "model.safetensors", "classifier", cfg.model, kwargs, classes=classes,
+                        img_size=cfg.img_size, mean=list(dc["mean"]), std=list(dc["std"]), data=cfg.data)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     metrics["output_dir"] = str(out)
     return metrics
 
 
-def _load_backbone_weights(model: torch.nn.Module, weights: str) -> None:
-    """Load pretrained weights, skipping a classifier whose size differs (fine-tuning to new classes)."""
-    from ..engine.checkpoint import load_state_dict_file
-
-    sd = load_state_dict_file(weights)
-    own = model.state_dict()
-    skipped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    for k in skipped:
-        sd.pop(k)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    bad = sorted(set(missing) - set(skipped))
-    if unexpected or bad:
-        raise ConfigError(f"weights {weights} do not fit the model: missing {bad[:3]}, unexpected {unexpected[:3]}")
-
-
 def eval_classifier(cfg: EvalConfig) -> dict[str, float]:
     """Evaluate a model file on a dataset split."""
     model, info = load_model_file(cfg.model_file)
-    root = _resolve_data_root(cfg.data)
+    root = resolve_data_root(cfg.data)
     if not (root / cfg.split).is_dir():
         raise DataError(f"dataset folder {root} has no {cfg.split}/ split")
     ds = ImageFolderDataset(root / cfg.split, build_transforms(info["img_size"], False, info["mean"], info["std"]),
@@ -205,3 +168,18 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     res = export_onnx(model, cfg.out, (1, 3, size, size), opset=cfg.opset, check=cfg.check)
     return {"path": str(res.path), "weights_file": str(res.data_path) if res.data_path else None,
             "exporter": res.exporter, "max_abs_err": res.max_abs_err, "fused": fused}
+
+
+def pretrain_backbone(name: str, epochs: int = 6, img_size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+    """A classifier of ``name`` trained on the bundled ``textures`` set, cached; returns its model file.
+
+    Real pretrained weights cannot be downloaded here, so "pretrained" means pretrained on this real data.
+    """
+    folder = cache_dir() / "pretrained" / f"{name}-textures-e{epochs}-i{img_size}-s{seed}"
+    model_file = folder / "model.safetensors"
+    if model_file.is_file():
+        return model_file
+    cfg = ClassifyConfig(model=name, data="textures", img_size=img_size, epochs=epochs, batch_size=64, lr=2e-3,
+                         warmup_epochs=0.5, label_smoothing=0.1, seed=seed, output_dir=folder, progress=progress)
+    train_classifier(cfg)
+    return model_file

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,10 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 from ..config import config_to_dict
-from ..data.bundled import cache_dir, source_images
+from ..data.bundled import source_images
 from ..data.inspection import (
     DefectDataset,
     DefectSample,
@@ -29,21 +27,22 @@ from ..data.inspection import (
     segmentation_transforms,
 )
 from ..engine import TrainConfig, Trainer, evaluate, resolve_device, seed_everything
-from ..engine.checkpoint import load_state_dict_file
 from ..errors import ConfigError, DataError
 from ..inspect.bundled import build_benchmark, load_captions
 from ..inspect.defects import DEFECT_KINDS, describe_defect
 from ..inspect.segmentation import DecoderOnly, SegmentationTask, build_segmenter, cache_features
 from ..inspect.synthesis.procedural import ProceduralConfig, ProceduralSynthesizer
-from ..models import save_model_file
+from ..models import load_backbone_weights
 from ..utils.io import atomic_path, atomic_write_text
+from ..weights import save_model_file
+from .classification import pretrain_backbone
+from .common import read_rgb, save_png
 
 __all__ = [
     "SegmentConfig",
     "SynthConfig",
     "few_shot_split",
     "load_inspection_data",
-    "pretrain_backbone",
     "synthesize",
     "train_segmenter",
 ]
@@ -136,12 +135,6 @@ class SynthConfig:
     seed: int = 0
 
 
-def _rgb(path: Path) -> np.ndarray:
-    from ..data.images import load_image
-
-    return np.asarray(load_image(path))
-
-
 def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | None = None) -> dict[str, Any]:
     """Write synthetic defects in MVTec AD layout and return the manifest.
 
@@ -181,7 +174,7 @@ def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | Non
         clean = clean_by_cat[cat]
         (out / cat / "train" / "good").mkdir(parents=True, exist_ok=True)
         for k, kind in enumerate(kinds):
-            imgs = [_rgb(clean[rng.integers(len(clean))]) for _ in range(cfg.per_kind)]
+            imgs = [read_rgb(clean[rng.integers(len(clean))]) for _ in range(cfg.per_kind)]
             if cfg.method == "procedural":
                 made = [gen(img, rng, kind)[:2] for img in imgs]
             else:  # batched sampling: one denoising loop for all of this kind's images
@@ -190,8 +183,8 @@ def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | Non
             empty += len(made) - len(kept)  # a generator that painted nothing gives no training defect
             for i, (new, mask) in enumerate(kept):
                 rel = f"{cat}/test/{kind}/{i:03d}.png"
-                _save_png(new, out / rel)
-                _save_png(mask.astype(np.uint8) * 255, out / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+                save_png(new, out / rel)
+                save_png(mask.astype(np.uint8) * 255, out / cat / "ground_truth" / kind / f"{i:03d}_mask.png")
                 captions.append({"image": rel, "category": cat, "defect": kind,
                                  "caption": describe_defect(kind, mask, cat)})
             bar.update(len(made))
@@ -209,12 +202,6 @@ def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | Non
     return manifest
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
-
-
 def _fit_diffusion(cfg: SynthConfig, kinds: list[str], timings: dict[str, float]) -> Any:
     """Train the learned generator on the few real defects of every kind.
 
@@ -227,7 +214,7 @@ def _fit_diffusion(cfg: SynthConfig, kinds: list[str], timings: dict[str, float]
     train = [s for s in train if s.defect in kinds]
     from ..data.inspection import load_mask
 
-    images = [_rgb(s.image) for s in train]
+    images = [read_rgb(s.image) for s in train]
     masks = [load_mask(s.mask, (im.shape[1], im.shape[0])).astype(bool) for s, im in zip(train, images, strict=True)]
     gen = DefectDiffusion(DefectDiffusionConfig(steps=cfg.diffusion_steps, seed=cfg.seed))
     t0 = time.perf_counter()
@@ -235,37 +222,6 @@ def _fit_diffusion(cfg: SynthConfig, kinds: list[str], timings: dict[str, float]
     timings["train_s"] = time.perf_counter() - t0
     timings.update({f"train_{k}": v for k, v in (stats or {}).items() if isinstance(v, int | float)})
     return gen
-
-
-# --------------------------------------------------------------------------------------------- backbone
-def _feature_key(k: str) -> str:
-    """Classifier key -> features-only key (timm flattens ``stages.0`` into ``stages_0``)."""
-    return re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k)
-
-
-def pretrain_backbone(name: str, epochs: int = 6, img_size: int = 64, seed: int = 0, progress: bool = True) -> Path:
-    """A classifier of ``name`` trained on the bundled ``textures`` set, cached; returns its model file.
-
-    Real pretrained weights cannot be downloaded here, so "pretrained" means pretrained on this real data.
-    """
-    from .classification import ClassifyConfig, train_classifier
-
-    folder = cache_dir() / "pretrained" / f"{name}-textures-e{epochs}-i{img_size}-s{seed}"
-    model_file = folder / "model.safetensors"
-    if model_file.is_file():
-        return model_file
-    cfg = ClassifyConfig(model=name, data="textures", img_size=img_size, epochs=epochs, batch_size=64, lr=2e-3,
-                         warmup_epochs=0.5, label_smoothing=0.1, seed=seed, output_dir=folder, progress=progress)
-    train_classifier(cfg)
-    return model_file
-
-
-def _load_backbone(model: Any, weights: str) -> dict[str, int]:
-    sd = load_state_dict_file(weights)
-    loaded, missing = model.load_backbone_state({_feature_key(k): v for k, v in sd.items()})
-    if not loaded:
-        raise ConfigError(f"no tensor of {weights} fits the backbone; is it a checkpoint of the same architecture?")
-    return {"loaded": len(loaded), "missing": len(missing)}
 
 
 # --------------------------------------------------------------------------------------------- segmentation
@@ -380,9 +336,10 @@ def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
     if cfg.segmenter.startswith("ours:"):
         if cfg.backbone_weights == "pretrain":
             weights = pretrain_backbone(cfg.segmenter.split(":", 1)[1], progress=cfg.progress)
-            backbone_info.update(_load_backbone(model, str(weights)), file=str(weights))
+            backbone_info.update(load_backbone_weights(model.backbone, weights).summary(), file=str(weights))
         elif cfg.backbone_weights != "none":
-            backbone_info.update(_load_backbone(model, cfg.backbone_weights), file=cfg.backbone_weights)
+            backbone_info.update(load_backbone_weights(model.backbone, cfg.backbone_weights).summary(),
+                                 file=cfg.backbone_weights)
         model.freeze_backbone(cfg.freeze)  # type: ignore[operator]
         if cfg.freeze == "all":
             # A frozen backbone never changes, so fold its branches and BNs now: identical outputs, faster epochs.

@@ -10,7 +10,7 @@ classified by a 1x1 conv; logits are upsampled to the input size. Every conv is 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import timm
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLPDecoder", "SegmentationModel"]
+__all__ = ["MLPDecoder", "SegmentationModel", "build_segmentation_model"]
 
 
 class _ConvBNReLU(nn.Sequential):
@@ -143,10 +143,18 @@ class SegmentationModel(nn.Module):
         logits = self.decoder(self.backbone(x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def load_backbone_state(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-        """Load a classifier's weights into the backbone (head keys ignored); returns (loaded, missing) keys."""
-        own = self.backbone.state_dict()
-        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in matched]
-        self.backbone.load_state_dict(matched, strict=False)
-        return sorted(matched), missing
+
+def build_segmentation_model(info: Mapping[str, Any]) -> SegmentationModel:
+    """The architecture of a ``segmentation`` model file, weights not loaded (backbone fused when it was saved so).
+
+    Example:
+        >>> m = build_segmentation_model({"model_kwargs": {"backbone": "resnet10t", "num_classes": 2, "dim": 8}})
+        >>> m.num_classes
+        2
+    """
+    model = SegmentationModel(**info.get("model_kwargs", {}))
+    if info.get("fused_backbone"):
+        from timm.utils import reparameterize_model
+
+        model.backbone = reparameterize_model(model.backbone)
+    return model

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import BenchResult, MachineInfo, benchmark, results_to_markdown, write_results
+from ..bench import BenchResult, MachineInfo, benchmark, results_to_markdown, write_results
+from ..models import create_model
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -47,8 +48,6 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchResult], MachineInfo, str]:
     """Run :func:`~frugalvision.bench.benchmark` from a config; returns rows, machine and the Markdown table."""
-    from ..models import create_model
-
     models = {n: create_model(n) for n in cfg.models}
     rows, info = benchmark(models, img_size=cfg.img_size, batch_size=cfg.batch_size, device=cfg.device,
                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,

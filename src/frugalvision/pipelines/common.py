@@ -1,0 +1,119 @@
+"""Pieces every job shares.
+
+Dataset folders and splits, pretrained weights for fine-tuning, walking input images, output checks (never
+overwrite without ``overwrite=true``) and atomic image writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import BUNDLED, ImageFolderDataset, build_bundled, build_transforms
+from ..data.images import IMAGE_EXTENSIONS, load_image
+from ..errors import ConfigError, DataError
+from ..models.factory import classifier_keys
+from ..utils.io import atomic_path
+from ..weights import WeightsFit, load_weights
+
+__all__ = ["check_outputs", "iter_images", "load_pretrained", "load_splits", "read_rgb", "resolve_data_root",
+           "save_png"]
+
+
+def resolve_data_root(data: str) -> Path:
+    """The folder of a bundled dataset (built on first use) or of a user's image-folder dataset."""
+    if data in BUNDLED:
+        return build_bundled(data)
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"data {data!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor a folder")
+    return root
+
+
+def load_splits(data: str, img_size: int, mean: Any, std: Any, train_aug: bool = True
+                ) -> tuple[dict[str, ImageFolderDataset], list[str]]:
+    """Image-folder splits of ``data`` (augmented ``train``; ``val``/``test`` when present) and the class names."""
+    root = resolve_data_root(data)
+    if not (root / "train").is_dir():
+        raise DataError(f"dataset folder {root} has no train/ sub-folder (expected train/, val/ and optionally test/)")
+    train = ImageFolderDataset(root / "train", build_transforms(img_size, train=train_aug, mean=mean, std=std))
+    out = {"train": train}
+    for s in ("val", "test"):
+        if (root / s).is_dir():
+            out[s] = ImageFolderDataset(root / s, build_transforms(img_size, train=False, mean=mean, std=std),
+                                        classes=train.classes)
+    return out, train.classes
+
+
+def load_pretrained(model: torch.nn.Module, weights: str | Path) -> WeightsFit:
+    """Load pretrained weights for fine-tuning a classifier.
+
+    Every tensor must fit, except the classifier's, which is re-initialised when its size differs (new classes).
+    """
+    return load_weights(model, weights, what=f"{type(model).__name__} (classifier re-initialised if resized)",
+                        reinit=classifier_keys(model))
+
+
+def iter_images(inputs: Sequence[str | Path]) -> Iterator[tuple[Path, Path]]:
+    """Yield ``(image path, output stem relative to the output folder)`` lazily, folders walked in sorted order."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_file():
+            yield p, Path(p.stem)
+        elif p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    f = Path(dirpath) / name
+                    if f.suffix.lower() in IMAGE_EXTENSIONS:
+                        yield f, f.relative_to(p).with_suffix("")
+        else:
+            raise ConfigError(f"input {p} does not exist")
+
+
+def check_outputs(inputs: Sequence[str | Path], outputs_of: Callable[[Path], list[Path]], overwrite: bool,
+                  out_key: str = "out") -> int:
+    """Check every output before any work is done; returns the number of inputs.
+
+    Walks the inputs lazily (no image is read) and refuses to overwrite an existing output without ``overwrite``,
+    or to let two inputs write the same file.
+
+    Args:
+        inputs: Image files and folders, as for :func:`iter_images`.
+        outputs_of: The output files of an input, from its relative stem.
+        overwrite: Allow replacing existing files.
+        out_key: The configuration key naming the output folder, for the message.
+    """
+    seen: set[Path] = set()
+    clashes: list[Path] = []
+    total = 0
+    for path, stem in iter_images(inputs):
+        total += 1
+        for o in outputs_of(stem):
+            if o in seen:
+                raise ConfigError(f"two inputs would both write {o} (e.g. {path}); give them separate runs")
+            seen.add(o)
+            if o.exists() and not overwrite:
+                clashes.append(o)
+    if clashes:
+        raise ConfigError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass overwrite=true "
+                          f"to replace them or choose another {out_key}=")
+    return total
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as an ``(H, W, 3)`` uint8 array (checked decoding: a bad file is a ``DataError`` naming it)."""
+    return np.asarray(load_image(path))
+
+
+def save_png(arr: np.ndarray, path: Path) -> None:
+    """Write an image array as PNG atomically (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
