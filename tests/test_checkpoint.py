@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from frugalvision.engine import build_optimizer, build_scheduler, load_checkpoint, load_state_dict_file, save_checkpoint
+from frugalvision.engine import build_optimizer, build_scheduler, load_checkpoint, save_checkpoint
 from frugalvision.engine.checkpoint import capture_rng_state
 from frugalvision.errors import CheckpointError
+from frugalvision.weights import read_weights
 
 
 def _setup(seed=0):
@@ -63,12 +64,12 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     model, _, _ = _setup()
     path = save_checkpoint(tmp_path / "c.safetensors", model, step=1)
     before = path.read_bytes()
-    import frugalvision.engine.checkpoint as ck
+    import frugalvision.weights as w
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(w, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, model, step=2)
     assert path.read_bytes() == before
@@ -104,7 +105,7 @@ def test_foreign_files_are_never_unpickled(tmp_path):
     with pytest.raises(CheckpointError, match="PyTorch"):
         load_checkpoint(evil, model)
     with pytest.raises(CheckpointError, match="refusing"):
-        load_state_dict_file(evil)
+        read_weights(evil)
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError):
@@ -120,7 +121,7 @@ def test_plain_safetensors_is_not_a_training_checkpoint(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(p))
     with pytest.raises(CheckpointError, match="not a frugalvision training checkpoint"):
         load_checkpoint(p, model)
-    assert set(load_state_dict_file(p)) == set(model.state_dict())
+    assert set(read_weights(p)) == set(model.state_dict())
 
 
 def test_mismatched_model_is_reported(tmp_path):
@@ -139,7 +140,7 @@ def test_weights_only_pytorch_files_and_wrappers(tmp_path):
     for wrapper in ({"state_dict": sd, "args": argparse.Namespace(lr=0.1), "epoch": 3}, {"model": sd}, sd):
         p = tmp_path / "w.pth.tar"
         torch.save(wrapper, p)
-        loaded = load_state_dict_file(p)
+        loaded = read_weights(p)
         assert all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 

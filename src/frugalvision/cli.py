@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import re
 import shlex
@@ -119,32 +120,26 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _run_train(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.classification import train_classifier
+def _json_job(module: str, function: str, drop: tuple[str, ...] = (), status: str | None = None
+              ) -> Callable[[Any, argparse.Namespace], int]:
+    """A command that runs ``pipelines.<module>.<function>(cfg)`` and prints its result (JSON, or a listing).
 
-    _print_json(train_classifier(cfg))
-    return 0
+    ``status``: the result key that says whether anything was processed (exit code 1 when inputs were given but
+    none could be processed).
+    """
 
+    def run(cfg: Any, args: argparse.Namespace) -> int:
+        job = getattr(importlib.import_module(f"{__package__}.pipelines.{module}"), function)
+        res = job(cfg)
+        if isinstance(res, str):  # a listing
+            print(res)
+        else:
+            _print_json({k: v for k, v in res.items() if k not in drop} if isinstance(res, dict) else res)
+        if status and isinstance(res, dict) and res.get("images") and not res.get(status):
+            return 1
+        return 0
 
-def _run_profile(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.adaptation import run_profile
-
-    _print_json(run_profile(cfg))
-    return 0
-
-
-def _run_eval(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.classification import eval_classifier
-
-    _print_json(eval_classifier(cfg))
-    return 0
-
-
-def _run_export(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.classification import export_model
-
-    _print_json(export_model(cfg))
-    return 0
+    return run
 
 
 def _run_bench(cfg: Any, args: argparse.Namespace) -> int:
@@ -157,120 +152,11 @@ def _run_bench(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _run_demo(cfg: Any, args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .pipelines.demo import run_demo
 
     result = run_demo(cfg)
     print(f"report: {result['report_html']}")
     return 0
-
-
-def _run_segment(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.inspection import train_segmenter
-
-    res = train_segmenter(cfg)
-    _print_json({k: v for k, v in res.items() if k not in ("model", "test_dataset", "history")})
-    return 0
-
-
-def _run_synth(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.inspection import synthesize
-
-    _print_json(synthesize(cfg))
-    return 0
-
-
-def _run_predict(cfg: Any, args: argparse.Namespace) -> int:
-    from .inspect.predict import predict_images
-
-    res = predict_images(cfg)
-    _print_json(res)
-    return 0 if res["predicted"] or not res["images"] else 1
-
-
-def _run_anomaly(cfg: Any, args: argparse.Namespace) -> int:
-    from .pipelines.anomaly import run_anomaly
-
-    res = run_anomaly(cfg)
-    _print_json(res)
-    return 0 if res.get("predicted", 1) or not res.get("images", 1) else 1
-
-
-def _run_data(cfg: Any, args: argparse.Namespace) -> int:
-    from .data import BUNDLED, build_bundled, load_bundled
-
-    names = [cfg.name] if cfg.name != "all" else [*BUNDLED, "inspection"]
-    for n in names:
-        if n == "inspection":
-            from .inspect.bundled import build_benchmark, load_benchmark
-
-            folder = build_benchmark(force=cfg.rebuild)
-            test = load_benchmark("test")
-            print(f"inspection: {folder}  train/good {len(load_benchmark('train'))}, test {len(test)} "
-                  f"({len(test.categories)} categories x {len(test.defects)} defect kinds, MVTec AD layout)")
-            continue
-        if n not in BUNDLED:
-            raise ConfigError(f"unknown bundled dataset {n!r}; available: {', '.join(BUNDLED)}, all")
-        folder = build_bundled(n, force=cfg.rebuild)
-        sizes = {s: len(load_bundled(n, s)) for s in ("train", "val", "test")}
-        print(f"{n}: {folder}  {sizes}  ({BUNDLED[n].description})")
-    return 0
-
-
-def _run_models(cfg: Any, args: argparse.Namespace) -> int:
-    import timm
-
-    from . import models
-
-    pattern = cfg.pattern or "*"
-    names = timm.list_models(pattern)
-    if not cfg.all:
-        names = [n for n in names if timm.models.model_entrypoint(n).__module__.startswith(models.__name__)]
-    print("\n".join(names) if names else f"no registered model matches {pattern!r}")
-    return 0
-
-
-def _run_info(cfg: Any, args: argparse.Namespace) -> int:
-    import torch
-
-    from . import __version__
-    from .bench import machine_info
-    from .data import cache_dir
-
-    info = machine_info("cpu")
-    _print_json({"frugalvision": __version__, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                 "cpu": info.cpu, "cores": info.cores, "threads": info.threads, "cache_dir": str(cache_dir())})
-    return 0
-
-
-@dataclass
-class DataConfig:
-    """Build a bundled real-image dataset (no downloads) and print where it is.
-
-    Attributes:
-        name: textures, digits, faces, inspection (the defect benchmark), or all.
-        rebuild: Rebuild even if the cached copy exists.
-    """
-
-    name: str = "all"
-    rebuild: bool = False
-
-
-@dataclass
-class ModelsConfig:
-    """List registered models.
-
-    Attributes:
-        pattern: Shell-style filter (e.g. ``fastervit*``).
-        all: List every timm model, not only frugalvision's.
-    """
-
-    pattern: str | None = None
-    all: bool = False
-
-
-@dataclass
-class InfoConfig:
-    """Print versions, hardware and cache location."""
 
 
 def _run_surgery(cfg: Any, args: argparse.Namespace) -> int:
@@ -284,35 +170,40 @@ def _run_surgery(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _commands() -> list[_Command]:
-    from .pipelines.bench import BenchConfig
-    from .demo import DemoConfig
-    from .inspect.predict import PredictConfig
     from .pipelines.adaptation import ProfileConfig
     from .pipelines.anomaly import AnomalyConfig
-    from .pipelines.classification import ClassifyConfig, EvalConfig, ExportConfig
+    from .pipelines.bench import BenchConfig
+    from .pipelines.classification import ClassifyConfig
+    from .pipelines.demo import DemoConfig
+    from .pipelines.info import DataConfig, InfoConfig, ModelsConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
+    from .pipelines.model_file import EvalConfig, ExportConfig, PredictConfig
     from .pipelines.surgery import SurgeryConfig
 
     return [
         _Command("demo", "run the main pipeline end to end on bundled real data", DemoConfig, _run_demo),
         _Command("segment", "train + evaluate a defect segmenter (few real + synthetic defects)", SegmentConfig,
-                 _run_segment),
+                 _json_job("inspection", "train_segmenter", drop=("model", "test_dataset", "history"))),
         _Command("synth", "write synthetic defects (procedural or diffusion) in MVTec AD layout", SynthConfig,
-                 _run_synth),
-        _Command("predict", "segment defects on image files/folders, streaming", PredictConfig, _run_predict,
-                 positional="images"),
+                 _json_job("inspection", "synthesize")),
+        _Command("predict", "run any model file on image files/folders, streaming", PredictConfig,
+                 _json_job("model_file", "run_predict", status="predicted"), positional="images"),
         _Command("anomaly", "anomaly detection (PatchCore, AnomalyCLIP): fit | test | predict IMAGES", AnomalyConfig,
-                 _run_anomaly, positional="action"),
-        _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig, _run_train),
+                 _json_job("anomaly", "run_anomaly", status="predicted"), positional="action"),
+        _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig,
+                 _json_job("classification", "train_classifier")),
         _Command("profile", "SubTuning profile: tune each block alone, plot it, pick the best few", ProfileConfig,
-                 _run_profile),
-        _Command("eval", "evaluate a trained model file on a dataset split", EvalConfig, _run_eval),
-        _Command("export", "export a model file to ONNX with a parity check", ExportConfig, _run_export),
+                 _json_job("adaptation", "run_profile")),
+        _Command("eval", "evaluate any model file on a dataset split", EvalConfig, _json_job("model_file", "run_eval")),
+        _Command("export", "export any model file to ONNX with a parity check", ExportConfig,
+                 _json_job("model_file", "export_model_file")),
         _Command("bench", "benchmark models side by side (latency, throughput, FLOPs, memory, roofline)",
                  BenchConfig, _run_bench, positional="models"),
-        _Command("data", "build the bundled real-image datasets", DataConfig, _run_data, positional="name"),
-        _Command("models", "list registered models", ModelsConfig, _run_models, positional="pattern"),
-        _Command("info", "versions, hardware and cache location", InfoConfig, _run_info),
+        _Command("data", "build the bundled real-image datasets", DataConfig, _json_job("info", "build_data"),
+                 positional="name"),
+        _Command("models", "list registered models", ModelsConfig, _json_job("info", "list_models"),
+                 positional="pattern"),
+        _Command("info", "versions, hardware and cache location", InfoConfig, _json_job("info", "describe")),
         _Command("surgery", "replace a ViT's costliest attention mixers to meet a latency budget, then distil",
                  SurgeryConfig, _run_surgery),
     ]

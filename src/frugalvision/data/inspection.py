@@ -327,12 +327,21 @@ class SegmentationTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform a ``uint8`` (or float in [0, 1]) image ``(3, H, W)`` and its mask ``(H, W)``."""
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
         img = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
         if img.shape[-2:] != (self.size, self.size):
             img = torch.nn.functional.interpolate(img[None], size=(self.size, self.size), mode="bilinear",
                                                   align_corners=False, antialias=True)[0]
+        return img
+
+    def image(self, image: torch.Tensor) -> torch.Tensor:
+        """The evaluation transform of an image alone (resize, normalise): what a deployed segmenter sees."""
+        return ((self._resize(image) - self.mean) / self.std).contiguous()
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform a ``uint8`` (or float in [0, 1]) image ``(3, H, W)`` and its mask ``(H, W)``."""
+        img = self._resize(image)
+        if mask.shape[-2:] != (self.size, self.size):
             mask = torch.nn.functional.interpolate(mask[None, None].float(), size=(self.size, self.size),
                                                    mode="nearest")[0, 0].long()
         if self.train:

@@ -6,12 +6,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2 as T
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_transforms", "data_config_of"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN  # timm's definition; one source for the whole package
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 
 
 def data_config_of(model: torch.nn.Module) -> dict[str, Any]:

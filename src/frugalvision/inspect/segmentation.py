@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._deps import require
+from ..data.inspection import segmentation_transforms
 from ..engine.task import MeanLoss, Metric, Task
 from ..models.heads import SegmentationModel
 from .metrics import SegmentationMetrics, decide
@@ -244,8 +245,7 @@ class SegmentationPredictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.img_size = int(img_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.transform = segmentation_transforms(self.img_size, train=False, mean=mean, std=std)
         self.threshold = threshold
 
     @classmethod
@@ -256,13 +256,9 @@ class SegmentationPredictor:
         return cls(model, int(info["img_size"]), info["mean"], info["std"], thr, device)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """``(H, W, 3)`` uint8 images -> a normalised batch at the model's size (bilinear, antialiased)."""
-        x = torch.stack([
-            F.interpolate(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float().div(255),
-                          size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                          antialias=True)[0] for a in images
-        ]).to(self.device)
-        return (x - self.mean) / self.std
+        """``(H, W, 3)`` uint8 images -> a normalised batch at the model's size (the evaluation transform)."""
+        return torch.stack([self.transform.image(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
+                            for a in images]).to(self.device)
 
     @torch.no_grad()
     def probs(self, x: torch.Tensor) -> torch.Tensor:

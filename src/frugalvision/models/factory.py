@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +75,25 @@ def classifier_keys(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
-def features_only_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A classifier's keys as a timm ``features_only`` model names them (``stages.0.x`` -> ``stages_0.x``).
+def features_only_keys(state_dict: Mapping[str, torch.Tensor], backbone_keys: Iterable[str]
+                       ) -> dict[str, torch.Tensor]:
+    """A classifier's keys as its timm ``features_only`` model names them.
+
+    timm's feature extractors flatten some containers (``stages.0.x`` -> ``stages_0.x``), keep others
+    (``conv1.0.x`` of a ResNet stem) or wrap the whole model (``model.x`` of a ``FeatureGetterNet``); a key is
+    renamed only to a name the backbone has.
 
     Example:
-        >>> list(features_only_keys({"stages.0.conv.weight": torch.zeros(1), "stem.weight": torch.zeros(1)}))
-        ['stages_0.conv.weight', 'stem.weight']
+        >>> sd = {"stages.0.conv.weight": torch.zeros(1), "conv1.0.weight": torch.zeros(1)}
+        >>> list(features_only_keys(sd, ["stages_0.conv.weight", "conv1.0.weight"]))
+        ['stages_0.conv.weight', 'conv1.0.weight']
     """
-    return {re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k): v for k, v in state_dict.items()}
+    own = set(backbone_keys)
+    out = {}
+    for k, v in state_dict.items():
+        names = (k, re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k), f"model.{k}")
+        out[next((n for n in names if n in own), k)] = v
+    return out
 
 
 def load_backbone_weights(backbone: nn.Module, weights: str | Path | Mapping[str, torch.Tensor],
@@ -92,4 +103,6 @@ def load_backbone_weights(backbone: nn.Module, weights: str | Path | Mapping[str
     Every backbone tensor must come from the file; the file's tensors the backbone does not use (the classifier
     head, final norms) are allowed and counted in the returned fit.
     """
-    return load_weights(backbone, weights, what=what, key_map=features_only_keys, allow_unused=True)
+    own = list(backbone.state_dict())
+    return load_weights(backbone, weights, what=what, key_map=lambda sd: features_only_keys(sd, own),
+                        allow_unused=True)

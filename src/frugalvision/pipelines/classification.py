@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..config import config_to_dict
 from ..data import ImageFolderDataset, build_transforms, data_config_of
 from ..data.bundled import cache_dir
+from ..data.images import load_image
 from ..engine import ClassificationTask, TrainConfig, Trainer, evaluate, resolve_device, seed_everything
 from ..errors import DataError
 from ..models import create_model
-from ..utils.io import atomic_write_text
-from ..weights import load_model_file, save_model_file
-from .common import load_pretrained, load_splits, resolve_data_root
+from ..utils.io import atomic_path, atomic_write_text
+from ..weights import save_model_file
+from .common import check_outputs, iter_images, load_pretrained, load_splits, resolve_data_root
 
-__all__ = ["ClassifyConfig", "EvalConfig", "ExportConfig", "export_model", "pretrain_backbone", "train_classifier"]
+__all__ = ["ClassifyConfig", "evaluate_classifier", "predict_classifier", "pretrain_backbone", "train_classifier"]
 
 
 @dataclass
@@ -53,44 +57,6 @@ class ClassifyConfig(TrainConfig):
     lm_block: int = -1
     adapt: str | None = None
     adapt_options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvalConfig:
-    """Evaluate a model file on a split of a dataset.
-
-    Attributes:
-        model_file: A model file written by ``frugalvision train`` (``model.safetensors``).
-        data: Bundled dataset name or image-folder root with split sub-folders.
-        split: Which split to evaluate.
-        batch_size: Evaluation batch size.
-        device: auto, cpu or cuda.
-    """
-
-    model_file: str = "runs/train/model.safetensors"
-    data: str = "textures"
-    split: str = "test"
-    batch_size: int = 64
-    device: str = "auto"
-
-
-@dataclass
-class ExportConfig:
-    """Export a model file to ONNX and check it with onnxruntime.
-
-    Attributes:
-        model_file: A model file written by ``frugalvision train``.
-        out: The ``.onnx`` file to write.
-        opset: ONNX opset.
-        check: Compare onnxruntime with PyTorch (tolerance 1e-4).
-        reparameterize: Fold multi-branch blocks and conv+BN pairs before export (``fv.fuse``, verified).
-    """
-
-    model_file: str = "runs/train/model.safetensors"
-    out: str = "model.onnx"
-    opset: int = 18
-    check: bool = True
-    reparameterize: bool = True
 
 
 def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -142,32 +108,77 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     return metrics
 
 
-def eval_classifier(cfg: EvalConfig) -> dict[str, float]:
-    """Evaluate a model file on a dataset split."""
-    model, info = load_model_file(cfg.model_file)
-    root = resolve_data_root(cfg.data)
-    if not (root / cfg.split).is_dir():
-        raise DataError(f"dataset folder {root} has no {cfg.split}/ split")
-    ds = ImageFolderDataset(root / cfg.split, build_transforms(info["img_size"], False, info["mean"], info["std"]),
+def evaluate_classifier(model: torch.nn.Module, info: dict[str, Any], data: str | None = None, split: str = "test",
+                        batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Accuracy of a classifier model file (plain or after surgery) on a split of a dataset.
+
+    ``data``: a bundled dataset or an image-folder root; the data the file was trained on when unset.
+    """
+    data = data or info.get("data") or "textures"
+    root = resolve_data_root(data)
+    if not (root / split).is_dir():
+        raise DataError(f"dataset folder {root} has no {split}/ split")
+    ds = ImageFolderDataset(root / split, build_transforms(info["img_size"], False, info["mean"], info["std"]),
                             classes=info["classes"])
-    return evaluate(model, ds, ClassificationTask(), cfg.batch_size, resolve_device(cfg.device), progress=True)
+    metrics = evaluate(model, ds, ClassificationTask(), batch_size, resolve_device(device), progress=progress)
+    return {"metrics": metrics, "data": f"{data} ({split} split)", "images": len(ds)}
 
 
-def export_model(cfg: ExportConfig) -> dict[str, Any]:
-    """Export a model file to ONNX (reparameterised first when asked), with the onnxruntime parity check."""
-    from ..export import export_onnx
+@torch.no_grad()
+def predict_classifier(model: torch.nn.Module, info: dict[str, Any], images: list[str], out: str | Path,
+                       overwrite: bool = False, batch_size: int = 32, top_k: int = 3, device: str = "auto",
+                       progress: bool = True) -> dict[str, Any]:
+    """Classify image files/folders with a classifier model file; writes ``predictions.csv`` (top-k classes).
 
-    model, info = load_model_file(cfg.model_file)
-    size = info.get("img_size", 224)
-    fused = ""
-    if cfg.reparameterize:  # verified on a probe batch: refuses instead of exporting a changed model
-        from ..export import fuse_with_report
+    An unreadable image is reported, recorded and skipped; an existing CSV is kept unless ``overwrite``.
+    """
+    from tqdm.auto import tqdm
 
-        model, report = fuse_with_report(model, (2, 3, size, size))
-        fused = report.summary()
-    res = export_onnx(model, cfg.out, (1, 3, size, size), opset=cfg.opset, check=cfg.check)
-    return {"path": str(res.path), "weights_file": str(res.data_path) if res.data_path else None,
-            "exporter": res.exporter, "max_abs_err": res.max_abs_err, "fused": fused}
+    out = Path(out)
+    csv_path = out / "predictions.csv"
+    total = check_outputs(images, lambda stem: [], overwrite, "out", extra=[csv_path])
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    tf = build_transforms(info["img_size"], False, info["mean"], info["std"])
+    classes = list(info["classes"])
+    k = max(1, min(top_k, len(classes)))
+    n_ok = n_bad = 0
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "status", "class", "probability", f"top{k}"])
+        batch: list[tuple[Path, torch.Tensor]] = []
+
+        def flush() -> None:
+            nonlocal n_ok
+            if not batch:
+                return
+            probs = model(torch.stack([x for _, x in batch]).to(dev)).float().softmax(1).cpu()
+            p, idx = probs.topk(k, dim=1)
+            for (path, _), pi, ii in zip(batch, p.tolist(), idx.tolist(), strict=True):
+                top = ";".join(f"{classes[c]}:{q:.4f}" for c, q in zip(ii, pi, strict=True))
+                writer.writerow([str(path), "ok", classes[ii[0]], f"{pi[0]:.6f}", top])
+                n_ok += 1
+            bar.update(len(batch))
+            batch.clear()
+
+        for path, _ in iter_images(images):
+            try:
+                x = tf(load_image(path))
+            except DataError as exc:
+                flush()
+                n_bad += 1
+                writer.writerow([str(path), f"skipped: {exc}", "", "", ""])
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+                bar.update(1)
+                continue
+            batch.append((path, x))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    bar.close()
+    return {"images": total, "predicted": n_ok, "skipped": n_bad, "csv": str(csv_path)}
 
 
 def pretrain_backbone(name: str, epochs: int = 6, img_size: int = 64, seed: int = 0, progress: bool = True) -> Path:

@@ -78,7 +78,7 @@ def iter_images(inputs: Sequence[str | Path]) -> Iterator[tuple[Path, Path]]:
 
 
 def check_outputs(inputs: Sequence[str | Path], outputs_of: Callable[[Path], list[Path]], overwrite: bool,
-                  out_key: str = "out") -> int:
+                  out_key: str = "out", extra: Sequence[Path] = ()) -> int:
     """Check every output before any work is done; returns the number of inputs.
 
     Walks the inputs lazily (no image is read) and refuses to overwrite an existing output without ``overwrite``,
@@ -89,9 +89,10 @@ def check_outputs(inputs: Sequence[str | Path], outputs_of: Callable[[Path], lis
         outputs_of: The output files of an input, from its relative stem.
         overwrite: Allow replacing existing files.
         out_key: The configuration key naming the output folder, for the message.
+        extra: Outputs written once per run (e.g. the CSV), checked too.
     """
-    seen: set[Path] = set()
-    clashes: list[Path] = []
+    seen: set[Path] = set(extra)
+    clashes: list[Path] = [p for p in extra if p.exists() and not overwrite]
     total = 0
     for path, stem in iter_images(inputs):
         total += 1

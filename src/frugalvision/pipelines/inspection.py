@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +27,33 @@ from ..data.inspection import (
     load_visa,
     segmentation_transforms,
 )
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine import TrainConfig, Trainer, evaluate, resolve_device, seed_everything
 from ..errors import ConfigError, DataError
 from ..inspect.bundled import build_benchmark, load_captions
 from ..inspect.defects import DEFECT_KINDS, describe_defect
-from ..inspect.segmentation import DecoderOnly, SegmentationTask, build_segmenter, cache_features
+from ..inspect.segmentation import (
+    DecoderOnly,
+    SegmentationPredictor,
+    SegmentationTask,
+    build_segmenter,
+    cache_features,
+)
 from ..inspect.synthesis.procedural import ProceduralConfig, ProceduralSynthesizer
+from ..inspect.visualize import overlay
 from ..models import load_backbone_weights
 from ..utils.io import atomic_path, atomic_write_text
 from ..weights import save_model_file
 from .classification import pretrain_backbone
-from .common import read_rgb, save_png
+from .common import check_outputs, iter_images, read_rgb, save_png
 
 __all__ = [
     "SegmentConfig",
     "SynthConfig",
+    "evaluate_segmenter",
     "few_shot_split",
     "load_inspection_data",
+    "predict_segmenter",
     "synthesize",
     "train_segmenter",
 ]
@@ -387,12 +398,13 @@ def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         kind, _, backbone = cfg.segmenter.partition(":")
         if kind == "ours":
-            save_model_file(model, out / "model.safetensors", "segmentation",
+            save_model_file(model, out / "model.safetensors", "segmentation", cfg.segmenter,
                             {"backbone": backbone, "num_classes": len(class_names), "dim": cfg.decoder_dim},
                             fused_backbone=bool(backbone_info.get("fused_for_training")),
-                            classes=class_names, img_size=cfg.img_size, mean=[0.485, 0.456, 0.406],
-                            std=[0.229, 0.224, 0.225], task="segmentation",
-                            threshold=_finite(metrics.get("F1_threshold"), 0.5))
+                            classes=class_names, img_size=cfg.img_size, mean=list(IMAGENET_MEAN),
+                            std=list(IMAGENET_STD), threshold=_finite(metrics.get("F1_threshold"), 0.5),
+                            data={"data": cfg.data, "format": cfg.format, "categories": cfg.categories,
+                                  "few_shot": cfg.few_shot, "split_seed": cfg.split_seed, "mask_mode": cfg.mask_mode})
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, default=str))
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     result.update(output_dir=str(out), model=model, test_dataset=test_ds, history=fit.history)
@@ -403,8 +415,99 @@ def _finite(v: Any, default: float) -> float:
     return float(v) if isinstance(v, int | float) and np.isfinite(v) else default
 
 
-@torch.no_grad()
-def predict_batch(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class map ``(N, H, W)`` and defect score map ``(N, H, W)`` (1 - p(background)) for normalised images."""
-    probs = model(images).float().softmax(1)
-    return probs.argmax(1), 1 - probs[:, 0]
+# --------------------------------------------------------------------------------------------- model files
+def _held_out(info: dict[str, Any], data: str | None, fmt: str | None, split: str) -> tuple[list[DefectSample], str]:
+    """Test samples for a segmenter file: the images its training did not see when ``data`` is its own data."""
+    trained = info.get("data") or {}
+    data = data or trained.get("data") or "bundled"
+    fmt = fmt or trained.get("format") or "mvtec"
+    cats = trained.get("categories") or None
+    samples, _ = load_inspection_data(data, split, fmt, cats)
+    same = data == trained.get("data") and fmt == trained.get("format") and split == "test"
+    if same:  # the few real defects it was trained on are not test images
+        _, test = few_shot_split(samples.samples, int(trained["few_shot"]), int(trained["split_seed"]))
+        return test, f"{data} ({split} split without the {trained['few_shot']} training defects per kind)"
+    return list(samples.samples), f"{data} ({split} split)"
+
+
+def evaluate_segmenter(model: torch.nn.Module, info: dict[str, Any], data: str | None = None, fmt: str | None = None,
+                       split: str = "test", threshold: float | None = None, batch_size: int = 32,
+                       device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Metrics of a segmentation model file on inspection data, with the decision rule it is deployed with.
+
+    The IoUs use the file's stored threshold (or ``threshold``), as ``predict`` does; the pixel AUROC and F1-max do
+    not depend on it. On the data the model was trained on, the training defects are left out.
+    """
+    classes = list(info["classes"])
+    mode = "binary" if (info.get("data") or {}).get("mask_mode") == "binary" else "kind"
+    samples, described = _held_out(info, data, fmt, split)
+    if mode == "binary":
+        samples = [s if not s.label else DefectSample(s.image, s.mask, 1, s.defect, s.category) for s in samples]
+    unknown = sorted({s.defect for s in samples if s.label and mode == "kind"} - set(classes[1:]))
+    if unknown:
+        raise DataError(f"the data has defect kinds the model does not know: {', '.join(unknown)} (it knows "
+                        f"{', '.join(classes[1:])}); evaluate on data with the same kinds")
+    thr = threshold if threshold is not None else info.get("threshold")
+    ds = DefectDataset(samples, segmentation_transforms(int(info["img_size"]), False, info["mean"], info["std"]),
+                       classes=classes[1:], mask_mode=mode)
+    metrics = evaluate(model, ds, SegmentationTask(classes, threshold=thr), batch_size=batch_size,
+                       device=resolve_device(device), progress=progress, desc="eval")
+    return {"metrics": metrics, "threshold": thr, "data": described, "images": len(ds)}
+
+
+def predict_segmenter(model: torch.nn.Module, info: dict[str, Any], images: list[str], out: str | Path,
+                      overwrite: bool = False, batch_size: int = 8, threshold: float | None = None,
+                      overlays: bool = True, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Stream images through a segmentation model file: class-coded mask PNGs, overlays and ``predictions.csv``.
+
+    Outputs are checked before any image is read (nothing is replaced without ``overwrite``); an unreadable image
+    is reported, recorded in the CSV and skipped.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    predictor = SegmentationPredictor.from_model(model, info, threshold, resolve_device(device))
+
+    def outputs(stem: Path) -> list[Path]:
+        return [out / f"{stem}_mask.png", *([out / f"{stem}_overlay.png"] if overlays else [])]
+
+    total = check_outputs(images, outputs, overwrite, "out", extra=[out / "predictions.csv"])
+    out.mkdir(parents=True, exist_ok=True)
+    n_ok = n_bad = 0
+    bar = tqdm(total=total, desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "status", "defect_fraction", "max_score", "classes", "mask"])
+        batch: list[tuple[Path, Path, np.ndarray]] = []
+
+        def flush() -> None:
+            nonlocal n_ok
+            for (path, stem, arr), p in zip(batch, predictor([a for _, _, a in batch]), strict=True):
+                paths = outputs(stem)
+                save_png(p.classes, paths[0])
+                if overlays:
+                    save_png(overlay(arr, p.classes), paths[1])
+                names = sorted({info["classes"][c] for c in np.unique(p.classes) if c > 0})
+                writer.writerow([str(path), "ok", f"{(p.classes > 0).mean():.6f}", f"{float(p.score.max()):.4f}",
+                                 ";".join(names), str(paths[0])])
+                n_ok += 1
+            bar.update(len(batch))
+            batch.clear()
+
+        for path, stem in iter_images(images):
+            try:
+                arr = read_rgb(path)
+            except DataError as exc:
+                flush()  # keep the CSV in input order
+                n_bad += 1
+                writer.writerow([str(path), f"skipped: {exc}", "", "", "", ""])
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+                bar.update(1)
+                continue
+            batch.append((path, stem, arr))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    bar.close()
+    return {"images": total, "predicted": n_ok, "skipped": n_bad, "csv": str(out / "predictions.csv"),
+            "threshold": predictor.threshold}

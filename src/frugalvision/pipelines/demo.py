@@ -19,9 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import config_to_dict
-from .report import HtmlReport, figure_png, markdown_table
-from .utils.io import atomic_write_text
+from ..config import config_to_dict
+from ..errors import ConfigError
+from ..inspect.segmentation import SegmentationPredictor
+from ..inspect.visualize import heat_map, overlay
+from ..report import HtmlReport, figure_png, markdown_table
+from ..utils.io import atomic_write_text
+from ..weights import read_model_info
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -41,7 +45,9 @@ class DemoConfig:
         pretrain_epochs: Epochs of backbone pre-training (cached per setting).
         seed: Seed.
         device: auto, cpu or cuda.
-        quick: A few steps only on one category (smoke test; the numbers are meaningless).
+        quick: Every stage on one category with a few images and steps (a check that the install works, about a
+            minute on 2 cores; the numbers are meaningless).
+        overwrite: Replace an existing run in ``out_dir``.
     """
 
     out_dir: str = "runs/demo"
@@ -55,6 +61,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     quick: bool = False
+    overwrite: bool = False
 
 
 def _curve_png(history: list[dict[str, Any]]) -> bytes:
@@ -77,19 +84,11 @@ def _curve_png(history: list[dict[str, Any]]) -> bytes:
     return figure_png(fig)
 
 
-def _heat(score: np.ndarray) -> np.ndarray:
-    import matplotlib
-
-    return (matplotlib.colormaps["inferno"](np.clip(score, 0, 1))[..., :3] * 255).astype(np.uint8)
-
-
 @torch.no_grad()
-def _overlays(model: torch.nn.Module, ds: Any, threshold: float, n_per_kind: int = 1, scale: int = 2
+def _overlays(predictor: SegmentationPredictor, ds: Any, n_per_kind: int = 1, scale: int = 2
               ) -> tuple[list[bytes], list[str]]:
     """PNG rows image | ground truth | prediction | heat map, for one image per defect kind and a good one."""
     from PIL import Image
-
-    from .inspect.predict import overlay
 
     picked: dict[str, list[int]] = {}
     for i, s in enumerate(ds.samples):
@@ -97,17 +96,12 @@ def _overlays(model: torch.nn.Module, ds: Any, threshold: float, n_per_kind: int
         if len(picked.get(kind, [])) < n_per_kind:
             picked.setdefault(kind, []).append(i)
     pngs, captions = [], []
-    model.eval()
     for kind in sorted(picked):
         for i in picked[kind]:
             raw, mask = ds.load(i)
-            x = ds[i]["image"][None]
-            probs = model(x).float().softmax(1)
-            probs = torch.nn.functional.interpolate(probs, size=raw.shape[-2:], mode="bilinear", align_corners=False)[0]
-            score = (1 - probs[0]).numpy()
-            cls = np.where(score >= threshold, probs[1:].argmax(0).numpy() + 1, 0)
             img = raw.permute(1, 2, 0).numpy()
-            panels = [img, overlay(img, mask.numpy()), overlay(img, cls), _heat(score)]
+            pred = predictor([img])[0]
+            panels = [img, overlay(img, mask.numpy()), overlay(img, pred.classes), heat_map(pred.score)]
             row = np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], 1)
             row = np.asarray(Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST))
             buf = io.BytesIO()
@@ -124,20 +118,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from timm.utils import reparameterize_model
     from tqdm.auto import tqdm
 
-    from .bench import benchmark
-    from .export import export_onnx
-    from .inspect.bundled import build_benchmark
-    from .pipelines.inspection import SegmentConfig, SynthConfig, pretrain_backbone, synthesize, train_segmenter
+    from ..bench import benchmark
+    from ..export import export_onnx
+    from ..inspect.bundled import build_benchmark
+    from .classification import pretrain_backbone
+    from .inspection import SegmentConfig, SynthConfig, synthesize, train_segmenter
 
     out = Path(cfg.out_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"{out} already holds a demo run; pass overwrite=true to replace it or choose another "
+                          "out_dir=")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     categories = cfg.categories or (["brick"] if cfg.quick else [])
     backbone = cfg.segmenter.split(":", 1)[1] if cfg.segmenter.startswith("ours:") else None
     if backbone is None:
-        from .errors import ConfigError
-
         raise ConfigError("the demo trains 'ours:<timm backbone>' segmenters (a frozen pre-trained backbone)")
     stages = tqdm(total=8, desc="demo", unit="stage", dynamic_ncols=True)
 
@@ -199,7 +195,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     stages.set_description("demo: report")
-    threshold = float(metrics.get("F1_threshold", 0.5)) if np.isfinite(metrics.get("F1_threshold", np.nan)) else 0.5
     quality = [{"metric": k, "value": round(v, 2)} for k, v in metrics.items()
                if k in ("mIoU", "mIoU_defects", "pixel_AUROC", "F1_max")]
     per_class = [{"class": k.split("/", 1)[1], "IoU (%)": round(v, 2)} for k, v in metrics.items()
@@ -226,7 +221,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     report.image(_curve_png(res["history"]), "training loss and test-split metrics per epoch",
                  alt="training curve")
     report.heading("Per-image results")
-    pngs, caps = _overlays(model, test_ds, threshold)
+    # the pictures come from the written model file's description (its stored threshold), as `predict` would
+    predictor = SegmentationPredictor.from_model(model, read_model_info(Path(res["output_dir"]) / "model.safetensors"))
+    pngs, caps = _overlays(predictor, test_ds)
     for png, cap in zip(pngs, caps, strict=True):
         report.image(png, cap, alt=cap)
     report.heading("Speed (batch 1 latency, batch 8 throughput)")
