@@ -12,6 +12,7 @@ import torch
 import frugalvision  # noqa: F401  (registers our models)
 from fastervit_parity import assert_gradients_match, rel
 from frugalvision.bench import count_flops, count_params
+from frugalvision.errors import CheckpointError
 from frugalvision.models.fastervit import FasterViT, checkpoint_filter_fn, load_official_checkpoint
 from frugalvision.utils.testing import perturb_parameters, randomize_bn_stats
 
@@ -132,7 +133,7 @@ def test_load_official_checkpoint_file(tmp_path):
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert rel(theirs(x), ours(x)) <= 1e-5
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(CheckpointError, match=r"fastervit_tiny\.pth\.tar do not fit this FasterViT.*shape mismatch"):
         load_official_checkpoint(FasterViT(**TINY["hat_plain"]), path)
 
 

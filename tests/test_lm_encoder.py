@@ -305,10 +305,10 @@ def test_registered_variants_and_minilm_default():
 
 
 def test_model_file_round_trip(tmp_path):
-    from frugalvision.models import load_model_file, save_model_file
+    from frugalvision.weights import load_model_file, save_model_file
 
     m = timm.create_model("test_vit_lm", num_classes=3).eval()
-    save_model_file(m, tmp_path / "m.safetensors", "test_vit_lm", {"num_classes": 3})
+    save_model_file(m, tmp_path / "m.safetensors", "classifier", "test_vit_lm", {"num_classes": 3})
     m2, _ = load_model_file(tmp_path / "m.safetensors")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_train_command_with_an_lm_block(tmp_path, bert_dir, capsys):
                  "max_steps=2", "batch_size=8", "progress=false", f"output_dir={out}"]) == 0
     capsys.readouterr()
     assert main(["eval", f"model_file={out / 'model.safetensors'}", "data=faces", "split=test"]) == 0
-    from frugalvision.models import load_model_file
+    from frugalvision.weights import load_model_file
 
     model, info = load_model_file(out / "model.safetensors")
     assert info["model_kwargs"]["lm_path"] == str(path) and model.lm_info["family"] == "bert"

@@ -14,12 +14,12 @@ from frugalvision import modulate
 from frugalvision.engine import ClassificationTask, TrainConfig, Trainer, evaluate
 from frugalvision.engine.distill import DistillationTask, DistillOutput, kd_loss
 from frugalvision.errors import ConfigError
+from frugalvision.weights import load_model_file, save_model_file
 from frugalvision.surgery import (
     BlockCost,
     CostTable,
     TokenModulationMixer,
     find_attention_blocks,
-    load_modulated,
     measure_block_costs,
     plan_surgery,
     replace_mixers,
@@ -263,18 +263,18 @@ def test_distillation_with_the_engine_reduces_the_loss(one_thread, weights, term
 # --------------------------------------------------------------------------------------------- CLI + files
 def test_cli_surgery_writes_a_loadable_model_file(tmp_path, capsys, one_thread):
     from frugalvision.cli import main
-    from frugalvision.models import save_model_file
 
     kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 3}
     path = save_model_file(timm.create_model("vit_tiny_patch16_224", **kwargs), tmp_path / "vit.safetensors",
-                           "vit_tiny_patch16_224", kwargs, classes=["a", "b", "c"], img_size=32)
+                           "classifier", "vit_tiny_patch16_224", kwargs, classes=["a", "b", "c"], img_size=32)
     rc = main(["surgery", f"model_file={path}", "blocks=[blocks.0]", "repeats=2", "threads=1", "distill_epochs=0",
                f"output_dir={tmp_path / 'out'}", "progress=false"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "out" / "report.json").read_text())
     assert res["report"]["replaced"] == ["blocks.0"] and (tmp_path / "out" / "report.md").is_file()
-    model, info = load_modulated(tmp_path / "out" / "model.safetensors")
+    model, info = load_model_file(tmp_path / "out" / "model.safetensors")
     assert isinstance(model.blocks[0].attn, TokenModulationMixer) and info["surgery"]["blocks"] == ["blocks.0"]
+    assert info["kind"] == "surgery"
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3) and info["classes"] == ["a", "b", "c"]
     rc = main(["surgery", "model=resnet18", "img_size=32", "budget_ms=1", "progress=false",
                f"output_dir={tmp_path / 'x'}"])
@@ -285,18 +285,17 @@ def test_cli_surgery_writes_a_loadable_model_file(tmp_path, capsys, one_thread):
 
 
 def test_run_surgery_on_a_model_file_distils_and_reports_accuracy(tmp_path, one_thread):
-    from frugalvision.models import save_model_file
-    from frugalvision.surgery import SurgeryConfig, run_surgery
+    from frugalvision.pipelines.surgery import SurgeryConfig, run_surgery
 
     kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 2}
     model = timm.create_model("vit_tiny_patch16_224", **kwargs)
-    path = save_model_file(model, tmp_path / "vit.safetensors", "vit_tiny_patch16_224", kwargs,
+    path = save_model_file(model, tmp_path / "vit.safetensors", "classifier", "vit_tiny_patch16_224", kwargs,
                            classes=["face", "nonface"], img_size=32, mean=[0.5] * 3, std=[0.5] * 3)
     cfg = SurgeryConfig(model_file=str(path), blocks=["blocks.1"], data="faces", distill_epochs=1, batch_size=40,
                         repeats=1, threads=1, progress=False, device="cpu", output_dir=tmp_path / "out")
     res = run_surgery(cfg)
     assert set(res["acc1"]) == {"original", "surgery", "distilled"}
     assert all(0.0 <= v <= 100.0 for v in res["acc1"].values())
-    student, info = load_modulated(res["model_file"])
+    student, info = load_model_file(res["model_file"])
     assert info["classes"] == ["face", "nonface"] and isinstance(student.blocks[1].attn, TokenModulationMixer)
     assert not isinstance(student.blocks[0].attn, TokenModulationMixer)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from frugalvision.engine import TrainConfig, Trainer, save_weights, seed_everything
+from frugalvision.engine import TrainConfig, Trainer, seed_everything
+from frugalvision.weights import write_weights
 
 
 class NoisyBlobs(Dataset):
@@ -66,7 +67,7 @@ def main() -> None:
                       callbacks=callbacks)
     trainer.fit()
     if trainer.dist.is_main:
-        save_weights(model, Path(a.out) / "final.safetensors", metadata={"world_size": str(trainer.dist.world_size)})
+        write_weights(Path(a.out) / "final.safetensors", model, metadata={"world_size": str(trainer.dist.world_size)})
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ class SegmentationPredictor:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``(H, W, 3)`` uint8 images -> a normalised batch at the model's size (the evaluation transform)."""
-        return torch.stack([self.transform.image(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1))
+        return torch.stack([self.transform.image(torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1))
                             for a in images]).to(self.device)
 
     @torch.no_grad()

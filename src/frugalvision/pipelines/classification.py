@@ -121,7 +121,7 @@ def evaluate_classifier(model: torch.nn.Module, info: dict[str, Any], data: str 
     ds = ImageFolderDataset(root / split, build_transforms(info["img_size"], False, info["mean"], info["std"]),
                             classes=info["classes"])
     metrics = evaluate(model, ds, ClassificationTask(), batch_size, resolve_device(device), progress=progress)
-    return {"metrics": metrics, "data": f"{data} ({split} split)", "images": len(ds)}
+    return {**metrics, "data": f"{data} ({split} split)", "images": len(ds)}
 
 
 @torch.no_grad()

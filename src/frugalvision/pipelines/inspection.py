@@ -452,7 +452,7 @@ def evaluate_segmenter(model: torch.nn.Module, info: dict[str, Any], data: str |
                        classes=classes[1:], mask_mode=mode)
     metrics = evaluate(model, ds, SegmentationTask(classes, threshold=thr), batch_size=batch_size,
                        device=resolve_device(device), progress=progress, desc="eval")
-    return {"metrics": metrics, "threshold": thr, "data": described, "images": len(ds)}
+    return {**metrics, "threshold": thr, "data": described, "images": len(ds)}
 
 
 def predict_segmenter(model: torch.nn.Module, info: dict[str, Any], images: list[str], out: str | Path,
@@ -482,6 +482,8 @@ def predict_segmenter(model: torch.nn.Module, info: dict[str, Any], images: list
 
         def flush() -> None:
             nonlocal n_ok
+            if not batch:
+                return
             for (path, stem, arr), p in zip(batch, predictor([a for _, _, a in batch]), strict=True):
                 paths = outputs(stem)
                 save_png(p.classes, paths[0])
