@@ -80,12 +80,17 @@ def list_models(cfg: ModelsConfig) -> str:
 
 def describe(cfg: InfoConfig) -> dict[str, Any]:
     """Versions, hardware and the cache folder."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    from .. import __version__
     from ..bench import machine_info
     from ..data import cache_dir
 
+    try:
+        ours = version("frugalvision")
+    except PackageNotFoundError:  # a source tree that is not installed
+        ours = "unknown (not installed)"
     info = machine_info("cpu")
-    return {"frugalvision": __version__, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+    return {"frugalvision": ours, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "cpu": info.cpu, "cores": info.cores, "threads": info.threads, "cache_dir": str(cache_dir())}
