@@ -106,7 +106,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for t in sorted(graph.get(n, ())):
             if state.get(t) == 1:
-                return stack[stack.index(t):] + [t]
+                return [*stack[stack.index(t):], t]
             if t not in state and (c := visit(t)):
                 return c
         stack.pop()

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from types import ModuleType
 
 from .errors import MissingDependencyError
 
 #: module name -> (pip extra, what it is for)
 _EXTRAS: dict[str, str] = {
-    "onnx": "onnx",
-    "onnxruntime": "onnx",
-    "onnxscript": "onnx",
+    "openpyxl": "data",
     "transformers": "lm",
     "open_clip": "clip",
     "diffusers": "diffusion",
@@ -46,3 +45,33 @@ def require(module: str, feature: str, extra: str | None = None) -> ModuleType:
             f"{feature} needs the optional package '{module}', which is not installed: "
             f'run `pip install "frugalvision[{extra}]"`.'
         ) from exc
+
+
+def require_all(needs: Iterable[tuple[str, str, str]]) -> None:
+    """Check a job's optional dependencies before it does any work; one error names every missing extra.
+
+    Args:
+        needs: ``(module, feature, extra)`` triples, e.g. ``("diffusers", "synthetic=diffusion", "diffusion")``.
+
+    Raises:
+        MissingDependencyError: Listing what is missing and the one ``pip install`` command that adds it all.
+
+    Example:
+        >>> require_all([("numpy", "arrays", "core")])
+        >>> require_all([("no_such_package_xyz", "flying", "wings")])
+        Traceback (most recent call last):
+        ...
+        frugalvision.errors.MissingDependencyError: flying needs the optional package 'no_such_package_xyz', ...
+    """
+    missing: list[tuple[str, str, str]] = []
+    for module, feature, extra in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append((module, feature, extra))
+    if not missing:
+        return
+    what = "; ".join(f"{feature} needs the optional package '{module}'" for module, feature, _ in missing)
+    extras = ",".join(dict.fromkeys(extra for _, _, extra in missing))
+    raise MissingDependencyError(f'{what}, which is not installed: run `pip install "frugalvision[{extras}]"` '
+                                 "(nothing was done yet).")

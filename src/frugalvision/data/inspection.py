@@ -238,7 +238,7 @@ def _read_captions(path: Path) -> dict[str, str]:
     if path.suffix.lower() == ".xlsx":
         from .._deps import require
 
-        openpyxl = require("openpyxl", "reading Defect Spectrum's captions.xlsx", extra="all")
+        openpyxl = require("openpyxl", "reading Defect Spectrum's captions.xlsx", extra="data")
         wb = openpyxl.load_workbook(path, read_only=True)
         data = list(wb.active.iter_rows(values_only=True))
         header = [str(h).strip().lower() for h in data[0]]

@@ -128,12 +128,14 @@ class ProfileConfig:
 
 def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     """Profile ``cfg.model``'s blocks on ``cfg.data``; write the plot, the chosen layers (JSON) and a CSV."""
+    from .._deps import require_all
     from ..adapt import SubTuningConfig, find_parts, plot_profile, subtuning_select
     from ..data import data_config_of
     from ..engine import seed_everything
     from ..models import create_model
-    from .common import load_pretrained, load_splits
+    from .common import lm_needs, load_pretrained, load_splits
 
+    require_all(lm_needs(cfg.model, None))
     out = Path(cfg.output_dir or f"runs/profile/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     seed_everything(cfg.seed)
     probe = create_model(cfg.model)

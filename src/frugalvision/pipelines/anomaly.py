@@ -1,35 +1,47 @@
 """Anomaly-detection jobs on MVTec AD-layout folders: fit, test (metrics + report), predict (masks + overlays).
 
-One model per category (PatchCore's memory bank describes one kind of surface). A run folder holds::
+One model file per category (PatchCore's memory bank describes one kind of surface). A run folder holds::
 
     <out>/<category>/model.safetensors   fitted model + thresholds (+ model.onnx with onnx=true)
     <out>/metrics.json, metrics.md         the metric table of the last test
     <out>/report.html                      table + overlays (self-contained)
     <out>/overlays/<category>/*.png        image | anomaly map | predicted mask (red) with ground truth (green)
+
+Methods are looked up by name in a registry (:data:`ANOMALY_METHODS`, :func:`register_anomaly_method`): each
+says what it needs (the category's defect-free training images or not, what ``backbone_weights=`` means) and
+makes the category's model file. Every file is a self-contained ``frugalvision.weights`` model file of its kind,
+so everything after fitting (metrics, thresholds, report, ONNX export, predict) is shared, and the generic
+``frugalvision eval | export | predict`` commands open it too (:func:`evaluate_anomaly_model`,
+:func:`predict_anomaly_model`, :func:`anomaly_spec`).
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
-import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import config_to_dict
 from ..errors import ConfigError, DataError
+from ..inspect.anomaly.export import AnomalyPredictor, AnomalySpec
 from ..utils.io import atomic_path, atomic_write_text
+from ..weights import load_model_file, save_model_file
+from .common import check_outputs, iter_images, read_rgb, save_png
 
-__all__ = ["AnomalyConfig", "fit_anomaly", "predict_anomaly", "run_anomaly", "test_anomaly"]
+__all__ = ["ANOMALY_METHODS", "AnomalyCLIPMethod", "AnomalyConfig", "AnomalyMethod", "PatchCoreMethod",
+           "anomaly_spec", "evaluate_anomaly_model", "fit_anomaly", "get_anomaly_method", "list_anomaly_methods",
+           "predict_anomaly", "predict_anomaly_model", "register_anomaly_method", "run_anomaly", "test_anomaly"]
 
 log = logging.getLogger(__name__)
 _ACTIONS = ("fit", "test", "predict")
@@ -42,13 +54,15 @@ class AnomalyConfig:
     Attributes:
         action: ``fit`` (fit one model per category, then test), ``test`` (metrics + report of a run folder) or
             ``predict`` followed by image files/folders.
-        method: ``patchcore`` (memory bank on a frozen backbone) or ``anomalyclip`` (zero-shot, nothing to fit).
+        method: A registered method: ``patchcore`` (memory bank on a frozen backbone) or ``anomalyclip``
+            (zero-shot, nothing to fit).
         data: ``bundled`` (the inspection benchmark) or an MVTec AD-layout folder.
         categories: Categories to use (all when empty).
         out: Run folder (models, metrics, report).
         backbone: timm backbone name (ours included), used frozen.
-        backbone_weights: ``pretrain`` (classifier trained on the bundled real textures, cached), ``none``
-            (random: meaningless scores) or a weights file of the backbone architecture.
+        backbone_weights: patchcore: ``pretrain`` (classifier trained on the bundled real textures, cached),
+            ``none`` (random: meaningless scores) or a weights file of the backbone architecture; anomalyclip: the
+            AnomalyCLIP model file to use.
         layers: The two backbone feature indices whose patches are used (``feature_info`` order, finest first).
         img_size: Input resolution (square).
         shots: Defect-free training images per category (0 = all of ``train/good``).
@@ -73,7 +87,7 @@ class AnomalyConfig:
     """
 
     action: list[str] = field(default_factory=lambda: ["fit"])
-    method: Literal["patchcore", "anomalyclip"] = "patchcore"
+    method: str = "patchcore"
     data: str = "bundled"
     categories: list[str] = field(default_factory=list)
     out: str = "runs/anomaly"
@@ -120,102 +134,185 @@ def run_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
     return predict_anomaly(cfg)
 
 
-# --------------------------------------------------------------------------------------------- models
-def _load_rgb(path: Path) -> np.ndarray:
-    from ..data.images import load_image
+# --------------------------------------------------------------------------------------------- methods
+class AnomalyMethod:
+    """How ``frugalvision anomaly fit`` makes one category's model file; subclasses are registered by name.
 
-    return np.asarray(load_image(path))
+    Attributes:
+        method: The registered name (set by :func:`register_anomaly_method`).
+        kind: The model-file kind it writes (:data:`frugalvision.weights.MODEL_KINDS`).
+        uses_train_images: Whether fitting reads the category's defect-free ``train/good`` images (``shots``
+            applies); ``False`` for zero-shot methods.
+        backbone_weights: What ``backbone_weights=`` means for the method.
+    """
+
+    method: ClassVar[str] = "base"
+    kind: ClassVar[str] = ""
+    uses_train_images: ClassVar[bool] = True
+    backbone_weights: ClassVar[str] = ""
+
+    def fit(self, cfg: AnomalyConfig, category: str, images: list[Path], path: Path) -> dict[str, Any]:
+        """Make ``category``'s model from its training ``images``, save it as a model file at ``path``.
+
+        Returns:
+            Fit statistics (``fit_s``, ``train_images``, ...), also stored in the file as ``fit``.
+        """
+        raise NotImplementedError
 
 
-def _load_backbone_weights(model: Any, weights: str, progress: bool) -> dict[str, Any]:
-    from ..engine.checkpoint import load_state_dict_file
-    from .inspection import pretrain_backbone
+ANOMALY_METHODS: dict[str, type[AnomalyMethod]] = {}
+
+M = TypeVar("M", bound="type[AnomalyMethod]")
+
+
+def register_anomaly_method(name: str) -> Any:
+    """Class decorator registering an :class:`AnomalyMethod` subclass under ``name``.
+
+    Example:
+        >>> @register_anomaly_method("constant_demo")
+        ... class Constant(AnomalyMethod):
+        ...     kind = "patchcore"
+        >>> "constant_demo" in list_anomaly_methods()
+        True
+        >>> _ = ANOMALY_METHODS.pop("constant_demo")
+    """
+
+    def deco(cls: M) -> M:
+        if name in ANOMALY_METHODS and ANOMALY_METHODS[name] is not cls:
+            raise ValueError(f"anomaly method {name!r} is already registered by {ANOMALY_METHODS[name].__name__}")
+        cls.method = name
+        ANOMALY_METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_anomaly_methods() -> list[str]:
+    """Registered method names.
+
+    Example:
+        >>> list_anomaly_methods()
+        ['anomalyclip', 'patchcore']
+    """
+    return sorted(ANOMALY_METHODS)
+
+
+def get_anomaly_method(name: str) -> AnomalyMethod:
+    """A fresh instance of the method registered as ``name`` (an unknown name names the close matches).
+
+    Example:
+        >>> get_anomaly_method("patchcore").kind
+        'patchcore'
+        >>> get_anomaly_method("patchcor")
+        Traceback (most recent call last):
+        ...
+        frugalvision.errors.ConfigError: unknown anomaly method 'patchcor'; did you mean patchcore? (available: ...
+    """
+    if name not in ANOMALY_METHODS:
+        close = difflib.get_close_matches(name, ANOMALY_METHODS, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown anomaly method {name!r}{hint} (available: {', '.join(list_anomaly_methods())})")
+    return ANOMALY_METHODS[name]()
+
+
+def _load_backbone_weights(backbone: torch.nn.Module, name: str, weights: str, progress: bool) -> dict[str, Any]:
+    from ..models import load_backbone_weights
+    from .classification import pretrain_backbone
 
     if weights == "none":
         log.warning("backbone_weights=none: a random backbone gives meaningless anomaly scores")
         return {"weights": "none"}
-    file = pretrain_backbone(model.backbone_name, progress=progress) if weights == "pretrain" else Path(weights)
+    file = pretrain_backbone(name, progress=progress) if weights == "pretrain" else Path(weights)
     if not Path(file).is_file():
         raise ConfigError(f"backbone_weights {weights!r} is not 'pretrain', 'none' or an existing file")
-    sd = {re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k): v for k, v in load_state_dict_file(file).items()}
-    own = model.backbone.state_dict()
-    found = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
-    missing = [k for k in own if k not in found]
-    if missing:
-        raise ConfigError(f"{file} does not fit backbone {model.backbone_name}: {len(missing)} tensors missing "
-                          f"(e.g. {missing[0]}); is it a checkpoint of the same architecture?")
-    model.backbone.load_state_dict(found)
-    return {"weights": weights, "file": str(file), "tensors": len(found)}
+    fit = load_backbone_weights(backbone, file, what=f"backbone {name}")
+    return {"weights": weights, "file": str(file), "tensors": len(fit.loaded)}
 
 
-def _build_patchcore(cfg: AnomalyConfig) -> tuple[Any, dict[str, Any]]:
-    from ..inspect.anomaly.patchcore import PatchCoreModel
+@register_anomaly_method("patchcore")
+class PatchCoreMethod(AnomalyMethod):
+    """PatchCore: a memory bank of the category's defect-free patch features on a frozen, pretrained backbone."""
 
-    model = PatchCoreModel(cfg.backbone, layers=cfg.layers, img_size=cfg.img_size, num_neighbors=cfg.num_neighbors,
-                           sigma=cfg.sigma)
-    model.backbone_name = cfg.backbone  # type: ignore[assignment]
-    info = _load_backbone_weights(model, cfg.backbone_weights, cfg.progress)
-    if cfg.fuse:
-        from timm.utils import reparameterize_model
+    kind = "patchcore"
+    uses_train_images = True
+    backbone_weights = ("'pretrain' (classifier trained on the bundled textures, cached), 'none' (random) or a "
+                        "classifier weights file of `backbone`")
 
-        model.backbone = reparameterize_model(model.backbone).requires_grad_(False)
-    return model, info
+    def build(self, cfg: AnomalyConfig) -> tuple[Any, dict[str, Any]]:
+        """An unfitted model with its backbone weights loaded (and fused with ``fuse=true``), and how they loaded."""
+        from ..inspect.anomaly.patchcore import PatchCoreModel
 
+        model = PatchCoreModel(cfg.backbone, layers=cfg.layers, img_size=cfg.img_size, num_neighbors=cfg.num_neighbors,
+                               sigma=cfg.sigma)
+        info = _load_backbone_weights(model.backbone, cfg.backbone, cfg.backbone_weights, cfg.progress)
+        if cfg.fuse:
+            model.fuse_backbone()
+        return model, info
 
-def _anomalyclip_module() -> Any:
-    """The AnomalyCLIP module's pipeline entry point ``build_for_pipeline(config: dict, category: str)``."""
-    try:
-        from ..inspect.anomaly import anomalyclip
-    except ImportError as exc:
-        raise ConfigError(f"method=anomalyclip is not available in this installation ({exc}); use "
-                          "method=patchcore") from None
-    if not hasattr(anomalyclip, "build_for_pipeline"):
-        raise ConfigError("method=anomalyclip is not wired into the anomaly CLI yet (frugalvision.inspect.anomaly."
-                          "anomalyclip has no build_for_pipeline(config, category)); use its Python API "
-                          "(AnomalyCLIP) or method=patchcore")
-    return anomalyclip
+    def fit(self, cfg: AnomalyConfig, category: str, images: list[Path], path: Path) -> dict[str, Any]:
+        """Fill the memory bank from ``images`` and save the model file."""
+        from ..inspect.anomaly.training import fit_patchcore
 
-
-def _load_model(path: Path) -> tuple[Any, dict[str, Any]]:
-    from ..engine.checkpoint import load_state_dict_file
-    from ..inspect.anomaly.patchcore import load_patchcore
-    from ..models.factory import read_model_info
-
-    info = read_model_info(path)
-    if info.get("method") == "anomalyclip":
-        model = _anomalyclip_module().build_for_pipeline(info["pipeline_config"], info["category"])
-        model.load_state_dict(load_state_dict_file(path))
-        return model.eval(), info
-    return load_patchcore(path)
+        model, binfo = self.build(cfg)
+        fit = fit_patchcore(model, _batches(images, cfg.img_size, cfg.batch_size), cfg.coreset_ratio, cfg.max_bank,
+                            cfg.projection_dim, cfg.seed, cfg.progress)
+        stats = {"fit_s": fit.total_s, "extract_s": fit.extract_s, "coreset_s": fit.coreset_s,
+                 "train_images": fit.train_images, "patches": fit.patches, "bank": fit.bank_size}
+        save_model_file(model, path, "patchcore", "patchcore", model.model_kwargs(), category=category, data=cfg.data,
+                        backbone_info=binfo, fit=stats)
+        return stats
 
 
-def _save_model(model: Any, path: Path, info: dict[str, Any]) -> None:
-    from ..inspect.anomaly.patchcore import save_patchcore
-    from ..models import save_model_file
+@register_anomaly_method("anomalyclip")
+class AnomalyCLIPMethod(AnomalyMethod):
+    """AnomalyCLIP zero-shot: one category-agnostic model (prompts learned on auxiliary categories), nothing fitted.
 
-    meta = {k: v for k, v in info.items() if k not in ("name", "model_kwargs", "fused_backbone", "task", "method")}
-    if info.get("method") == "anomalyclip":
-        save_model_file(model, path, "anomalyclip", {}, task="anomaly", method="anomalyclip", **meta)
-        return
-    save_patchcore(model, path, info["model_kwargs"]["backbone"], fused=bool(info.get("fused_backbone")), **meta)
+    The model comes from the AnomalyCLIP model file given as ``backbone_weights=`` (e.g. written by
+    ``experiments/anomalyclip_zero_shot.py --save FILE``); every category gets a self-contained copy of it.
+    """
+
+    kind = "anomalyclip"
+    uses_train_images = False
+    backbone_weights = "an AnomalyCLIP model file (kind anomalyclip)"
+
+    def load(self, cfg: AnomalyConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The AnomalyCLIP model of ``cfg.backbone_weights`` and its description."""
+        weights = str(cfg.backbone_weights or "")
+        if not weights or not Path(weights).is_file():
+            raise ConfigError(f"method=anomalyclip needs backbone_weights=<AnomalyCLIP model file> (a model file of "
+                              f"kind anomalyclip, e.g. from experiments/anomalyclip_zero_shot.py --save); got "
+                              f"{weights!r}")
+        model, info = load_model_file(weights)
+        if info["kind"] != "anomalyclip":
+            raise ConfigError(f"backbone_weights={weights} holds a {info['kind']} model, not an AnomalyCLIP model")
+        return model, info
+
+    def fit(self, cfg: AnomalyConfig, category: str, images: list[Path], path: Path) -> dict[str, Any]:
+        """Save the zero-shot model as the category's model file (with the input size it is run at)."""
+        t0 = time.perf_counter()
+        model, _ = self.load(cfg)
+        stats = {"fit_s": time.perf_counter() - t0, "train_images": 0}
+        save_model_file(model, path, "anomalyclip", "anomalyclip", model.model_kwargs(), img_size=cfg.img_size,
+                        category=category, data=cfg.data, source_file=str(cfg.backbone_weights), fit=stats)
+        return stats
 
 
 # --------------------------------------------------------------------------------------------- data
-def _samples(cfg: AnomalyConfig, split: str) -> dict[str, list[Any]]:
+def _samples(data: str, split: str, categories: Sequence[str]) -> dict[str, list[Any]]:
     from .inspection import load_inspection_data
 
-    samples, _ = load_inspection_data(cfg.data, split, "mvtec", cfg.categories)
+    samples, _ = load_inspection_data(data, split, "mvtec", list(categories))
     by_cat: dict[str, list[Any]] = {}
     for s in samples.samples:
         by_cat.setdefault(s.category, []).append(s)
     return by_cat
 
 
-def _batches(paths: list[Path], size: int, batch: int) -> Any:
+def _batches(paths: list[Path], size: int, batch: int) -> Iterator[torch.Tensor]:
     from ..inspect.anomaly.export import preprocess
 
     for i in range(0, len(paths), batch):
-        yield preprocess([_load_rgb(p) for p in paths[i : i + batch]], size)
+        yield preprocess([read_rgb(p) for p in paths[i : i + batch]], size)
 
 
 def _category_dirs(out: Path, categories: list[str]) -> list[Path]:
@@ -228,51 +325,160 @@ def _category_dirs(out: Path, categories: list[str]) -> list[Path]:
     return dirs
 
 
+def anomaly_spec(info: dict[str, Any]) -> AnomalySpec:
+    """What inference and ONNX export need besides the graph: input size, stored thresholds and method.
+
+    The input size is the file's ``img_size`` (PatchCore: its constructor's; AnomalyCLIP: the size the anomaly
+    pipeline ran it at, else the model's own input size); thresholds are 0 until ``frugalvision anomaly test``
+    stored them.
+
+    Example:
+        >>> anomaly_spec({"kind": "patchcore", "model_kwargs": {"img_size": 128}, "pixel_threshold": 0.5})
+        AnomalySpec(img_size=128, pixel_threshold=0.5, image_threshold=0.0, method='patchcore')
+    """
+    kwargs = info.get("model_kwargs") or {}
+    size = kwargs.get("img_size", info.get("img_size"))
+    if size is None:  # an AnomalyCLIP file not written by the pipeline: the model's own input size
+        size = (kwargs.get("config") or {}).get("image_size") or (kwargs.get("backbone") or {}).get(
+            "arch", {}).get("image_size")
+    if size is None:
+        raise ConfigError(f"the {info.get('kind')} model file records no input size (img_size); write it with "
+                          "save_model_file(..., img_size=N)")
+    return AnomalySpec(int(size), float(info.get("pixel_threshold", 0.0)), float(info.get("image_threshold", 0.0)),
+                       str(info.get("kind", "patchcore")))
+
+
 # --------------------------------------------------------------------------------------------- fit
 def fit_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
-    """Fit one model per category on its ``train/good`` images, save them, then run :func:`test_anomaly`."""
-    from ..inspect.anomaly.patchcore import fit_patchcore, save_patchcore
-
+    """Make one model per category (on its ``train/good`` images when the method uses them), then test them."""
+    method = get_anomaly_method(cfg.method)
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise ConfigError(f"run folder {out} exists and is not empty; pass overwrite=true to replace it or "
                               "choose another out=")
         shutil.rmtree(out)
-    train = _samples(cfg, "train")
+    train = _samples(cfg.data, "train", cfg.categories)
     rng = np.random.default_rng(cfg.seed)
     fits: dict[str, Any] = {}
     for cat in sorted(train):
-        paths = [s.image for s in train[cat] if s.label == 0]
-        if cfg.shots:
-            if cfg.shots > len(paths):
-                raise DataError(f"{cat}: shots={cfg.shots} but train/good has only {len(paths)} images")
-            paths = [paths[i] for i in sorted(rng.permutation(len(paths))[: cfg.shots])]
-        if not paths:
-            raise DataError(f"{cat} has no defect-free training images (train/good is empty)")
+        paths: list[Path] = []
+        if method.uses_train_images:
+            paths = [s.image for s in train[cat] if s.label == 0]
+            if cfg.shots:
+                if cfg.shots > len(paths):
+                    raise DataError(f"{cat}: shots={cfg.shots} but train/good has only {len(paths)} images")
+                paths = [paths[i] for i in sorted(rng.permutation(len(paths))[: cfg.shots])]
+            if not paths:
+                raise DataError(f"{cat} has no defect-free training images (train/good is empty)")
         folder = out / cat
         folder.mkdir(parents=True, exist_ok=True)
-        if cfg.method == "anomalyclip":  # zero-shot: nothing is fitted on the category's images
-            from ..models import save_model_file
-
-            t0 = time.perf_counter()
-            clip = _anomalyclip_module().build_for_pipeline(config_to_dict(cfg), cat)
-            fits[cat] = {"fit_s": time.perf_counter() - t0, "train_images": 0}
-            save_model_file(clip, folder / "model.safetensors", "anomalyclip", {}, task="anomaly",
-                            method="anomalyclip", img_size=cfg.img_size, category=cat,
-                            pipeline_config=config_to_dict(cfg), fit=fits[cat])
-            continue
-        model, binfo = _build_patchcore(cfg)
-        fit = fit_patchcore(model, _batches(paths, cfg.img_size, cfg.batch_size), cfg.coreset_ratio, cfg.max_bank,
-                            cfg.projection_dim, cfg.seed, cfg.progress)
-        fits[cat] = {"fit_s": fit.total_s, "extract_s": fit.extract_s, "coreset_s": fit.coreset_s,
-                     "train_images": fit.train_images, "patches": fit.patches, "bank": fit.bank_size}
-        save_patchcore(model, folder / "model.safetensors", cfg.backbone, fused=cfg.fuse, category=cat,
-                       backbone_info=binfo, fit=fits[cat])
+        fits[cat] = method.fit(cfg, cat, paths, folder / "model.safetensors")
     atomic_write_text(out / "config.yaml", json.dumps(config_to_dict(cfg), indent=1))
     res = test_anomaly(cfg)
     res["fit"] = fits
     return res
+
+
+# --------------------------------------------------------------------------------------------- scoring
+class _Scored(NamedTuple):
+    metrics: Any  # AnomalyMetrics, every image added
+    scores: list[float]
+    labels: list[int]
+    keep: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]]  # one defective (sample, image, map, mask) per kind
+    infer_s: float
+
+
+@torch.no_grad()
+def _score(predictor: AnomalyPredictor, samples: list[Any], batch_size: int, progress: bool = False) -> _Scored:
+    """Run the predictor over a category's test samples and accumulate every metric."""
+    from tqdm.auto import tqdm
+
+    from ..data.inspection import load_mask
+    from ..inspect.anomaly import AnomalyMetrics
+
+    metrics = AnomalyMetrics()
+    t0 = time.perf_counter()
+    scores: list[float] = []
+    labels: list[int] = []
+    keep: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]] = []
+    for i in tqdm(range(0, len(samples), batch_size), desc="test", disable=not progress, leave=False):
+        chunk = samples[i : i + batch_size]
+        imgs = [read_rgb(s.image) for s in chunk]
+        preds = predictor(imgs)
+        masks = [load_mask(s.mask, (a.shape[1], a.shape[0])) for s, a in zip(chunk, imgs, strict=True)]
+        if len({a.shape for a in imgs}) == 1:
+            metrics.update(torch.tensor([p.score for p in preds]),
+                           torch.from_numpy(np.stack([p.anomaly_map for p in preds]))[:, None],
+                           torch.tensor([s.label for s in chunk]), torch.from_numpy(np.stack(masks)))
+        else:
+            for s, p, mk in zip(chunk, preds, masks, strict=True):
+                metrics.update(torch.tensor([p.score]), torch.from_numpy(p.anomaly_map)[None, None],
+                               torch.tensor([s.label]), torch.from_numpy(mk)[None])
+        scores += [p.score for p in preds]
+        labels += [s.label for s in chunk]
+        for s, a, p, mk in zip(chunk, imgs, preds, masks, strict=True):
+            if s.label and s.defect not in {k[0].defect for k in keep}:  # one defective image per kind
+                keep.append((s, a, p.anomaly_map, mk))
+    return _Scored(metrics, scores, labels, keep, time.perf_counter() - t0)
+
+
+def _at_threshold(scores: torch.Tensor, truth: torch.Tensor, threshold: float) -> tuple[float, float]:
+    """F1 and accuracy (in %) of ``scores >= threshold`` against boolean ``truth``."""
+    pred = scores >= threshold
+    tp = float((pred & truth).sum())
+    fp = float((pred & ~truth).sum())
+    fn = float((~pred & truth).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return 100 * f1, 100 * float((pred == truth).float().mean())
+
+
+def evaluate_anomaly_model(model: torch.nn.Module, info: dict[str, Any], data: str | None = None,
+                           batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Metrics of an anomaly model file on its category's test split, at the thresholds stored in the file.
+
+    Writes nothing (``frugalvision anomaly test`` is the job that stores thresholds and writes reports).
+
+    Args:
+        model: The model of the file (:func:`frugalvision.weights.load_model_file`).
+        info: Its description (names the ``category``; ``data`` and thresholds when the pipeline wrote it).
+        data: ``bundled`` or an MVTec AD-layout folder; the data recorded in the file when unset, else ``bundled``.
+        batch_size: Images per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        ``image_AUROC``, ``pixel_AUROC``, ``AUPRO``, ``image_F1_max``, ``pixel_F1_max`` (threshold-free, %), the
+        stored ``image_threshold`` / ``pixel_threshold`` and, at them, ``image_F1``, ``image_accuracy`` and
+        ``pixel_F1`` (%; NaN when the file has no thresholds), plus ``category``, ``data``, ``images``,
+        ``ms_per_image``.
+    """
+    category = info.get("category")
+    if not category:
+        raise ConfigError(f"the {info.get('kind')} model file names no category; evaluate it with `frugalvision "
+                          "anomaly test` on a run folder, or re-save it with category=NAME")
+    data = data or info.get("data") or "bundled"
+    test = _samples(data, "test", [category])
+    if category not in test:
+        raise DataError(f"the model of category {category} has no test images in {data}")
+    spec = anomaly_spec(info)
+    scored = _score(AnomalyPredictor.from_model(model, spec), test[category], batch_size, progress)
+    r = scored.metrics.compute()
+    out: dict[str, Any] = {"category": category, "data": data, "images": len(scored.scores),
+                           **{k: r[k] for k in ("image_AUROC", "pixel_AUROC", "AUPRO", "image_F1_max",
+                                                 "pixel_F1_max")}}
+    stored = "pixel_threshold" in info and "image_threshold" in info
+    img_thr = float(info["image_threshold"]) if stored else float("nan")
+    pix_thr = float(info["pixel_threshold"]) if stored else float("nan")
+    if stored:
+        image_f1, image_acc = _at_threshold(torch.tensor(scored.scores), torch.tensor(scored.labels) > 0, img_thr)
+        pixel_f1, _ = _at_threshold(torch.cat(scored.metrics.maps), torch.cat(scored.metrics.masks), pix_thr)
+    else:
+        image_f1 = image_acc = pixel_f1 = float("nan")
+    out.update(image_threshold=img_thr, pixel_threshold=pix_thr,
+               threshold_source=info.get("threshold_source", "none stored (run `frugalvision anomaly test`)"),
+               image_F1=image_f1, image_accuracy=image_acc, pixel_F1=pixel_f1,
+               ms_per_image=1000 * scored.infer_s / max(len(scored.scores), 1))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- test
@@ -280,7 +486,7 @@ def _overlay_panel(img: np.ndarray, amap: np.ndarray, pred: np.ndarray, gt: np.n
     """Image | anomaly map (heat) | predicted mask in red over the image with the ground-truth outline in green."""
     from scipy.ndimage import binary_erosion
 
-    from ..inspect.predict import overlay
+    from ..inspect.visualize import overlay
 
     heat = np.clip(amap / max(vmax, 1e-12), 0, 1)
     heat_rgb = np.stack([heat, heat**2, 0.2 * (1 - heat)], -1) * 255
@@ -290,23 +496,21 @@ def _overlay_panel(img: np.ndarray, amap: np.ndarray, pred: np.ndarray, gt: np.n
     return np.concatenate([img, heat_rgb.astype(np.uint8), over], 1)
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+def _resave(model: torch.nn.Module, path: Path, info: dict[str, Any]) -> None:
+    """Write a model file again with an updated description (same kind, name and architecture)."""
+    meta = {k: v for k, v in info.items() if k not in ("kind", "name", "model_kwargs")}
+    save_model_file(model, path, info["kind"], info["name"], info["model_kwargs"], **meta)
 
 
 @torch.no_grad()
 def test_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
     """Evaluate every fitted category of ``cfg.out`` on its test split; store thresholds; write table + report."""
-    from ..data.inspection import load_mask
-    from ..inspect.anomaly import AnomalyMetrics
-    from ..inspect.anomaly.export import AnomalyPredictor, AnomalySpec, export_anomaly_onnx
+    from ..inspect.anomaly.export import export_anomaly_onnx
     from ..inspect.metrics import ScoreHistogram
     from ..report import HtmlReport, figure_png, markdown_table
 
     out = Path(cfg.out)
-    test = _samples(cfg, "test")
+    test = _samples(cfg.data, "test", cfg.categories)
     rows: list[dict[str, Any]] = []
     report = HtmlReport("Anomaly detection", f"{cfg.method} on {cfg.data}, {time.strftime('%Y-%m-%d %H:%M')}")
     figures: list[tuple[str, list[np.ndarray], bytes | None]] = []
@@ -314,61 +518,37 @@ def test_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
         cat = folder.name
         if cat not in test:
             raise DataError(f"the model of category {cat} has no test images in {cfg.data}")
-        model, info = _load_model(folder / "model.safetensors")
-        samples = test[cat]
-        spec = AnomalySpec(int(info.get("model_kwargs", {}).get("img_size", info.get("img_size", cfg.img_size))),
-                           0.0, 0.0, str(info.get("method", "patchcore")))
-        predictor = AnomalyPredictor.from_model(model, spec)
-        metrics = AnomalyMetrics()
-        t0 = time.perf_counter()
-        scores, labels, keep = [], [], []
-        for i in range(0, len(samples), cfg.batch_size):
-            chunk = samples[i : i + cfg.batch_size]
-            imgs = [_load_rgb(s.image) for s in chunk]
-            preds = predictor(imgs)
-            masks = [load_mask(s.mask, (a.shape[1], a.shape[0])) for s, a in zip(chunk, imgs, strict=True)]
-            same = len({a.shape for a in imgs}) == 1
-            if same:
-                metrics.update(torch.tensor([p.score for p in preds]),
-                               torch.from_numpy(np.stack([p.anomaly_map for p in preds]))[:, None],
-                               torch.tensor([s.label for s in chunk]), torch.from_numpy(np.stack(masks)))
-            else:
-                for s, p, mk in zip(chunk, preds, masks, strict=True):
-                    metrics.update(torch.tensor([p.score]), torch.from_numpy(p.anomaly_map)[None, None],
-                                   torch.tensor([s.label]), torch.from_numpy(mk)[None])
-            scores += [p.score for p in preds]
-            labels += [s.label for s in chunk]
-            for s, a, p, mk in zip(chunk, imgs, preds, masks, strict=True):
-                if s.label and s.defect not in {k[0].defect for k in keep}:  # one defective image per kind
-                    keep.append((s, a, p.anomaly_map, mk))
-        infer_s = time.perf_counter() - t0
-        r = metrics.compute()
+        model, info = load_model_file(folder / "model.safetensors")
+        spec = anomaly_spec(info)
+        scored = _score(AnomalyPredictor.from_model(model, spec), test[cat], cfg.batch_size)
+        r = scored.metrics.compute()
         pix_thr = cfg.threshold if cfg.threshold is not None else r["pixel_threshold"]
         img_thr = cfg.image_threshold if cfg.image_threshold is not None else r["image_threshold"]
         source = "given" if cfg.threshold is not None else "F1-optimal on the test split"
         info.update(pixel_threshold=float(pix_thr), image_threshold=float(img_thr), threshold_source=source,
                     test_metrics=r)
-        _save_model(model, folder / "model.safetensors", info)
+        _resave(model, folder / "model.safetensors", info)
         spec = AnomalySpec(spec.img_size, float(pix_thr), float(img_thr), spec.method)
         row = {"category": cat, "image_AUROC": r["image_AUROC"], "pixel_AUROC": r["pixel_AUROC"],
                "AUPRO": r["AUPRO"], "image_F1_max": r["image_F1_max"], "pixel_F1_max": r["pixel_F1_max"],
                "pixel_threshold": float(pix_thr), "image_threshold": float(img_thr),
                "fit_s": info.get("fit", {}).get("fit_s", float("nan")), "bank": info.get("fit", {}).get("bank", 0),
-               "ms_per_image": 1000 * infer_s / len(samples)}
+               "ms_per_image": 1000 * scored.infer_s / len(test[cat])}
         if cfg.onnx:
             res = export_anomaly_onnx(model, folder / "model.onnx", spec)
             row["onnx_max_rel_err"] = res.max_rel_err
         rows.append(row)
         # overlays: one defective image per kind
+        keep = scored.keep
         vmax = float(np.quantile(np.concatenate([k[2].ravel() for k in keep]), 0.999)) if keep else 1.0
         panels = []
         for s, img, amap, mk in keep[: max(cfg.report_images, 0)]:
             panel = _overlay_panel(img, amap, amap >= pix_thr, mk.astype(bool), vmax)
-            _save_png(panel, out / "overlays" / cat / f"{s.defect}_{s.image.stem}.png")
+            save_png(panel, out / "overlays" / cat / f"{s.defect}_{s.image.stem}.png")
             panels.append(panel)
         hist = ScoreHistogram(bins=40)
-        lo, hi = min(scores), max(scores)
-        hist.update((torch.tensor(scores) - lo) / max(hi - lo, 1e-12), torch.tensor(labels))
+        lo, hi = min(scored.scores), max(scored.scores)
+        hist.update((torch.tensor(scored.scores) - lo) / max(hi - lo, 1e-12), torch.tensor(scored.labels))
         figures.append((cat, panels, _score_figure(hist, lo, hi, img_thr, figure_png)))
         log.info("%s: %s", cat, row)
     mean = {"category": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "category"}}
@@ -416,12 +596,74 @@ def _score_figure(hist: Any, lo: float, hi: float, thr: float, figure_png: Any) 
 
 # --------------------------------------------------------------------------------------------- predict
 @torch.no_grad()
+def _predict_images(predictor: AnomalyPredictor, images: Sequence[str | Path], out: Path, overwrite: bool,
+                    out_key: str = "out") -> dict[str, Any]:
+    """Masks (0/255 PNG), overlays and ``predictions.csv`` of images, at the predictor's thresholds."""
+    from ..inspect.visualize import overlay
+
+    spec = predictor.spec
+    check_outputs(images, lambda stem: [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"], overwrite, out_key)
+    out.mkdir(parents=True, exist_ok=True)
+    n_ok = n_bad = 0
+    with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "status", "score", "anomalous", "defect_fraction", "mask"])
+        for path, stem in iter_images(images):
+            try:
+                arr = read_rgb(path)
+            except DataError as exc:
+                n_bad += 1
+                w.writerow([str(path), f"skipped: {exc}", "", "", "", ""])
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+                continue
+            p = predictor([arr])[0]
+            save_png(p.mask.astype(np.uint8) * 255, out / f"{stem}_mask.png")
+            save_png(overlay(arr, p.mask.astype(np.uint8)), out / f"{stem}_overlay.png")
+            w.writerow([str(path), "ok", f"{p.score:.6g}", int(p.anomalous), f"{p.mask.mean():.6f}",
+                        str(out / f"{stem}_mask.png")])
+            n_ok += 1
+    return {"images": n_ok + n_bad, "predicted": n_ok, "skipped": n_bad, "csv": str(out / "predictions.csv"),
+            "backend": predictor.backend, "pixel_threshold": spec.pixel_threshold,
+            "image_threshold": spec.image_threshold}
+
+
+def _thresholds(spec: AnomalySpec, threshold: float | None, image_threshold: float | None, where: str,
+                stored: bool = True) -> AnomalySpec:
+    """``spec`` with the given thresholds in place of the stored ones; no pixel threshold at all is an error."""
+    if not stored and threshold is None:
+        raise ConfigError(f"{where} has no stored threshold; run `frugalvision anomaly test` or give threshold=")
+    if threshold is not None:
+        spec.pixel_threshold = threshold
+    if image_threshold is not None:
+        spec.image_threshold = image_threshold
+    return spec
+
+
+def predict_anomaly_model(model: torch.nn.Module, info: dict[str, Any], images: list[str], out: str | Path,
+                          overwrite: bool = False, threshold: float | None = None,
+                          image_threshold: float | None = None) -> dict[str, Any]:
+    """Masks, overlays and ``predictions.csv`` of images with an anomaly model file (PyTorch).
+
+    Args:
+        model: The model of the file (:func:`frugalvision.weights.load_model_file`).
+        info: Its description (input size and stored thresholds, see :func:`anomaly_spec`).
+        images: Image files and/or folders (walked recursively, sorted).
+        out: Output folder: ``<name>_mask.png`` (0/255), ``<name>_overlay.png``, ``predictions.csv``.
+        overwrite: Allow replacing existing outputs (checked before any work).
+        threshold: Pixel threshold; the stored one when unset.
+        image_threshold: Image threshold; the stored one when unset.
+
+    Returns:
+        ``images``, ``predicted``, ``skipped``, ``csv``, ``backend``, the thresholds used and ``category``.
+    """
+    where = f"the {info.get('kind')} model file of category {info.get('category')}"
+    spec = _thresholds(anomaly_spec(info), threshold, image_threshold, where, stored="pixel_threshold" in info)
+    res = _predict_images(AnomalyPredictor.from_model(model, spec), images, Path(out), overwrite)
+    return {**res, "category": info.get("category")}
+
+
 def predict_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
     """Masks (0/255 PNG), overlays and ``predictions.csv`` for images, with a run folder's stored thresholds."""
-    from ..data.images import load_image
-    from ..inspect.anomaly.export import AnomalyPredictor, AnomalySpec
-    from ..inspect.predict import check_outputs, iter_images, overlay
-
     if not cfg.images:
         raise ConfigError("predict needs images: `frugalvision anomaly predict a.png folder/ out=RUN`")
     dirs = _category_dirs(Path(cfg.out), [cfg.category] if cfg.category else [])
@@ -429,43 +671,14 @@ def predict_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
         raise ConfigError(f"{cfg.out} holds models of {len(dirs)} categories ({', '.join(d.name for d in dirs)}); "
                           "choose one with category=NAME")
     folder = dirs[0]
+    out = Path(cfg.predict_out or Path(cfg.out) / "predict")
     if cfg.onnx:
         predictor = AnomalyPredictor.from_onnx(folder / "model.onnx")
-        spec = predictor.spec
+        _thresholds(predictor.spec, cfg.threshold, cfg.image_threshold, str(folder))
     else:
-        model, info = _load_model(folder / "model.safetensors")
-        if "pixel_threshold" not in info and cfg.threshold is None:
-            raise ConfigError(f"{folder} has no stored threshold; run `frugalvision anomaly test` or give threshold=")
-        spec = AnomalySpec(int(info.get("model_kwargs", {}).get("img_size", info.get("img_size", cfg.img_size))),
-                           float(info.get("pixel_threshold", 0.0)), float(info.get("image_threshold", 0.0)),
-                           str(info.get("method", "patchcore")))
+        model, info = load_model_file(folder / "model.safetensors")
+        spec = _thresholds(anomaly_spec(info), cfg.threshold, cfg.image_threshold, str(folder),
+                           stored="pixel_threshold" in info)
         predictor = AnomalyPredictor.from_model(model, spec)
-    if cfg.threshold is not None:
-        spec.pixel_threshold = cfg.threshold
-    if cfg.image_threshold is not None:
-        spec.image_threshold = cfg.image_threshold
-    out = Path(cfg.predict_out or Path(cfg.out) / "predict")
-    check_outputs(cfg.images, lambda stem: [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"], cfg.overwrite,
-                  "predict_out")
-    out.mkdir(parents=True, exist_ok=True)
-    n_ok = n_bad = 0
-    with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "status", "score", "anomalous", "defect_fraction", "mask"])
-        for path, stem in iter_images(cfg.images):
-            try:
-                arr = np.asarray(load_image(path))
-            except DataError as exc:
-                n_bad += 1
-                w.writerow([str(path), f"skipped: {exc}", "", "", "", ""])
-                print(f"skipped {path}: {exc}", file=sys.stderr)
-                continue
-            p = predictor([arr])[0]
-            _save_png(p.mask.astype(np.uint8) * 255, out / f"{stem}_mask.png")
-            _save_png(overlay(arr, p.mask.astype(np.uint8)), out / f"{stem}_overlay.png")
-            w.writerow([str(path), "ok", f"{p.score:.6g}", int(p.anomalous), f"{p.mask.mean():.6f}",
-                        str(out / f"{stem}_mask.png")])
-            n_ok += 1
-    return {"images": n_ok + n_bad, "predicted": n_ok, "skipped": n_bad, "csv": str(out / "predictions.csv"),
-            "backend": predictor.backend, "pixel_threshold": spec.pixel_threshold,
-            "image_threshold": spec.image_threshold, "category": folder.name}
+    res = _predict_images(predictor, cfg.images, out, cfg.overwrite, "predict_out")
+    return {**res, "category": folder.name}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._deps import require_all
 from ..bench import BenchResult, MachineInfo, benchmark, results_to_markdown, write_results
 from ..models import create_model
 
@@ -48,6 +49,7 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchResult], MachineInfo, str]:
     """Run :func:`~frugalvision.bench.benchmark` from a config; returns rows, machine and the Markdown table."""
+    require_all([("openvino", "--openvino", "openvino")] if cfg.openvino else [])
     models = {n: create_model(n) for n in cfg.models}
     rows, info = benchmark(models, img_size=cfg.img_size, batch_size=cfg.batch_size, device=cfg.device,
                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from .._deps import require_all
 from ..config import config_to_dict
 from ..data import ImageFolderDataset, build_transforms, data_config_of
 from ..data.bundled import cache_dir
@@ -22,7 +23,7 @@ from ..errors import DataError
 from ..models import create_model
 from ..utils.io import atomic_path, atomic_write_text
 from ..weights import save_model_file
-from .common import check_outputs, iter_images, load_pretrained, load_splits, resolve_data_root
+from .common import check_outputs, iter_images, lm_needs, load_pretrained, load_splits, resolve_data_root
 
 __all__ = ["ClassifyConfig", "evaluate_classifier", "predict_classifier", "pretrain_backbone", "train_classifier"]
 
@@ -58,6 +59,10 @@ class ClassifyConfig(TrainConfig):
     adapt: str | None = None
     adapt_options: dict[str, Any] = field(default_factory=dict)
 
+    def needs(self) -> list[tuple[str, str, str]]:
+        """Optional packages this job needs: ``(module, feature, extra)``."""
+        return lm_needs(self.model, self.lm_path)
+
 
 def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; writes ``model.safetensors``, ``metrics.json`` and ``config.yaml``.
@@ -65,6 +70,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     Returns:
         The final validation and test metrics and the output paths.
     """
+    require_all(cfg.needs())
     out = Path(cfg.output_dir or f"runs/train/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.output_dir = out
     seed_everything(cfg.seed)

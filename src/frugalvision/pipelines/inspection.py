@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import yaml
 
+from .._deps import require_all
 from ..config import config_to_dict
 from ..data.bundled import source_images
 from ..data.inspection import (
@@ -145,6 +146,10 @@ class SynthConfig:
     overwrite: bool = False
     seed: int = 0
 
+    def needs(self) -> list[tuple[str, str, str]]:
+        """Optional packages this job needs: ``(module, feature, extra)``."""
+        return [("diffusers", "method=diffusion", "diffusion")] if self.method == "diffusion" else []
+
 
 def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | None = None) -> dict[str, Any]:
     """Write synthetic defects in MVTec AD layout and return the manifest.
@@ -155,6 +160,7 @@ def synthesize(cfg: SynthConfig, progress: bool = True, exclude: set[Path] | Non
     """
     from tqdm.auto import tqdm
 
+    require_all(cfg.needs())
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
@@ -288,6 +294,15 @@ class SegmentConfig(TrainConfig):
     feature_cache: bool = True
     split_seed: int = 0
 
+    def needs(self) -> list[tuple[str, str, str]]:
+        """Optional packages this job needs: ``(module, feature, extra)``."""
+        out = []
+        if self.segmenter.startswith("smp:"):
+            out.append(("segmentation_models_pytorch", f"segmenter={self.segmenter}", "seg"))
+        if self.synthetic == "diffusion" and not self.synthetic_dir:
+            out.append(("diffusers", "synthetic=diffusion", "diffusion"))
+        return out
+
 
 _FEATURE_MEMO: dict[str, Any] = {}
 
@@ -306,6 +321,7 @@ def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
     Writes ``model.safetensors``, ``metrics.json``, ``config.yaml`` and ``history.json`` to ``output_dir``;
     returns the metrics, the model, the test dataset and the paths.
     """
+    require_all(cfg.needs())
     out = Path(cfg.output_dir or f"runs/segment/{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.output_dir = out
     seed_everything(cfg.seed)
