@@ -21,91 +21,93 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
-import shlex
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from frugalvision.bench import machine_info
+from frugalvision.bench import machine_info, result_header
+from frugalvision.bench.timing import time_call
 from frugalvision.data.inspection import load_mask
-from frugalvision.engine.checkpoint import load_state_dict_file
 from frugalvision.inspect.anomaly import AnomalyMetrics
 from frugalvision.inspect.anomaly.export import preprocess
-from frugalvision.inspect.anomaly.patchcore import PatchCoreModel, fit_patchcore
+from frugalvision.inspect.anomaly.patchcore import PatchCoreModel
+from frugalvision.inspect.anomaly.training import fit_patchcore
 from frugalvision.inspect.bundled import BENCHMARK_CATEGORIES, load_benchmark
-from frugalvision.pipelines.inspection import pretrain_backbone
+from frugalvision.models import load_backbone_weights
+from frugalvision.pipelines.classification import pretrain_backbone
 from frugalvision.report import markdown_table
 from frugalvision.utils.io import atomic_write_text
+
+MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
 
 def _images(samples: list) -> torch.Tensor:
     return preprocess([np.asarray(Image.open(s.image).convert("RGB")) for s in samples], 128)
 
 
-def _weights(name: str) -> dict[str, torch.Tensor]:
-    sd = load_state_dict_file(pretrain_backbone(name, progress=False))
-    return {re.sub(r"^(\w+)\.(\d+)\.", r"\1_\2.", k): v for k, v in sd.items()}
+def fit_ours(name: str, layers: list[int], weights: Path, train: torch.Tensor, ratio: float, fuse: bool,
+             seed: int = 0, projection_dim: int | None = 128) -> tuple[PatchCoreModel, float]:
+    """Build (backbone weights loaded, fused) and fit ours; the seconds cover all of it."""
+    built: list[PatchCoreModel] = []
+
+    def fit() -> None:
+        m = PatchCoreModel(name, layers=layers, img_size=128)
+        load_backbone_weights(m.backbone, weights)
+        if fuse:
+            m.fuse_backbone()
+        fit_patchcore(m, train.split(16), ratio, max_bank=None, projection_dim=projection_dim, seed=seed,
+                      progress=False)
+        built.append(m)
+
+    seconds = time_call(fit)
+    return built[0].eval(), seconds
 
 
-def _load_into(backbone: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    own = backbone.state_dict()
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise SystemExit(f"backbone weights do not fit: missing {missing[:3]}")
-    backbone.load_state_dict({k: sd[k] for k in own})
-
-
-def fit_ours(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio: float, fuse: bool, seed: int = 0,
-             projection_dim: int | None = 128) -> tuple[PatchCoreModel, float]:
-    t0 = time.perf_counter()
-    m = PatchCoreModel(name, layers=layers, img_size=128)
-    _load_into(m.backbone, sd)
-    if fuse:
-        from timm.utils import reparameterize_model
-
-        m.backbone = reparameterize_model(m.backbone)
-    fit_patchcore(m, train.split(16), ratio, max_bank=None, projection_dim=projection_dim, seed=seed, progress=False)
-    return m.eval(), time.perf_counter() - t0
-
-
-def fit_anomalib(name: str, layers: list[int], sd: dict, train: torch.Tensor, ratio: float) -> tuple[object, float]:
+def fit_anomalib(name: str, layers: list[int], weights: Path, train: torch.Tensor, ratio: float
+                 ) -> tuple[object, float]:
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    t0 = time.perf_counter()
-    m = PatchcoreModel(layers=layers, backbone=name, pre_trained=False, num_neighbors=9)
-    _load_into(m.feature_extractor.feature_extractor, sd)
-    m.train()
-    with torch.no_grad():
-        for x in train.split(16):
-            m((x - mean) / std)  # anomalib's training_step: collect embeddings
-    m.subsample_embedding(ratio)  # anomalib's fit(): greedy coreset
-    return m.eval(), time.perf_counter() - t0
+    built: list[object] = []
+
+    def fit() -> None:
+        m = PatchcoreModel(layers=layers, backbone=name, pre_trained=False, num_neighbors=9)
+        load_backbone_weights(m.feature_extractor.feature_extractor, weights)
+        m.train()
+        with torch.no_grad():
+            for x in train.split(16):
+                m((x - MEAN) / STD)  # anomalib's training_step: collect embeddings
+        m.subsample_embedding(ratio)  # anomalib's fit(): greedy coreset
+        built.append(m)
+
+    seconds = time_call(fit)
+    return built[0].eval(), seconds
 
 
 @torch.no_grad()
 def evaluate(run, test: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> tuple[dict, float, torch.Tensor]:
     met = AnomalyMetrics()
     scores = []
-    t0 = time.perf_counter()
-    for sl in torch.arange(len(test)).split(16):
-        score, amap = run(test[sl])
-        met.update(score, amap, labels[sl], masks[sl])
-        scores.append(score)
-    return met.compute(), time.perf_counter() - t0, torch.cat(scores)
+
+    def score_all() -> None:
+        for sl in torch.arange(len(test)).split(16):
+            score, amap = run(test[sl])
+            met.update(score, amap, labels[sl], masks[sl])
+            scores.append(score)
+
+    seconds = time_call(score_all)
+    return met.compute(), seconds, torch.cat(scores)
 
 
 def seed_sweep(a: argparse.Namespace, command: str) -> None:
     layers = [int(i) for i in a.layers.split(",")]
     seeds = [int(x) for x in a.ours_seeds.split(",")]
     proj = None if a.projection_dim == "none" else int(a.projection_dim)
-    sd = _weights(a.backbone)
+    weights = pretrain_backbone(a.backbone, progress=False)
     rows = []
     for cat in a.categories.split(","):
         train = _images(load_benchmark("train", cat).samples)
@@ -114,7 +116,8 @@ def seed_sweep(a: argparse.Namespace, command: str) -> None:
         labels = torch.tensor([s.label for s in ts])
         masks = torch.from_numpy(np.stack([load_mask(s.mask, (128, 128)) for s in ts]))
         for seed in seeds:
-            m, fit_s = fit_ours(a.backbone, layers, sd, train, a.ratio, fuse=True, seed=seed, projection_dim=proj)
+            m, fit_s = fit_ours(a.backbone, layers, weights, train, a.ratio, fuse=True, seed=seed,
+                                projection_dim=proj)
 
             def run(x, m=m):
                 o = m(x)
@@ -127,8 +130,8 @@ def seed_sweep(a: argparse.Namespace, command: str) -> None:
                                  for k in ("image_AUROC", "pixel_AUROC", "AUPRO")}} for sd_ in seeds]
     spread = {k: (min(r[k] for r in per_seed), max(r[k] for r in per_seed)) for k in ("image_AUROC", "pixel_AUROC",
                                                                                      "AUPRO")}
-    md = ["# PatchCore (ours): spread over coreset seeds", "",
-          f"Machine: {machine_info('cpu').line()}. {a.note}", "", f"Command: `{command}`", "",
+    md = [result_header("PatchCore (ours): spread over coreset seeds", machine_info("cpu"), command,
+                        notes=[a.note]).rstrip("\n"), "",
           f"Same setup as patchcore_vs_anomalib.md (coreset ratio {a.ratio}, layers {layers}, coreset distances "
           f"{'on the full features' if proj is None else f'after a random projection to {proj} dimensions'}); only",
           "the coreset seed (first center and random projection) changes.", "",
@@ -156,17 +159,15 @@ def main() -> None:
     a = p.parse_args()
     if a.ours_seeds:
         torch.set_num_threads(a.threads)
-        return seed_sweep(a, "python " + " ".join(shlex.quote(x) for x in sys.argv))
+        return seed_sweep(a, ["python", *sys.argv])
     torch.set_num_threads(a.threads)
-    command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+    command = ["python", *sys.argv]
     layers = [int(i) for i in a.layers.split(",")]
     try:
         import anomalib
     except ImportError:
         raise SystemExit("anomalib is not installed in this environment; see the module docstring") from None
-    sd = _weights(a.backbone)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    weights = pretrain_backbone(a.backbone, progress=False)
     seeds = [int(x) for x in a.seeds.split(",")]
     rows, parity = [], []
     for ci, cat in enumerate(a.categories.split(",")):
@@ -183,16 +184,16 @@ def main() -> None:
                 torch.manual_seed(seed)  # anomalib: first center (torch) and sparse projection (numpy)
                 np.random.seed(seed)
                 if who == "ours":
-                    m, fit_s = fit_ours(a.backbone, layers, sd, train, a.ratio, fuse=True, seed=seed)
+                    m, fit_s = fit_ours(a.backbone, layers, weights, train, a.ratio, fuse=True, seed=seed)
 
                     def run(x, m=m):
                         o = m(x)
                         return o.pred_score, o.anomaly_map
                 else:
-                    m, fit_s = fit_anomalib(a.backbone, layers, sd, train, a.ratio)
+                    m, fit_s = fit_anomalib(a.backbone, layers, weights, train, a.ratio)
 
                     def run(x, m=m):
-                        o = m((x - mean) / std)
+                        o = m((x - MEAN) / STD)
                         return o.pred_score, o.anomaly_map
                 met, test_s, scores = evaluate(run, test, labels, masks)
                 res[who] = (m, scores)
@@ -204,7 +205,7 @@ def main() -> None:
                 ours, ano = res["ours"][0], res["anomalib"][0]
                 ano.memory_bank = (ours.memory_bank + ours.bank_center).clone()
                 with torch.no_grad():
-                    s_ano = torch.cat([ano((x - mean) / std).pred_score for x in test.split(16)])
+                    s_ano = torch.cat([ano((x - MEAN) / STD).pred_score for x in test.split(16)])
                 s_ours = res["ours"][1]
                 parity.append(float(((s_ano - s_ours).abs() / s_ours.abs().clamp_min(1e-12)).max()))
     info = machine_info("cpu")
@@ -230,10 +231,11 @@ def main() -> None:
     verdict = ", ".join(f"{k} {np.mean(v):+.2f} (per seed {', '.join(f'{x:+.2f}' for x in v)})"
                         for k, v in diff.items())
     md = [
-        "# PatchCore: ours vs anomalib (same backbone, weights, data, coreset ratio)", "",
-        f"Machine: {info.line()}. {a.note}",
-        "Both implementations ran alternately (the order flips every run) with the same thread count.", "",
-        f"Command: `{command}`  (anomalib {anomalib.__version__} in a separate virtualenv; not a dependency)", "",
+        result_header("PatchCore: ours vs anomalib (same backbone, weights, data, coreset ratio)", info, command,
+                      notes=[f"{a.note} Both implementations ran alternately (the order flips every run) with the "
+                             "same thread count.",
+                             f"anomalib {anomalib.__version__} in a separate virtualenv; not a dependency."]
+                      ).rstrip("\n"), "",
         f"Setup: backbone `{a.backbone}` pre-trained on the bundled real textures (`pretrain_backbone`, the same",
         f"file loaded into both), feature indices {layers}, 128 px tiles of the bundled inspection benchmark",
         f"(60 train/good per category; test: 20 good + 42 defective), coreset ratio {a.ratio}, 9-neighbour image-score",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import io
 import sys
 import time
@@ -32,15 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from frugalvision.bench import machine_info
+from frugalvision.bench import machine_info, result_header
+from frugalvision.bench.timing import time_call
 from frugalvision.data.bundled import source_images
 from frugalvision.data.inspection import load_mask
 from frugalvision.inspect.anomaly import aupro, image_auroc, pixel_auroc
-from frugalvision.inspect.anomaly.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig, fit_anomalyclip, save_anomalyclip
-from frugalvision.inspect.anomaly.domain_clip import DomainCLIP, MiniLMTextEncoder, train_domain_clip
+from frugalvision.inspect.anomaly.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
+from frugalvision.inspect.anomaly.domain_clip import DomainCLIP, MiniLMTextEncoder
+from frugalvision.inspect.anomaly.training import fit_anomalyclip, train_domain_clip
 from frugalvision.inspect.bundled import build_benchmark, load_benchmark
 from frugalvision.inspect.defects import DEFECT_KINDS, describe_defect, render_defect
 from frugalvision.utils.io import atomic_write_text
+from frugalvision.weights import save_model_file
 
 TRAIN_CATS = ("brick", "grass", "gravel")
 TEST_CATS = ("moon", "ihc")
@@ -135,8 +137,8 @@ PROMPT = dict(n_ctx=12, deep_depth=4, deep_n_ctx=4, feature_layers=(2, 3, 4), si
 
 
 def run(seeds: list[int], clip_epochs: int, prompt_epochs: int, per_tile: int, shots: int, quick: bool,
-        ablate_dpam: bool, save: str | None = None, on_seed=None):
-    t0 = time.time()
+        ablate_dpam: bool, save: str | None = None, on_seed=None) -> list[dict]:
+    t0 = time.perf_counter()
     build_benchmark()
     text = MiniLMTextEncoder()
     tr_imgs, tr_masks, tr_labels, tr_caps, tr_names = [], [], [], [], []
@@ -155,7 +157,7 @@ def run(seeds: list[int], clip_epochs: int, prompt_epochs: int, per_tile: int, s
         clip_c = tr_caps + syn_c
         clip = DomainCLIP(text_encoder=text, seed=seed, **ARCH)
         hist = train_domain_clip(clip, clip_x, clip_c, epochs=clip_epochs, batch_size=64, lr=1e-3, seed=seed)
-        print(f"seed {seed}: domain CLIP loss {hist[0]:.3f} -> {hist[-1]:.3f} ({time.time() - t0:.0f} s)")
+        print(f"seed {seed}: domain CLIP loss {hist[0]:.3f} -> {hist[-1]:.3f} ({time.perf_counter() - t0:.0f} s)")
         aux_x = torch.cat([tr_imgs, syn_x])
         aux_m = torch.cat([tr_masks, syn_m])
         aux_y = torch.cat([tr_labels, torch.ones(len(syn_x), dtype=torch.long)])
@@ -175,22 +177,23 @@ def run(seeds: list[int], clip_epochs: int, prompt_epochs: int, per_tile: int, s
             if learn:
                 fit_anomalyclip(model, aux_x, aux_m, aux_y, epochs=prompt_epochs, batch_size=32, lr=2e-3,
                                 seed=seed)
-                if save and seed == seeds[0] and cfg.dpam_start is None:
-                    save_anomalyclip(model, save, train_categories=list(TRAIN_CATS))
+                if save and seed == seeds[0] and cfg.dpam_start is None:  # a model file the anomaly CLI runs
+                    save_model_file(model, save, "anomalyclip", "anomalyclip", model.model_kwargs(),
+                                    img_size=ARCH["image_size"], train_categories=list(TRAIN_CATS))
             for cat in TEST_CATS:
                 idx = [i for i, n in enumerate(test[4]) if n == cat]
                 rows.append({"method": name, "category": cat, "seed": seed,
                              **evaluate(model, test[0][idx], test[1][idx], test[2][idx])})
-            print(f"seed {seed}: {name}: {rows[-2]} {rows[-1]} ({time.time() - t0:.0f} s)")
+            print(f"seed {seed}: {name}: {rows[-2]} {rows[-1]} ({time.perf_counter() - t0:.0f} s)")
         for r in patchcore_rows(seed, shots):
             rows.append({**r, "seed": seed})
-        print(f"seed {seed}: PatchCore done ({time.time() - t0:.0f} s)")
+        print(f"seed {seed}: PatchCore done ({time.perf_counter() - t0:.0f} s)")
         if on_seed is not None:  # tables after every seed, so an interrupted run still leaves its finished seeds
-            on_seed(rows, time.time() - t0)
-    return rows, time.time() - t0
+            on_seed(rows, time.perf_counter() - t0)
+    return rows
 
 
-def write(rows: list[dict], seconds: float, cmd: str, args) -> None:
+def write(rows: list[dict], seconds: float, cmd: str | list[str], args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     keys = ["image_AUROC", "pixel_AUROC", "AUPRO", "image_AUROC_maxmap"]
     buf = io.StringIO()
@@ -212,9 +215,9 @@ def write(rows: list[dict], seconds: float, cmd: str, args) -> None:
         return f"{np.mean(vals):.1f} ± {np.std(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
 
     lines = [
-        "# AnomalyCLIP zero-shot on unseen categories (domain CLIP trained here)", "",
-        f"Date: {dt.date.today().isoformat()}. Machine: {machine_info().line()} (shared by several users).",
-        f"Command: `{cmd}` ({seconds / 60:.1f} min wall clock). Seeds: {seeds} (mean ± std over seeds).", "",
+        result_header("AnomalyCLIP zero-shot on unseen categories (domain CLIP trained here)", machine_info(), cmd,
+                      notes=[f"Shared by several users; {seconds / 60:.1f} min wall clock. Seeds: {seeds} (mean ± "
+                             "std over seeds)."]).rstrip("\n"), "",
         f"Training categories: {', '.join(TRAIN_CATS)}; held-out (zero-shot) categories: {', '.join(TEST_CATS)}. "
         f"Domain CLIP: frozen pretrained all-MiniLM-L6-v2 + ViT (width {ARCH['width']}, depth {ARCH['depth']}, "
         f"patch 16, 128 px) trained {args.clip_epochs} epochs by locked-text contrastive tuning on the training "
@@ -251,10 +254,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (results not written)")
     args = p.parse_args()
     torch.set_num_threads(1)  # on a shared 2-core CPU one thread per process is much faster than two
-    cmd = "python " + " ".join(sys.argv)
-    _, seconds = run(args.seeds, args.clip_epochs, args.prompt_epochs, args.per_tile, args.shots, args.quick,
-                     args.ablate_dpam, args.save,
-                     on_seed=None if args.quick else (lambda rows, sec: write(rows, sec, cmd, args)))
+    cmd = ["python", *sys.argv]
+    seconds = time_call(lambda: run(args.seeds, args.clip_epochs, args.prompt_epochs, args.per_tile, args.shots,
+                                    args.quick, args.ablate_dpam, args.save,
+                                    on_seed=None if args.quick else (lambda rows, sec: write(rows, sec, cmd, args))))
     print(f"done in {seconds / 60:.1f} min")
 
 

@@ -16,14 +16,18 @@ from frugalvision.inspect.anomaly.anomalyclip import (  # noqa: E402
     AnomalyCLIP,
     AnomalyCLIPConfig,
     OpenCLIPBackbone,
-    binary_dice_loss,
-    check_state_dict,
-    fit_anomalyclip,
-    focal_loss,
-    gaussian_blur,
+    build_anomalyclip_from_info,
     load_open_clip_checkpoint,
     tiny_open_clip,
 )
+from frugalvision.inspect.anomaly.training import (  # noqa: E402
+    AnomalyCLIPTask,
+    binary_dice_loss,
+    encode_samples,
+    fit_anomalyclip,
+    focal_loss,
+)
+from frugalvision.weights import check_fit, load_model_file, save_model_file  # noqa: E402
 
 CFG = dict(n_ctx=4, deep_depth=3, deep_n_ctx=2, feature_layers=(2, 4))
 
@@ -130,20 +134,29 @@ def test_only_prompts_learn(clip):
     assert not m.training and m.text_cache.shape == (2, 32)
 
 
-def test_losses_and_blur():
+def test_losses():
     p = torch.tensor([[[[0.8, 0.3]], [[0.2, 0.7]]]])  # (1, 2, 1, 2)
     t = torch.tensor([[[0, 1]]])
     # official numerics: one-hot clamped to [1e-5, 1 - 1e-5], pt = <onehot, p> + 1e-5
     pt = torch.tensor([0.8 * (1 - 1e-5) + 0.2 * 1e-5, 0.7 * (1 - 1e-5) + 0.3 * 1e-5]) + 1e-5
     torch.testing.assert_close(focal_loss(p, t), (-(1 - pt) ** 2 * pt.log()).mean())
     assert float(binary_dice_loss(p[:, 1], t.float())) == pytest.approx(1 - (2 * 0.7 + 1) / (0.9 + 1 + 1))
-    scipy_ndimage = pytest.importorskip("scipy.ndimage")
-    m = torch.rand(1, 1, 20, 24)
-    from frugalvision.inspect.anomaly.anomalyclip import _gaussian_kernel
 
-    ref = scipy_ndimage.gaussian_filter(m[0, 0].double().numpy(), sigma=1.5, mode="nearest")
-    torch.testing.assert_close(gaussian_blur(m, _gaussian_kernel(1.5))[0, 0].double(), torch.from_numpy(ref),
-                               atol=1e-5, rtol=1e-5)
+
+def test_task_on_images_equals_task_on_precomputed_features(clip):
+    m = _model(clip).train()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    masks = (torch.rand(3, 32, 32, generator=g) > 0.7).float()
+    labels = torch.tensor([0, 1, 1])
+    task = AnomalyCLIPTask(local_weight=2.0)
+    on_images = task.loss(task.forward(m, (x, labels, masks)), (x, labels, masks))
+    feats = encode_samples(m, x, batch_size=2)
+    on_feats = task.loss(task.forward(m, (feats, labels, masks)), (feats, labels, masks))
+    torch.testing.assert_close(on_images, on_feats)
+    assert task.batch_size((feats, labels, masks)) == 3
+    on_feats.backward()
+    assert m.prompt_learner.ctx.grad is not None and all(p.grad is None for p in clip.parameters())
 
 
 def test_fixed_prompts_and_bad_input(clip):
@@ -206,7 +219,8 @@ def test_checkpoint_loading_by_path(clip, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_open_clip_checkpoint(tiny_open_clip(), tmp_path / "bad.safetensors")
     msg = str(err.value)
-    assert "missing keys (visual.proj)" in msg and "extra.weight" in msg and "visual.conv1.weight: file" in msg
+    assert "bad.safetensors do not fit open_clip CLIP" in msg and "1 missing key (visual.proj)" in msg
+    assert "1 unexpected key (extra.weight)" in msg and "visual.conv1.weight: file (1, 2, 3, 3)" in msg
 
 
 def _meta_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -227,9 +241,9 @@ def test_vit_l_14_336_key_and_shape_agreement():
     assert shapes["token_embedding.weight"] == (49408, 768)
     assert sum(k.startswith("visual.transformer.resblocks.") and k.endswith("attn.in_proj_weight")
                for k in shapes) == 24
-    check_state_dict(shapes, dict(shapes), "ViT-L-14-336")
+    assert len(check_fit(shapes, dict(shapes), "ViT-L-14-336.safetensors").loaded) == len(shapes)
     with pytest.raises(CheckpointError, match=r"visual.positional_embedding: file \(257, 1024\)"):
-        check_state_dict(shapes, _meta_shapes("ViT-L-14"), "ViT-L-14-336")
+        check_fit(shapes, _meta_shapes("ViT-L-14"), "ViT-L-14.safetensors", "ViT-L-14-336")
 
 
 @pytest.mark.slow
@@ -273,7 +287,8 @@ def test_minilm_matches_sentence_transformers(minilm):
 
 
 def test_domain_clip_anomalyclip(minilm):
-    from frugalvision.inspect.anomaly.domain_clip import DomainCLIP, train_domain_clip
+    from frugalvision.inspect.anomaly.domain_clip import DomainCLIP
+    from frugalvision.inspect.anomaly.training import train_domain_clip
 
     clip = DomainCLIP(image_size=32, patch_size=8, width=32, depth=2, heads=2, embed_dim=16, text_encoder=minilm)
     g = torch.Generator().manual_seed(0)
@@ -296,29 +311,46 @@ def test_domain_clip_anomalyclip(minilm):
     assert out.pred_score.shape == (6,) and out.anomaly_map.shape == (6, 1, 32, 32)
 
 
-def test_model_file_roundtrip_and_cli_hook(clip, tmp_path):
-    from frugalvision.inspect.anomaly.anomalyclip import build_for_pipeline, load_anomalyclip, save_anomalyclip
-
+def test_model_file_roundtrip(clip, tmp_path):
     m = _model(clip).eval()
     with torch.no_grad():
         m.prompt_learner.ctx.add_(0.1)
     m.eval()
-    path = save_anomalyclip(m, tmp_path / "ac.safetensors")
+    path = save_model_file(m, tmp_path / "ac.safetensors", "anomalyclip", "anomalyclip", m.model_kwargs(), img_size=32)
     x = torch.rand(2, 3, 32, 32)
-    loaded = load_anomalyclip(path)
-    torch.testing.assert_close(loaded(x).anomaly_map, m(x).anomaly_map)
-    torch.testing.assert_close(build_for_pipeline({"backbone_weights": str(path)}, "moon")(x).pred_score,
-                               m(x).pred_score)
-    with pytest.raises(ConfigError, match="backbone_weights"):
-        build_for_pipeline({"backbone_weights": "pretrain"}, "moon")
+    loaded, info = load_model_file(path)
+    assert isinstance(loaded, AnomalyCLIP) and info["kind"] == "anomalyclip" and loaded.cfg == m.cfg
+    a, b = m(x), loaded(x)
+    assert torch.equal(a.pred_score, b.pred_score) and torch.equal(a.anomaly_map, b.anomaly_map)
+    # files written by the former save_anomalyclip kept the architecture under "anomalyclip"
+    legacy = build_anomalyclip_from_info({"name": "anomalyclip", "model_kwargs": {}, "anomalyclip": m.model_kwargs()})
+    assert legacy.cfg == m.cfg
+    with pytest.raises(CheckpointError, match="no architecture description"):
+        build_anomalyclip_from_info({"name": "anomalyclip", "model_kwargs": {}, "pipeline_config": {}})
+    # weights that do not fit the description (fewer context vectors)
+    spec = m.model_kwargs()
+    spec["config"]["n_ctx"] = 3
+    bad = save_model_file(m, tmp_path / "bad.safetensors", "anomalyclip", "anomalyclip", spec)
+    with pytest.raises(CheckpointError, match=r"prompt_learner\.ctx: file"):
+        load_model_file(bad)
+
+
+def test_backbone_without_build_spec_cannot_be_saved(clip):
+    class Unsaveable(OpenCLIPBackbone):
+        def build_spec(self) -> dict:
+            raise NotImplementedError
+
+    m = AnomalyCLIP(Unsaveable(clip), AnomalyCLIPConfig(**CFG))
+    with pytest.raises(ConfigError, match="build_spec"):
+        m.model_kwargs()
 
 
 @pytest.mark.slow
 def test_anomaly_cli_with_anomalyclip(clip, tmp_path):
-    from frugalvision.inspect.anomaly.anomalyclip import save_anomalyclip
     from frugalvision.pipelines.anomaly import AnomalyConfig, run_anomaly
 
-    path = save_anomalyclip(_model(clip, sigma=1.0).eval(), tmp_path / "ac.safetensors")
+    m = _model(clip, sigma=1.0).eval()
+    path = save_model_file(m, tmp_path / "ac.safetensors", "anomalyclip", "anomalyclip", m.model_kwargs())
     res = run_anomaly(AnomalyConfig(action=["fit"], method="anomalyclip", backbone_weights=str(path),
                                     categories=["moon"], out=str(tmp_path / "run"), img_size=64, progress=False,
                                     report_images=1, onnx=True))

@@ -11,14 +11,10 @@ from scipy.ndimage import gaussian_filter
 from frugalvision.errors import CheckpointError, ConfigError, DataError
 from frugalvision.inspect.anomaly import AnomalyOutput
 from frugalvision.inspect.anomaly.export import AnomalyPredictor, AnomalySpec, export_anomaly_onnx, read_onnx_spec
-from frugalvision.inspect.anomaly.patchcore import (
-    PatchCoreModel,
-    fit_patchcore,
-    greedy_coreset,
-    load_patchcore,
-    save_patchcore,
-)
+from frugalvision.inspect.anomaly.patchcore import PatchCoreModel, build_patchcore
+from frugalvision.inspect.anomaly.training import fit_patchcore, greedy_coreset
 from frugalvision.utils.testing import randomize_bn_stats
+from frugalvision.weights import load_model_file, read_model_info, save_model_file
 
 SIZE = 64
 
@@ -126,28 +122,40 @@ def test_plain_max_score_and_bad_config() -> None:
         fit_patchcore(m, [_images(4, 2)], coreset_ratio=0.0, progress=False)
 
 
-def test_save_load_roundtrip_with_fused_backbone(tmp_path) -> None:
-    from timm.utils import reparameterize_model
-
+def test_model_file_roundtrip_with_fused_backbone(tmp_path) -> None:
     m = PatchCoreModel("repvgg_a0", layers=(1, 2), img_size=SIZE)
     randomize_bn_stats(m.backbone)
-    m.backbone = reparameterize_model(m.backbone)
+    m.fuse_backbone()
     fit_patchcore(m, [_images(6, 2)], coreset_ratio=0.1, progress=False)
-    path = save_patchcore(m, tmp_path / "m.safetensors", "repvgg_a0", fused=True, pixel_threshold=0.5)
-    m2, info = load_patchcore(path)
-    assert info["pixel_threshold"] == 0.5 and info["model_kwargs"]["bank_size"] == m.memory_bank.shape[0]
+    path = save_model_file(m, tmp_path / "m.safetensors", "patchcore", "patchcore", m.model_kwargs(),
+                           pixel_threshold=0.5)
+    m2, info = load_model_file(path)
+    assert isinstance(m2, PatchCoreModel) and m2.fused and not m2.training
+    assert info["kind"] == "patchcore" and info["pixel_threshold"] == 0.5
+    assert info["model_kwargs"]["bank_size"] == m.memory_bank.shape[0] and info["model_kwargs"]["fused"]
     x = _images(7, 2)
     with torch.no_grad():
         a, b = m.eval()(x), m2(x)
-    torch.testing.assert_close(a.pred_score, b.pred_score)
-    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    assert torch.equal(a.pred_score, b.pred_score) and torch.equal(a.anomaly_map, b.anomaly_map)
     with pytest.raises(ConfigError, match="empty memory bank"):
-        save_patchcore(PatchCoreModel("resnet18", img_size=SIZE), tmp_path / "e.safetensors", "resnet18")
-    from frugalvision.models import save_model_file
+        PatchCoreModel("resnet18", img_size=SIZE).model_kwargs()
+    # files written before model-file kinds: the fused flag sat beside the constructor arguments
+    legacy = {k: v for k, v in m.model_kwargs().items() if k != "fused"}
+    assert build_patchcore({"model_kwargs": legacy, "fused_backbone": True}).fused
 
-    other = save_model_file(torch.nn.Linear(2, 2), tmp_path / "lin.safetensors", "resnet18", {})
-    with pytest.raises(CheckpointError, match="not a PatchCore"):
-        load_patchcore(other)
+
+def test_file_whose_weights_do_not_fit_its_description_is_refused(model: PatchCoreModel, tmp_path) -> None:
+    kwargs = model.model_kwargs()
+    bigger = save_model_file(model, tmp_path / "bank.safetensors", "patchcore", "patchcore",
+                             {**kwargs, "bank_size": kwargs["bank_size"] + 1})
+    with pytest.raises(CheckpointError, match=r"do not fit .*patchcore.*memory_bank: file \(100, 384\) vs model "
+                                              r"\(101, 384\)"):
+        load_model_file(bigger)
+    other_layers = save_model_file(model, tmp_path / "layers.safetensors", "patchcore", "patchcore",
+                                   {**kwargs, "layers": [1, 2]})
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model_file(other_layers)
+    assert read_model_info(bigger)["kind"] == "patchcore"
 
 
 def test_onnx_one_graph_parity_and_identical_masks(model: PatchCoreModel, tmp_path) -> None:
@@ -194,13 +202,13 @@ def test_patchcore_detects_bundled_defects_with_pretrained_backbone() -> None:
     from frugalvision.data.inspection import load_mask
     from frugalvision.inspect.anomaly import AnomalyMetrics
     from frugalvision.inspect.anomaly.export import preprocess
-    from frugalvision.pipelines.anomaly import AnomalyConfig, _build_patchcore, _samples
+    from frugalvision.pipelines.anomaly import AnomalyConfig, PatchCoreMethod, _samples
 
     cfg = AnomalyConfig(categories=["brick"], progress=False)
-    m, _ = _build_patchcore(cfg)
+    m, _ = PatchCoreMethod().build(cfg)
 
     def load(split: str) -> tuple[torch.Tensor, list]:
-        ss = _samples(cfg, split)["brick"]
+        ss = _samples(cfg.data, split, cfg.categories)["brick"]
         return preprocess([np.asarray(Image.open(s.image).convert("RGB")) for s in ss], 128), ss
 
     train, _ = load("train")

@@ -151,6 +151,9 @@ class AnomalyMethod:
     uses_train_images: ClassVar[bool] = True
     backbone_weights: ClassVar[str] = ""
 
+    def check(self, cfg: AnomalyConfig) -> None:
+        """Refuse a configuration (missing file, missing optional package) before any work or any deletion."""
+
     def fit(self, cfg: AnomalyConfig, category: str, images: list[Path], path: Path) -> dict[str, Any]:
         """Make ``category``'s model from its training ``images``, save it as a model file at ``path``.
 
@@ -287,6 +290,10 @@ class AnomalyCLIPMethod(AnomalyMethod):
             raise ConfigError(f"backbone_weights={weights} holds a {info['kind']} model, not an AnomalyCLIP model")
         return model, info
 
+    def check(self, cfg: AnomalyConfig) -> None:
+        """The file must open (its backbone's optional package installed: open_clip or transformers)."""
+        self.load(cfg)
+
     def fit(self, cfg: AnomalyConfig, category: str, images: list[Path], path: Path) -> dict[str, Any]:
         """Save the zero-shot model as the category's model file (with the input size it is run at)."""
         t0 = time.perf_counter()
@@ -353,10 +360,11 @@ def fit_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
     """Make one model per category (on its ``train/good`` images when the method uses them), then test them."""
     method = get_anomaly_method(cfg.method)
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ConfigError(f"run folder {out} exists and is not empty; pass overwrite=true to replace it or "
-                              "choose another out=")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"run folder {out} exists and is not empty; pass overwrite=true to replace it or "
+                          "choose another out=")
+    method.check(cfg)
+    if out.exists():
         shutil.rmtree(out)
     train = _samples(cfg.data, "train", cfg.categories)
     rng = np.random.default_rng(cfg.seed)
@@ -430,7 +438,7 @@ def _at_threshold(scores: torch.Tensor, truth: torch.Tensor, threshold: float) -
     fp = float((pred & ~truth).sum())
     fn = float((~pred & truth).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    return 100 * f1, 100 * float((pred == truth).float().mean())
+    return 100 * f1, 100 * float((pred == truth).double().mean())
 
 
 def evaluate_anomaly_model(model: torch.nn.Module, info: dict[str, Any], data: str | None = None,

