@@ -399,15 +399,16 @@ class AnomalyCLIP(nn.Module):
         self.register_buffer("mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.image_std).view(1, 3, 1, 1))
         self.register_buffer("kernel", gaussian_kernel1d(cfg.sigma) if cfg.sigma > 0 else torch.ones(1))
+        # the text features of the current prompts, always (2, D): a model file's shapes do not depend on the mode
+        # the model was saved in, and loading recomputes it from the loaded prompts (eval mode)
         self.register_buffer("text_cache", torch.zeros(0))
+        self.cache_text_features()
 
     def train(self, mode: bool = True) -> AnomalyCLIP:
-        """Train mode drops the cached text features; eval mode (re)computes them. The backbone stays in eval."""
+        """Train mode computes text features afresh each forward; eval mode caches them. The backbone stays in eval."""
         super().train(mode)
         self.backbone.eval()
-        if mode:
-            self.text_cache = torch.zeros(0, device=self.mean.device)
-        else:
+        if not mode:
             self.cache_text_features()
         return self
 
@@ -445,8 +446,8 @@ class AnomalyCLIP(nn.Module):
         return self.text_cache
 
     def text_features(self) -> torch.Tensor:
-        """The cached text features when present, else freshly computed ones."""
-        return self.text_cache if self.text_cache.numel() else self.compute_text_features()
+        """The cached text features in eval mode, freshly computed (differentiable) ones in train mode."""
+        return self.compute_text_features() if self.training else self.text_cache
 
     def encode_images(self, images: torch.Tensor) -> CLIPFeatures:
         """Global feature (ordinary path) and the V-V patch features of ``feature_layers`` (DPAM)."""
