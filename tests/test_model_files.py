@@ -54,6 +54,13 @@ def _train_adapted(tmp: Path, mvtec: Path, capsys) -> Path:
     return tmp / "adapt" / "model.safetensors"
 
 
+def _train_vit(tmp: Path, mvtec: Path, capsys) -> Path:
+    """A ViT is built for the training resolution (it used to crash on anything but 224)."""
+    _run(["train", "model=vit_tiny_patch16_224", "data=faces", "img_size=32", "epochs=1", "max_steps=1",
+          "batch_size=8", f"output_dir={tmp / 'vit'}", *SMALL], capsys)
+    return tmp / "vit" / "model.safetensors"
+
+
 def _surgery(tmp: Path, mvtec: Path, capsys) -> Path:
     kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 2}
     vit = save_model_file(timm.create_model("vit_tiny_patch16_224", **kwargs), tmp / "vit.safetensors",
@@ -92,6 +99,7 @@ def _anomalyclip(tmp: Path, mvtec: Path, capsys) -> Path:
 WRITERS: dict[str, tuple[str, Callable[..., Path]]] = {
     "train": ("classifier", _train),
     "train adapt=linear_probe": ("classifier", _train_adapted),
+    "train model=<a ViT> img_size=32": ("classifier", _train_vit),
     "surgery": ("surgery", _surgery),
     "segment": ("segmentation", _segment),
     "anomaly fit method=patchcore": ("patchcore", _patchcore),

@@ -133,7 +133,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     from ..data import data_config_of
     from ..engine import seed_everything
     from ..models import create_model
-    from .common import lm_needs, load_pretrained, load_splits
+    from .common import lm_needs, load_pretrained, load_splits, size_kwargs
 
     require_all(lm_needs(cfg.model, None))
     out = Path(cfg.output_dir or f"runs/profile/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -143,10 +143,7 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     splits, classes = load_splits(cfg.data, cfg.img_size, dc["mean"], dc["std"], train_aug=False)
     if "val" not in splits:
         raise DataError(f"data {cfg.data!r} has no val/ split to score the selections")
-    try:  # transformers need the resolution at construction; conv nets do not take it
-        model = create_model(cfg.model, num_classes=len(classes), img_size=cfg.img_size)
-    except ConfigError:
-        model = create_model(cfg.model, num_classes=len(classes))
+    model = create_model(cfg.model, num_classes=len(classes), **size_kwargs(cfg.model, cfg.img_size))
     if cfg.weights:
         load_pretrained(model, cfg.weights)
     st = SubTuningConfig(data=few_shot(splits["train"], cfg.shots, cfg.seed),

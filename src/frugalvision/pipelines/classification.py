@@ -23,7 +23,7 @@ from ..errors import DataError
 from ..models import create_model
 from ..utils.io import atomic_path, atomic_write_text
 from ..weights import save_model_file
-from .common import check_outputs, iter_images, lm_needs, load_pretrained, load_splits, resolve_data_root
+from .common import check_outputs, iter_images, lm_needs, load_pretrained, load_splits, resolve_data_root, size_kwargs
 
 __all__ = ["ClassifyConfig", "evaluate_classifier", "predict_classifier", "pretrain_backbone", "train_classifier"]
 
@@ -77,6 +77,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    kwargs.update(size_kwargs(cfg.model, cfg.img_size))  # ViTs are built for the training resolution
     if cfg.lm_path:
         kwargs.update(lm_path=cfg.lm_path, lm_block=cfg.lm_block, img_size=cfg.img_size)
     probe = create_model(cfg.model, **kwargs)

