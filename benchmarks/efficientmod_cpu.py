@@ -24,7 +24,7 @@ from timm.layers import set_fused_attn, use_fused_attn
 from timm.utils import reparameterize_model
 
 import frugalvision  # noqa: F401  (registers EfficientMod)
-from frugalvision.bench import benchmark, count_flops, results_to_markdown, write_results
+from frugalvision.bench import benchmark, count_flops, result_header, results_to_markdown, write_results
 from frugalvision.utils.io import atomic_write_text
 
 # name -> (label, paper CPU latency ms, paper params M, paper FLOPs G)
@@ -76,13 +76,13 @@ def main() -> None:
 
     by = {(r.name, r.backend): r for r in rows}
     backends = [b for b in ("eager", "onnxruntime", "openvino") if any(r.backend == b for r in rows)]
-    lines = [f"# {title}", "", f"Machine: {info.line()}", "", *([a.note, ""] if a.note else []),
+    notes = (a.note,
              "All rows are timed in interleaved rounds, so the ratios between models stay meaningful when other "
-             "work shares the machine (see the load average above); absolute times do not.", "",
-             "Command:", "", f"    {cmd}", "",
+             "work shares the machine (see the load average above); absolute times do not.",
              f"Batch 1, {a.threads} thread(s) for torch and onnxruntime, median of {a.repeats} interleaved rounds "
              "(IQR in brackets). MACs: multiply-accumulates with attention included (the paper's \"FLOPs\"); "
-             "params and MACs computed here, paper values for reference.", ""]
+             "params and MACs computed here, paper values for reference.")
+    lines = [result_header(title, info, cmd, notes).rstrip("\n"), ""]
     head = "| model | params (M) | MACs (G) | " + " | ".join(f"{b} ms" for b in backends) + \
         " | paper CPU ms | paper params / FLOPs |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]

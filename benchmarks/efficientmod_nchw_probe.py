@@ -6,21 +6,22 @@ stage-1 block of EfficientMod-xxs (C=32, 56x56, mlp ratio 4, layer scale folded)
 (LayerNorm over channels stays channels-last in both), checks they agree, and times both sessions interleaved on
 one thread.
 
-    python benchmarks/efficientmod_nchw_probe.py
+    python benchmarks/efficientmod_nchw_probe.py [--out benchmarks/results/efficientmod_nchw_probe.md]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-import time
+import tempfile
+from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalvision.bench import machine_info
+from frugalvision.bench import interleaved, machine_info, median_ms, result_header
 from frugalvision.export import export_onnx
 from frugalvision.models.efficientmod import ModulationBlock
 from frugalvision.utils.io import atomic_write_text
@@ -67,6 +68,9 @@ class ChannelsFirst(nn.Module):
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/efficientmod_nchw_probe.md")
+    a = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     block = ModulationBlock(C, mlp_ratio=R).eval()
@@ -79,30 +83,23 @@ def main() -> None:
     diff = float((outs[0] - outs[1]).abs().max())
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sessions = {}
-    for i, (name, m) in enumerate(forms.items()):
-        path = f"/tmp/efficientmod_probe_{i}.onnx"
-        export_onnx(m, path, x, dynamic_batch=False)
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        for _ in range(20):
-            sess.run(None, feed)
-        sessions[name] = (sess, feed)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(200):
-        for k, (sess, feed) in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    a, b = med.values()
-    md = ["# EfficientMod block in ONNX Runtime: channels-last linears vs channels-first 1x1 convs", "",
-          f"Machine: {machine_info('cpu').line()}", "", "Command: `python " + " ".join(sys.argv) + "`", "",
-          f"One stage-1 block of EfficientMod-xxs (C={C}, {H}x{H}, mlp ratio {R}), batch 1, 1 thread, median of 200 "
-          f"interleaved runs. Outputs agree to {diff:.1e} (max abs).", "",
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="efficientmod-probe-") as tmp:  # exported graphs; removed at the end
+        for i, (name, m) in enumerate(forms.items()):
+            path = Path(tmp) / f"efficientmod_probe_{i}.onnx"
+            export_onnx(m, path, x, dynamic_batch=False)
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            runs[name] = lambda s=sess, f=feed: s.run(None, f)
+    med = median_ms(interleaved(runs, rounds=200, warmup=20))
+    a_ms, b_ms = med.values()
+    notes = [f"One stage-1 block of EfficientMod-xxs (C={C}, {H}x{H}, mlp ratio {R}), batch 1, 1 thread, median of 200 "
+             f"interleaved runs. Outputs agree to {diff:.1e} (max abs)."]
+    md = [result_header("EfficientMod block in ONNX Runtime: channels-last linears vs channels-first 1x1 convs",
+                        machine_info("cpu"), ["python", *sys.argv], notes).rstrip("\n"), "",
           "| export form | ONNX Runtime (ms) |", "|---|---|", *[f"| {k} | {v:.3f} |" for k, v in med.items()], "",
-          f"Channels-first 1x1 convs: {a / b:.2f}x the channels-last form.", ""]
-    atomic_write_text("benchmarks/results/efficientmod_nchw_probe.md", "\n".join(md))
+          f"Channels-first 1x1 convs: {a_ms / b_ms:.2f}x the channels-last form.", ""]
+    atomic_write_text(a.out, "\n".join(md))
     print("\n".join(md))
 
 

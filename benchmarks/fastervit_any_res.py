@@ -33,7 +33,7 @@ from timm.utils import reparameterize_model
 from tqdm import tqdm
 
 import frugalvision  # noqa: F401  (registers our architectures)
-from frugalvision.bench import benchmark, results_to_markdown
+from frugalvision.bench import benchmark, result_header, results_to_markdown
 from frugalvision.models import fastervit
 from frugalvision.models.fastervit import checkpoint_filter_fn
 from frugalvision.utils.io import atomic_write_text
@@ -120,8 +120,7 @@ def main() -> None:
                                  throughput_repeats=3, warmup=1, memory=False)
 
     cmd = "python " + " ".join(shlex.quote(s) for s in sys.argv)
-    lines = ["# FasterViT any resolution: parity with the reference and speed", "",
-             "Command:", "", f"    {cmd}", "",
+    lines = [result_header("FasterViT any resolution: parity with the reference and speed", info, cmd).rstrip("\n"), "",
              "## Parity with the reference `faster_vit_any_res` (logits, max abs diff / max |reference|)", "",
              "| model | input | generic path | fused path |", "|---|---|---|---|"]
     lines += [f"| `{n}` | {s[0]}x{s[1]} | {g:.2e} | {f:.2e} |" for n, s, g, f in parity]

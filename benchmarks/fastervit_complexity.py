@@ -22,9 +22,8 @@ import argparse
 import csv
 import io
 import shlex
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from frugalvision.bench import count_flops, machine_info, peak_memory_mb
+from frugalvision.bench import count_flops, interleaved, machine_info, median_ms, peak_memory_mb, result_header
 from frugalvision.models.fastervit import FasterViT
 from frugalvision.utils.io import atomic_path, atomic_write_text
 
@@ -82,20 +81,14 @@ def main() -> None:
             models[kind] = m
             rows.append(dict(size=size, variant=kind, window=w if kind != "global" else r3,
                              stage3_tokens=r3 * r3, tokens_per_window=tokens_per_window, gflops=flops / 1e9,
-                             peak_mem_mb=mem, peak_mem_math_mb=mem_math, latencies=[]))
+                             peak_mem_mb=mem, peak_mem_math_mb=mem_math))
             bar.update(1)
-        order = list(VARIANTS)
-        with torch.inference_mode():
-            for rep in range(a.repeats):  # interleaved, rotating order
-                for kind in order[rep % 3:] + order[: rep % 3]:
-                    t0 = time.perf_counter()
-                    models[kind](inputs)
-                    dt = (time.perf_counter() - t0) * 1e3
-                    next(r for r in rows if r["size"] == size and r["variant"] == kind)["latencies"].append(dt)
+        lat = median_ms(interleaved({k: partial(m, inputs) for k, m in models.items()}, a.repeats, inference=True))
+        for r in rows:
+            if r["size"] == size:
+                r["latency_ms"] = lat[r["variant"]]
         del models
     bar.close()
-    for r in rows:
-        r["latency_ms"] = statistics.median(r.pop("latencies"))
     info = machine_info()
     base = {r["size"]: r for r in rows if r["variant"] == "hat"}
     out = Path(a.out)
@@ -110,12 +103,12 @@ def main() -> None:
         return "not run (attention matrices > limit)" if v is None else f.format(v)
 
     cmd = "python " + " ".join(shlex.quote(s) for s in sys.argv)
-    lines = ["# FasterViT attention stages: HAT vs window vs global attention", "", f"Machine: {info.line()}", "",
-             "Command:", "", f"    {cmd}", "",
-             "Stages 3-4 of FasterViT-0 (batch 1, fused, CPU). Latency: median of interleaved runs with the flash "
+    notes = ["Stages 3-4 of FasterViT-0 (batch 1, fused, CPU). Latency: median of interleaved runs with the flash "
              "attention kernel. Peak memory: live tensors created during the forward, with the flash kernel and "
              "with the math kernel (attention matrix materialised, as in the reference implementation). "
-             "Compare within a resolution (the machine line gives the load average at the start).", "",
+             "Compare within a resolution (the machine line gives the load average at the start)."]
+    lines = [result_header("FasterViT attention stages: HAT vs window vs global attention", info, cmd, notes
+                           ).rstrip("\n"), "",
              "| input | variant | window | stage-3 tokens | tokens / window | GFLOPs | latency (ms) | vs HAT | "
              "peak mem flash (MiB) | peak mem math (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -27,7 +27,14 @@ import torch
 from timm.utils import reparameterize_model
 
 import frugalvision  # noqa: F401  (registers our architectures)
-from frugalvision.bench import OrtProfile, machine_info, matmul_peak_gflops, ort_matmul_peak_gflops, profile_onnx
+from frugalvision.bench import (
+    OrtProfile,
+    machine_info,
+    matmul_peak_gflops,
+    ort_matmul_peak_gflops,
+    profile_onnx,
+    result_header,
+)
 from frugalvision.export import export_onnx
 from frugalvision.utils.io import atomic_write_text
 
@@ -96,14 +103,14 @@ def _run(a: argparse.Namespace, tmp: Path) -> None:
     head = ("| model | run ms | GFLOP counted | time in dense kernels | dense kernels' GFLOP/s of peak | "
             "other kernels ms | all FLOPs at peak, ms |")
     sep = "|---|---|---|---|---|---|---|"
-    lines = ["# ONNX Runtime time per operator type, against the matmul peak", "",
-             f"Machine: {info.line()}", "", "Command:", "", f"    {cmd}", "",
-             "Kernel times from onnxruntime's node profiler (all graph optimisations, as `OrtRunner`), averaged over "
+    notes = ["Kernel times from onnxruntime's node profiler (all graph optimisations, as `OrtRunner`), averaged over "
              "the timed runs; FLOPs counted from the shapes it records (a multiply-add counts 2). \"Dense kernels\": "
              "MatMul / FusedMatMul / Gemm / dense Conv; depth-wise convs are listed separately. \"All FLOPs at "
              "peak\": the run time if every counted FLOP ran at the measured matmul peak and nothing else took time "
              "— the floor no export can go below without removing FLOPs. Peak: onnxruntime's own MatMul kernel on "
-             "large squares, the best of probes before and after the profiles.", "",
+             "large squares, the best of probes before and after the profiles."]
+    lines = [result_header("ONNX Runtime time per operator type, against the matmul peak", info, cmd, notes
+                           ).rstrip("\n"), "",
              "## Summary", "", head, sep,
              _summary_row(f"FasterViT-0 (ours, fused), batch {a.batch}, {a.threads} threads", fv, peak_n)]
     lines += [_summary_row(f"{n}, batch 1, 1 thread", em[n], peak_1) for pair in PAIRS for n in pair]

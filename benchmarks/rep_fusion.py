@@ -20,7 +20,7 @@ import timm
 import torch
 
 import frugalvision as fv
-from frugalvision.bench import benchmark, results_to_markdown, write_results
+from frugalvision.bench import benchmark, result_header, results_to_markdown, write_results
 from frugalvision.utils.io import atomic_write_text
 
 MODELS = ["efficientrep_n", "efficientrep_s", "repvgg_a0", "mobileone_s0"]
@@ -102,18 +102,12 @@ def main() -> None:
                    "1x1 branch adds 1/9) cannot reach 1.5x in a backend that already folds Conv-BN and runs at its "
                    "compute peak (ONNX Runtime here); over-parameterised models (MobileOne: k parallel branches) can.",
                    ""]
+    notes = [f"{a.note} Every row was measured in the same interleaved rounds, so the ratios below compare like "
+             f"with like.\nThreads: {a.threads} (torch and onnxruntime). Random weights; BN statistics estimated on 4 "
+             "random batches first (as training would), so eval-mode outputs have a realistic scale for the ONNX "
+             "parity check."]
     md = [
-        f"# {title}",
-        "",
-        f"Machine: {info.line()}",
-        "",
-        f"{a.note} Every row was measured in the same interleaved rounds, so the ratios below compare like with like.",
-        f"Threads: {a.threads} (torch and onnxruntime). Random weights; BN statistics estimated on 4 random batches "
-        "first (as training would), so eval-mode outputs have a realistic scale for the ONNX parity check.",
-        "",
-        "Command:",
-        "",
-        f"    {cmd}",
+        result_header(title, info, cmd, notes).rstrip("\n"),
         "",
         "## Fused vs unfused (ratios >1: fused is faster)",
         "",

@@ -26,7 +26,7 @@ BASELINES = ["smp:unet:resnet18", "smp:pspnet:resnet18", "smp:deeplabv3plus:resn
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, default=224)  # FasterViT-0 needs windows that divide its stage maps
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--onnx", action="store_true")

@@ -20,7 +20,7 @@ import argparse
 import shlex
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalvision.bench import machine_info
+from frugalvision.bench import interleaved, machine_info, median_ms, result_header
 from frugalvision.export import OrtRunner, export_onnx
 from frugalvision.utils.io import atomic_write_text
 
@@ -128,27 +128,22 @@ def _run(a: argparse.Namespace, tmp: Path) -> None:
                 export_onnx(mod, path, x[:1], exporter="torchscript", check=False)
                 runners[k] = OrtRunner(path, threads=threads)
                 errs[k] = float(np.abs(runners[k](x)[0] - ref).max() / np.abs(ref).max())
-            times: dict[str, list[float]] = {k: [] for k in forms}
-            for _ in range(a.repeats):
-                for k, r in runners.items():
-                    t0 = time.perf_counter()
-                    r(x)
-                    times[k].append(time.perf_counter() - t0)
-            direct = float(np.median(times["direct Conv"]))
+            meds = median_ms(interleaved({k: partial(r, x) for k, r in runners.items()}, a.repeats))
+            direct = meds["direct Conv"] / 1e3
             flops = 2 * batch * hw * hw * c * c * 9
             for k in forms:
-                med = float(np.median(times[k]))
+                med = meds[k] / 1e3
                 key = f"{c} ch, {hw}x{hw}, batch {batch}, {threads} thread{'s' * (threads > 1)}"
                 if k != "direct Conv" and direct / med > best.get(key, (0.0, ""))[0]:
                     best[key] = (direct / med, k)
                 rows.append(f"| {c} ch, {hw}x{hw} | {batch}, {threads} | {k} | {med * 1e3:.2f} | {direct / med:.2f}x | "
                             f"{flops / med / 1e9:.1f} | {errs[k]:.1e} |")
             print(rows[-5:], flush=True)
-    lines = ["# Winograd 3x3 convolution as an ONNX graph vs ONNX Runtime's direct convolution", "",
-             f"Machine: {info.line()}", "", "Command:", "", f"    {cmd}", "",
-             f"Median of {a.repeats} interleaved runs per form. \"Direct-equivalent GFLOP/s\": the direct "
+    notes = [f"Median of {a.repeats} interleaved runs per form. \"Direct-equivalent GFLOP/s\": the direct "
              "convolution's FLOPs divided by the time, so forms compare on one scale. Error: max |difference| / "
-             "max |direct output|.", "", *rows, "",
+             "max |direct output|."]
+    lines = [result_header("Winograd 3x3 convolution as an ONNX graph vs ONNX Runtime's direct convolution", info, cmd,
+                           notes).rstrip("\n"), "", *rows, "",
              "Best Winograd form per layer and setting (vs the direct convolution):", "",
              *[f"- {k}: {v[1]} at {v[0]:.2f}x" for k, v in best.items()], "",
              ("Every form is slower than the direct convolution: the transforms and shuffles are memory-bound "

@@ -36,13 +36,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import frugalvision as fv
 from frugalvision.adapt import SubTuningConfig, find_parts, measure_profile_speedup, plot_profile
-from frugalvision.bench import machine_info
+from frugalvision.bench import machine_info, result_header
 from frugalvision.data import build_transforms, cache_dir, load_bundled
 from frugalvision.data.corruptions import CORRUPTIONS, CorruptedDataset
-from frugalvision.engine import TrainConfig, Trainer, evaluate, load_state_dict_file, save_weights, seed_everything
+from frugalvision.engine import TrainConfig, Trainer, evaluate, seed_everything
 from frugalvision.models import create_model
+from frugalvision.models.factory import classifier_keys
 from frugalvision.pipelines.adaptation import few_shot
 from frugalvision.utils.io import atomic_write_text
+from frugalvision.weights import load_weights, write_weights
 
 ROOT = Path(__file__).resolve().parent
 IMG = 32
@@ -90,7 +92,7 @@ def pretrained(arch: str, quick: bool) -> tuple[Path, dict]:
     res = Trainer(model, TrainConfig(**cfg, device="cpu", seed=0), train, val).fit()
     info = {"val_acc": res.final["acc1"], "seconds": time.perf_counter() - t0, "epochs": cfg["epochs"]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(model, path)
+    write_weights(path, model)
     atomic_write_text(info_path, json.dumps(info))
     return path, info
 
@@ -98,11 +100,7 @@ def pretrained(arch: str, quick: bool) -> tuple[Path, dict]:
 def load_pretrained(arch: str, path: Path, num_classes: int) -> torch.nn.Module:
     name, kwargs = ARCHS[arch]
     model = create_model(name, num_classes=num_classes, **kwargs)
-    sd = load_state_dict_file(path)
-    own = model.state_dict()
-    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}  # drop the 17-class head
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.startswith(tuple(find_parts(model).classifier)) for k in missing), missing
+    load_weights(model, path, reinit=classifier_keys(model))  # the 17-class head is re-initialised; all else must fit
     return model
 
 
@@ -219,12 +217,8 @@ def main() -> None:
 
 
 def write(out: Path, rows: list[dict], pre: dict, speed: dict, seeds: list[int], command: str, total_s: float) -> None:
-    m = machine_info("cpu")
-    lines = ["# Adaptation methods: textures -> digits (10 labels per class), ID and corrupted OOD", "",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {m.cpu}, {m.cores} cores, "
-             f"torch {torch.__version__}, 1 thread per process, CPU; the machine was shared with other jobs (wall "
-             "times are indicative, ratios within one run are comparable).", "",
-             f"Command: `{command}` (total {total_s / 60:.1f} min)", "",
+    notes = [f"1 thread per process, CPU; the machine was shared with other jobs (wall times are indicative, ratios "
+             f"within one run are comparable). Total wall-clock: {total_s / 60:.1f} min.",
              f"Seeds: {len(seeds)} (each picks the 100 labelled digits, the 100 validation digits and the training "
              "randomness). ID: digits test split (360 images). OOD: the same images corrupted by code "
              f"({', '.join(CORRUPTIONS)}) at severities {', '.join(map(str, SEVERITIES))}; OOD = mean over the "
@@ -233,7 +227,9 @@ def write(out: Path, rows: list[dict], pre: dict, speed: dict, seeds: list[int],
              f"{FINETUNE['epochs']} epochs, batch "
              f"{FINETUNE['batch_size']}, warm-up + cosine, grad clip 1; one fixed learning rate per method (no "
              "per-method tuning). Optimiser state: bytes of the tensors in `optimizer.state` after training, "
-             "measured. Time: fine-tuning + (SubTuning) profiling and selection.", ""]
+             "measured. Time: fine-tuning + (SubTuning) profiling and selection."]
+    lines = [result_header("Adaptation methods: textures -> digits (10 labels per class), ID and corrupted OOD",
+                           machine_info("cpu"), command, notes).rstrip("\n"), ""]
     for arch in dict.fromkeys(r["arch"] for r in rows):
         name, kw = ARCHS[arch]
         ar = [r for r in rows if r["arch"] == arch]

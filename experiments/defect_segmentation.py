@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from frugalvision.bench import machine_info
+from frugalvision.bench import machine_info, result_header
 from frugalvision.inspect.defects import DEFECT_KINDS
-from frugalvision.pipelines.inspection import SegmentConfig, SynthConfig, pretrain_backbone, synthesize, train_segmenter
+from frugalvision.pipelines.classification import pretrain_backbone
+from frugalvision.pipelines.inspection import SegmentConfig, SynthConfig, synthesize, train_segmenter
 from frugalvision.utils.io import atomic_write_text
 
 METRICS = ["mIoU", "mIoU_defects", "pixel_AUROC", "F1_max"]
@@ -82,7 +83,7 @@ def samples_grid(folders: dict[str, Path], out: Path, category: str = "brick") -
     from PIL import Image
 
     from frugalvision.inspect.defects import DEFECT_KINDS
-    from frugalvision.inspect.predict import overlay
+    from frugalvision.inspect.visualize import overlay
 
     rows = []
     for kind in DEFECT_KINDS:
@@ -104,13 +105,13 @@ def write(rows: list[dict], synth_info: dict, a: argparse.Namespace, argv: str) 
         w.writeheader()
         w.writerows(rows)
     info = machine_info()
-    lines = ["# Few-shot defect segmentation: real defects only vs + synthetic defects", "",
-             f"Machine: {info.line()}", "", "Command:", "", f"    python {argv}", "",
-             f"Segmenter `{a.segmenter}` (backbone pre-trained on bundled textures, frozen; all-MLP decoder trained), "
+    notes = [f"Segmenter `{a.segmenter}` (backbone pre-trained on bundled textures, frozen; all-MLP decoder trained), "
              f"{a.few_shot} real defective images per category and kind (70 in all) + 10 defect-free images per "
              f"category; synthetic arms add {a.per_kind} images per category and kind. {a.epochs} epochs. "
-             f"Mean ± std over seeds {a.seeds} (fixed few-shot split). Metrics in % on the held-out real test set.",
-             "", "| arm | " + " | ".join(METRICS) + " | Δ mIoU vs none |", "|---|" + "---|" * (len(METRICS) + 1)]
+             f"Mean ± std over seeds {a.seeds} (fixed few-shot split). Metrics in % on the held-out real test set."]
+    lines = [result_header("Few-shot defect segmentation: real defects only vs + synthetic defects", info,
+                           f"python {argv}", notes).rstrip("\n"), "",
+             "| arm | " + " | ".join(METRICS) + " | Δ mIoU vs none |", "|---|" + "---|" * (len(METRICS) + 1)]
     base = statistics.mean(r["mIoU"] for r in rows if r["arm"] == "none") if any(r["arm"] == "none" for r in rows) \
         else None
     for arm in a.arms:

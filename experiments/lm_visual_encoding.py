@@ -28,7 +28,6 @@ import shlex
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from frugalvision.bench import machine_info
-from frugalvision.data import build_transforms, load_bundled
+from frugalvision.bench import machine_info, result_header
+from frugalvision.data import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_bundled
 from frugalvision.data.corruptions import CORRUPTIONS, CorruptedDataset
-from frugalvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from frugalvision.engine import TrainConfig, Trainer, evaluate
 from frugalvision.models.lm_encoder import VisionTransformerLM
 from frugalvision.utils.io import atomic_write_text
@@ -186,15 +184,9 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
     cols = ["clean", "corrupted", *CORRUPTIONS]
     by = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
     seeds = ", ".join(map(str, sorted({r["seed"] for r in rows})))
-    lines = [
-        "# Frozen language-model block in a small ViT (LM4VisualEncoding, small scale)",
-        "",
-        f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine_info().line()} "
-        f"(shared by several jobs; {a.threads} torch thread(s)). "
+    notes = [
+        f"The machine was shared by several jobs; {a.threads} torch thread(s). "
         f"Training time summed over runs {sum(r['train_s'] for r in rows) / 60:.1f} min.",
-        "",
-        f"Command: `{command}`",
-        "",
         f"Task: bundled `{a.dataset}` ({n_train} train / {n_test} test images, {a.img_size} px), trained from scratch "
         f"for {a.epochs} epochs (AdamW lr {a.lr}, batch {a.batch_size}, 1 warm-up epoch, cosine, label smoothing 0.1, "
         f"random-resized-crop + flip). ViT: patch {a.patch}, width {a.dim}, depth {a.depth}, {a.heads} heads, "
@@ -205,6 +197,10 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
         f"across arms. Corruptions: {', '.join(CORRUPTIONS)} at severities {', '.join(map(str, a.severities))} "
         f"(`frugalvision.data.corruptions`); *corrupted* = mean over all {len(CORRUPTIONS) * len(a.severities)}; "
         f"per kind = mean over severities. Accuracy in %, mean ± std over seeds {seeds}.",
+    ]
+    lines = [
+        result_header("Frozen language-model block in a small ViT (LM4VisualEncoding, small scale)", machine_info(),
+                      command, notes).rstrip("\n"),
         "",
         "| arm | seeds | params trainable / frozen | " + " | ".join(cols) + " | train s |",
         "|---|---|---|" + "---|" * len(cols) + "---|",

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import frugalvision as fv
+from frugalvision.bench import result_header
 from frugalvision.engine import TrainConfig, Trainer, seed_everything
 from frugalvision.engine.distill import DistillationTask
 from frugalvision.surgery import find_attention_blocks
@@ -101,12 +102,12 @@ def main() -> int:
     w.writerows(rows)
     atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
     command = "nice -n 5 python experiments/surgery_ablation.py " + " ".join(sys.argv[1:])
-    L = ["# All-modulation ViT student: distillation recipe ablation (accuracy)", "", "Command:", "",
-         f"    {command}", "",
-         f"Originals: the cached {args.epochs}-epoch ViTs of `surgery_distill.py` (bundled textures, {args.img_size}²,"
-         f" patch {args.patch}, width {args.dim}, {args.depth} blocks); every attention replaced; "
-         f"{args.distill_epochs} distillation epochs (AdamW, warm-up 0.5 epoch, cosine, weight decay 0.05). "
-         "Gap: original minus distilled, paired per seed (negative: the student is better).", "",
+    notes = [f"Originals: the cached {args.epochs}-epoch ViTs of `surgery_distill.py` (bundled textures, "
+             f"{args.img_size}², patch {args.patch}, width {args.dim}, {args.depth} blocks); every attention replaced; "
+             f"{args.distill_epochs} distillation epochs (AdamW, warm-up 0.5 epoch, cosine, weight decay 0.05). "
+             "Gap: original minus distilled, paired per seed (negative: the student is better)."]
+    L = [result_header("All-modulation ViT student: distillation recipe ablation (accuracy)", None, command,
+                       notes).rstrip("\n"), "",
          "| recipe | what changes | top-1 (%) per seed | mean | gap to original (points) |", "|---|---|---|---|---|"]
     for name in args.recipes:
         rs = [x for x in rows if x["recipe"] == name]

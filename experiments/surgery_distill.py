@@ -26,19 +26,20 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
 
 import frugalvision as fv
-from frugalvision.bench import benchmark
+from frugalvision.bench import benchmark, interleaved, result_header
 from frugalvision.data import build_transforms, load_bundled
 from frugalvision.engine import ClassificationTask, TrainConfig, Trainer, evaluate, seed_everything
 from frugalvision.engine.distill import DistillationTask
 from frugalvision.surgery import find_attention_blocks, measure_block_costs
 from frugalvision.utils.io import atomic_write_text
+from frugalvision.weights import load_weights, write_weights
 
 OUT = Path(__file__).resolve().parent / "results" / "surgery_distill"
 
@@ -56,7 +57,6 @@ def acc(model: torch.nn.Module, ds) -> float:
     return evaluate(model, ds, ClassificationTask(), batch_size=128, device="cpu")["acc1"]
 
 
-@torch.inference_mode()
 def best_of_rounds(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Fastest batch-1 time (ms) of each model over interleaved rounds (rotating order).
 
@@ -64,17 +64,8 @@ def best_of_rounds(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: 
     medians of longer forwards are inflated more than those of shorter ones; the fastest round is the run that
     was not preempted.
     """
-    keys = list(models)
-    for k in keys:
-        for _ in range(3):
-            models[k](x)
-    best = {k: float("inf") for k in keys}
-    for r in range(rounds):
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-            t0 = time.perf_counter()
-            models[k](x)
-            best[k] = min(best[k], (time.perf_counter() - t0) * 1e3)
-    return best
+    times = interleaved({k: partial(m, x) for k, m in models.items()}, rounds, warmup=3, inference=True)
+    return {k: min(v) * 1e3 for k, v in times.items()}
 
 
 _DATA: dict[tuple, tuple] = {}
@@ -91,7 +82,7 @@ def _data(args: argparse.Namespace) -> tuple:
 
 def _cached_original(args: argparse.Namespace, seed: int) -> torch.nn.Module:
     model = build_vit(args)
-    model.load_state_dict(load_file(args.original.format(seed=seed, epochs=args.epochs)))
+    load_weights(model, args.original.format(seed=seed, epochs=args.epochs))
     return model.eval()
 
 
@@ -175,13 +166,13 @@ def main() -> int:
         model = build_vit(args)
         cache = Path(args.original.format(seed=seed, epochs=args.epochs))
         if cache.is_file():  # a previous run's original with the same settings
-            model.load_state_dict(load_file(str(cache)))
+            load_weights(model, cache)
         else:
             cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
                               grad_clip=1.0, device="cpu", seed=seed)
             Trainer(model, cfg, train).fit()
             cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file(model.state_dict(), str(cache))
+            write_weights(cache, model)
         originals[seed] = model.eval()
         acc_orig[seed] = acc(model, test)
         print(f"original (seed {seed}): test acc1 {acc_orig[seed]:.2f}", flush=True)
@@ -267,11 +258,8 @@ def main() -> int:
         return "—" if v is None else f"{v:.2f}"
 
     base_lat = lat["original"].latency_ms
-    L = [
-        "# ViT surgery (attention → modulation mixers) + distillation", "",
-        f"Machine: {info.line()}. {args.note} Latency is measured with {args.threads} thread(s), interleaved; "
-        "ratios are what to read.", "",
-        "Command:", "", f"    {command}", "",
+    notes = [
+        f"{args.note} Latency is measured with {args.threads} thread(s), interleaved; ratios are what to read.",
         f"Data: bundled `textures` (17 classes; 1360 train / 680 test crops of real photos), {args.img_size}×"
         f"{args.img_size}. Original: ViT (patch {args.patch}, {args.img_size // args.patch}×"
         f"{args.img_size // args.patch} = {(args.img_size // args.patch) ** 2} patch tokens + class token, "
@@ -281,7 +269,11 @@ def main() -> int:
         f"distillation from it ({args.distill_epochs} epochs, AdamW lr {args.distill_lr:g}, warm-up 0.5 epoch, "
         "cosine, loss 0.5·CE + 1·KD(T=2) + 1·MSE on every block output, all weights trained) for seeds "
         f"{', '.join(map(str, args.seeds))}. Accuracy: top-1 on the test split. Latency: batch 1, median of "
-        f"{args.repeats} interleaved rounds, one model per budget (seeds share the architecture).", "",
+        f"{args.repeats} interleaved rounds, one model per budget (seeds share the architecture).",
+    ]
+    L = [
+        result_header("ViT surgery (attention → modulation mixers) + distillation", info, command, notes).rstrip("\n"),
+        "",
         "## Accuracy and latency", "",
         "| model | blocks replaced | predicted (ms) | median b1 (ms) | speed-up | fastest b1 (ms) | speed-up "
         "| top-1 (%) mean ± sd | per seed |",

@@ -14,7 +14,6 @@ from frugalvision import modulate
 from frugalvision.engine import ClassificationTask, TrainConfig, Trainer, evaluate
 from frugalvision.engine.distill import DistillationTask, DistillOutput, kd_loss
 from frugalvision.errors import ConfigError
-from frugalvision.weights import load_model_file, save_model_file
 from frugalvision.surgery import (
     BlockCost,
     CostTable,
@@ -24,6 +23,7 @@ from frugalvision.surgery import (
     plan_surgery,
     replace_mixers,
 )
+from frugalvision.weights import load_model_file, save_model_file
 
 
 def tiny_vit(depth: int = 4, **kw) -> nn.Module:
