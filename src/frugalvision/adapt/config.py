@@ -9,23 +9,21 @@ A method says which parts of a model train (:meth:`AdaptConfig.trainable`), whic
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..engine.trainer import build_optimizer
 from ..errors import ConfigError
+from ..utils.registry import Registry
 from .freeze import ModelParts, find_parts
 
 __all__ = ["ADAPT_METHODS", "AdaptConfig", "get_method_config", "list_methods", "register_method"]
 
-ADAPT_METHODS: dict[str, type[AdaptConfig]] = {}
-
-C = TypeVar("C", bound="type[AdaptConfig]")
+ADAPT_METHODS = Registry("adaptation method")
 
 
 def register_method(name: str) -> Any:
@@ -41,15 +39,7 @@ def register_method(name: str) -> Any:
         True
         >>> _ = ADAPT_METHODS.pop("head_only_demo")
     """
-
-    def deco(cls: C) -> C:
-        if name in ADAPT_METHODS and ADAPT_METHODS[name] is not cls:
-            raise ValueError(f"adaptation method {name!r} is already registered by {ADAPT_METHODS[name].__name__}")
-        cls.method = name
-        ADAPT_METHODS[name] = cls
-        return cls
-
-    return deco
+    return ADAPT_METHODS.register(name)
 
 
 def list_methods() -> list[str]:
@@ -59,7 +49,7 @@ def list_methods() -> list[str]:
         >>> {"full_ft", "sgd", "freeze_embed", "linear_probe", "lp_ft", "subtuning"} <= set(list_methods())
         True
     """
-    return sorted(ADAPT_METHODS)
+    return ADAPT_METHODS.names()
 
 
 def get_method_config(name: str, **kwargs: Any) -> AdaptConfig:
@@ -73,11 +63,7 @@ def get_method_config(name: str, **kwargs: Any) -> AdaptConfig:
         ...
         frugalvision.errors.ConfigError: unknown adaptation method 'sgd_freeze'; did you mean freeze_embed, sgd, ...
     """
-    if name not in ADAPT_METHODS:
-        close = difflib.get_close_matches(name, ADAPT_METHODS, n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown adaptation method {name!r}{hint} (available: {', '.join(list_methods())})")
-    cls = ADAPT_METHODS[name]
+    cls = ADAPT_METHODS.lookup(name)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     bad = sorted(set(kwargs) - fields)
     if bad:

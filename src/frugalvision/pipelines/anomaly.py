@@ -18,7 +18,6 @@ so everything after fitting (metrics, thresholds, report, ONNX export, predict) 
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import logging
 import shutil
@@ -27,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +35,7 @@ from ..config import config_to_dict
 from ..errors import ConfigError, DataError
 from ..inspect.anomaly.export import AnomalyPredictor, AnomalySpec
 from ..utils.io import atomic_path, atomic_write_text
+from ..utils.registry import Registry
 from ..weights import load_model_file, save_model_file
 from .common import check_outputs, iter_images, read_rgb, save_png
 
@@ -163,9 +163,7 @@ class AnomalyMethod:
         raise NotImplementedError
 
 
-ANOMALY_METHODS: dict[str, type[AnomalyMethod]] = {}
-
-M = TypeVar("M", bound="type[AnomalyMethod]")
+ANOMALY_METHODS = Registry("anomaly method")
 
 
 def register_anomaly_method(name: str) -> Any:
@@ -179,15 +177,7 @@ def register_anomaly_method(name: str) -> Any:
         True
         >>> _ = ANOMALY_METHODS.pop("constant_demo")
     """
-
-    def deco(cls: M) -> M:
-        if name in ANOMALY_METHODS and ANOMALY_METHODS[name] is not cls:
-            raise ValueError(f"anomaly method {name!r} is already registered by {ANOMALY_METHODS[name].__name__}")
-        cls.method = name
-        ANOMALY_METHODS[name] = cls
-        return cls
-
-    return deco
+    return ANOMALY_METHODS.register(name)
 
 
 def list_anomaly_methods() -> list[str]:
@@ -197,7 +187,7 @@ def list_anomaly_methods() -> list[str]:
         >>> list_anomaly_methods()
         ['anomalyclip', 'patchcore']
     """
-    return sorted(ANOMALY_METHODS)
+    return ANOMALY_METHODS.names()
 
 
 def get_anomaly_method(name: str) -> AnomalyMethod:
@@ -211,11 +201,7 @@ def get_anomaly_method(name: str) -> AnomalyMethod:
         ...
         frugalvision.errors.ConfigError: unknown anomaly method 'patchcor'; did you mean patchcore? (available: ...
     """
-    if name not in ANOMALY_METHODS:
-        close = difflib.get_close_matches(name, ANOMALY_METHODS, n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown anomaly method {name!r}{hint} (available: {', '.join(list_anomaly_methods())})")
-    return ANOMALY_METHODS[name]()
+    return ANOMALY_METHODS.lookup(name)()
 
 
 def _load_backbone_weights(backbone: torch.nn.Module, name: str, weights: str, progress: bool) -> dict[str, Any]:
