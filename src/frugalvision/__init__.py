@@ -30,6 +30,7 @@ from .engine import TrainConfig, Trainer, evaluate, load_checkpoint, save_checkp
 from .errors import CheckpointError, ConfigError, DataError, FrugalVisionError, MissingDependencyError
 from .export import export_onnx, fuse, reparameterize_model
 from .surgery import modulate
+from .weights import load_model_file, load_weights, read_weights, save_model_file
 
 try:
     __version__ = version("frugalvision")
@@ -62,9 +63,13 @@ __all__ = [
     "export_onnx",
     "fuse",
     "load_checkpoint",
+    "load_model_file",
+    "load_weights",
     "models",
     "modulate",
+    "read_weights",
     "reparameterize_model",
     "save_checkpoint",
+    "save_model_file",
     "seed_everything",
 ]
