@@ -52,6 +52,7 @@ __all__ = [
     "register_model_kind",
     "save_model_file",
     "tensor_names",
+    "unwrap_model",
     "write_weights",
 ]
 
@@ -245,7 +246,8 @@ def _detach_unique(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the module itself otherwise)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -261,7 +263,7 @@ def write_weights(path: str | Path, weights: nn.Module | Mapping[str, torch.Tens
         >>> p.name
         'w.safetensors'
     """
-    tensors = _unwrap(weights).state_dict() if isinstance(weights, nn.Module) else weights
+    tensors = unwrap_model(weights).state_dict() if isinstance(weights, nn.Module) else weights
     with atomic_path(path) as tmp:
         save_file(_detach_unique(tensors), str(tmp), metadata=dict(metadata or {}))
     return Path(path)
@@ -381,7 +383,7 @@ def load_weights(module: nn.Module, weights: str | Path | Mapping[str, torch.Ten
         >>> bool((dst.weight == src.weight).all())
         True
     """
-    target = _unwrap(module)
+    target = unwrap_model(module)
     if isinstance(weights, str | Path):
         source = source or weights
         weights = read_weights(weights)

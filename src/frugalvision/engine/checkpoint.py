@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..weights import CHECKPOINT_META, load_weights, read_safetensors, write_weights
+from ..weights import CHECKPOINT_META, load_weights, read_safetensors, unwrap_model, write_weights
 
 __all__ = [
     "CheckpointState",
@@ -139,10 +139,6 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str,
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 # --------------------------------------------------------------------------------------------- save
 def save_checkpoint(
     path: str | Path,
@@ -179,7 +175,8 @@ def save_checkpoint(
         3
     """
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in _unwrap(model).state_dict().items()}
+    model_sd = unwrap_model(model).state_dict()
+    tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model_sd.items()}
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -187,7 +184,7 @@ def save_checkpoint(
         "epoch": int(epoch),
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model_keys": list(_unwrap(model).state_dict().keys()),
+        "model_keys": list(model_sd),
         "extra": _json_safe(dict(extra or {}), "extra"),
     }
     if optimizer is not None:
@@ -254,7 +251,7 @@ def load_checkpoint(
             "upgrade the package to read it"
         )
 
-    target = _unwrap(model)
+    target = unwrap_model(model)
     model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     load_weights(target, model_sd, source=path, what=f"the model ({type(target).__name__})")
     try:
