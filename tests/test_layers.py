@@ -30,7 +30,7 @@ LAYERS = [
     {"data", "models"},
     {"engine"},
     {"export", "bench", "report"},
-    {"adapt", "surgery", "inspect"},
+    {"adapt", "surgery", "inspect", "detect"},
     {"pipelines"},
     {"cli", ""},
 ]
