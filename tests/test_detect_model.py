@@ -1,4 +1,4 @@
-"""YOLOv6 detector: shapes, official checkpoint keys, fusion, losses, assigners; parity with the official code (slow)."""
+"""YOLOv6 detector: shapes, official keys, fusion, losses, assigners; parity with the official code (slow)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_official_keys_of_the_wrong_variant_are_refused():
     shapes = _official_keys()["yolov6_m"]
     sd = {k: torch.zeros(s) for k, s in shapes.items()}
     model = create_detector("yolov6_n", num_classes=80)
-    with pytest.raises(Exception, match="(?i)shape|missing|unexpected"):
+    with pytest.raises(Exception, match=r"(?i)shape|missing|unexpected"):
         load_weights(model, official_to_ours(sd, model), source="yolov6m.pt")
 
 
@@ -153,7 +153,7 @@ def test_self_distillation_adds_kl_terms():
         t_out = teacher.forward_raw(x)
     kd, parts = crit(m.forward_raw(x), targets, teacher=t_out, distill={"epoch": 0, "epochs": 10})
     assert {"kd_cls", "kd_dfl"} <= set(parts) and kd >= plain
-    late, parts_late = crit(m.forward_raw(x), targets, teacher=t_out, distill={"epoch": 10, "epochs": 10})
+    _, parts_late = crit(m.forward_raw(x), targets, teacher=t_out, distill={"epoch": 10, "epochs": 10})
     assert parts_late["kd_cls"] < parts["kd_cls"]  # cosine-decayed weight
 
 
@@ -219,7 +219,8 @@ def test_loss_parity_with_the_official_loss(monkeypatch, iou_type, reg_max, warm
                dict(boxes=torch.tensor([[30.0, 30.0, 90.0, 100.0]]), labels=torch.tensor([0]))]
     ours, parts = DetectionLoss(3, iou_type, reg_max, warmup_epochs=warmup)(out, targets, epoch=0)
     rows = [[i, float(lab), float(b[0] + b[2]) / 256, float(b[1] + b[3]) / 256, float(b[2] - b[0]) / 128,
-             float(b[3] - b[1]) / 128] for i, t in enumerate(targets) for b, lab in zip(t["boxes"], t["labels"])]
+             float(b[3] - b[1]) / 128]
+            for i, t in enumerate(targets) for b, lab in zip(t["boxes"], t["labels"], strict=True)]
     crit = loss_mod.ComputeLoss(num_classes=3, ori_img_size=128, warmup_epoch=warmup, use_dfl=reg_max > 0,
                                 reg_max=reg_max, iou_type=iou_type)
     feats = [torch.zeros(2, 1, h, w) for h, w in out.level_sizes]

@@ -1,5 +1,4 @@
-"""YOLOv6 training losses: varifocal classification loss, IoU box loss (SIoU / GIoU / CIoU / DIoU), DFL, and
-self-distillation.
+"""YOLOv6 training losses: varifocal loss, IoU box loss (SIoU / GIoU / CIoU / DIoU), DFL, self-distillation.
 
 ``loss = 1.0 * VFL + 2.5 * IoU + 0.5 * DFL`` (YOLOv6's weights), each normalised by the sum of the soft class
 targets. Label assignment is ATSS for the first ``warmup_epochs`` epochs, then task-aligned (top-k 13, alpha 1,
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assigner import ATSSAssigner, Assignment, TaskAlignedAssigner
+from .assigner import Assignment, ATSSAssigner, TaskAlignedAssigner
 from .yolov6 import DetectorOutput
 
 __all__ = ["DetectionLoss", "bbox_iou_loss", "dfl_loss", "pad_targets", "self_distill_loss", "varifocal_loss"]
@@ -162,7 +161,8 @@ class DetectionLoss(nn.Module):
                  weights: Mapping[str, float] | None = None, warmup_epochs: int = 0, topk: int = 13,
                  alpha: float = 1.0, beta: float = 6.0) -> None:
         super().__init__()
-        self.num_classes, self.iou_type, self.reg_max, self.warmup_epochs = num_classes, iou_type, reg_max, warmup_epochs
+        self.num_classes, self.iou_type, self.reg_max = num_classes, iou_type, reg_max
+        self.warmup_epochs = warmup_epochs
         self.weights = {"cls": 1.0, "iou": 2.5, "dfl": 0.5, **(weights or {})}
         self.tal = TaskAlignedAssigner(topk, alpha, beta)
         self.atss = ATSSAssigner(9)

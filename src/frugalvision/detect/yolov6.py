@@ -170,7 +170,8 @@ class EffiDeHead(nn.Module):
                 conv.weight.zero_()
                 conv.bias.fill_(1.0)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, feats: Sequence[torch.Tensor]
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Per level: stem features, class logits ``(N, C, H, W)``, box outputs ``(N, 4 (reg_max + 1), H, W)``."""
         stems, cls, reg = [], [], []
         for i, x in enumerate(feats):
@@ -223,7 +224,7 @@ def make_anchor_points(sizes: Sequence[tuple[int, int]], strides: Sequence[int],
         ([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]], [8.0, 8.0, 8.0, 8.0])
     """
     points, stride_list = [], []
-    for (h, w), s in zip(sizes, strides):
+    for (h, w), s in zip(sizes, strides, strict=True):
         ys = (torch.arange(h, device=device, dtype=dtype) + offset) * s
         xs = (torch.arange(w, device=device, dtype=dtype) + offset) * s
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
