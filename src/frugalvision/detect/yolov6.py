@@ -51,6 +51,7 @@ __all__ = [
     "EffiDeHead",
     "RepBiFPAN",
     "YOLOv6",
+    "build_detector_from_info",
     "create_detector",
     "official_to_ours",
     "yolov6_m",
@@ -294,7 +295,7 @@ class YOLOv6(nn.Module):
         feats = self.backbone(x)
         neck = self.neck(feats)
         stems, cls, reg = self.head(neck)
-        sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in cls]
+        sizes = [(t.shape[-2], t.shape[-1]) for t in cls]  # not int(): the ONNX trace keeps H, W dynamic
         cls_logits = torch.cat([t.flatten(2) for t in cls], 2).transpose(1, 2)
         reg_out = torch.cat([t.flatten(2) for t in reg], 2).transpose(1, 2)
         points, strides = make_anchor_points(sizes, self.strides, x.device, torch.float32)
@@ -419,3 +420,9 @@ def official_to_ours(state_dict: Mapping[str, torch.Tensor], model: YOLOv6) -> d
             k = re.sub(pat, rep, k)
         out[k[1:]] = v
     return out
+
+
+def build_detector_from_info(info: Mapping[str, Any]) -> YOLOv6:
+    """The detector a model file describes (kind ``detector``), weights not loaded."""
+    kwargs = dict(info.get("model_kwargs", {}))
+    return create_detector(str(info["name"]), **kwargs)
