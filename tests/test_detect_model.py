@@ -85,6 +85,9 @@ def test_other_backbones_plug_in_and_bad_ones_are_refused():
     m = create_detector("yolov6_test", num_classes=2, backbone="test_efficientmod")
     with torch.no_grad():
         assert m.eval()(torch.rand(1, 3, 64, 64)).shape[-1] == 6
+    vit = create_detector("yolov6_test", num_classes=2, backbone="test_fastervit", backbone_kwargs={"img_size": 128})
+    with torch.no_grad():
+        assert vit.eval()(torch.rand(1, 3, 128, 128)).shape == (1, 16 * 16 + 8 * 8 + 4 * 4, 6)
     with pytest.raises(ConfigError, match="yolov6_x"):
         create_detector("yolov6_x")
     with pytest.raises(ConfigError, match="num_classes"):
