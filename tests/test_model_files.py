@@ -96,6 +96,18 @@ def _anomalyclip(tmp: Path, mvtec: Path, capsys) -> Path:
     return tmp / "anomalyclip" / "brick" / "model.safetensors"
 
 
+def _detect(tmp: Path, mvtec: Path, capsys) -> Path:
+    _run(["detect", "train", "model=yolov6_test", "data=defects", "epochs=1", "budget=3", "batch_size=8",
+          f"out={tmp / 'detect'}", *SMALL], capsys)
+    return tmp / "detect" / "model.safetensors"
+
+
+def _detect_masks(tmp: Path, mvtec: Path, capsys) -> Path:
+    _run(["detect", "train", "model=yolov6_test", "data=defects", "epochs=1", "budget=3", "batch_size=8", "masks=true",
+          "mask_epochs=1", f"out={tmp / 'masks'}", *SMALL], capsys)
+    return tmp / "masks" / "masks.safetensors"
+
+
 WRITERS: dict[str, tuple[str, Callable[..., Path]]] = {
     "train": ("classifier", _train),
     "train adapt=linear_probe": ("classifier", _train_adapted),
@@ -104,6 +116,8 @@ WRITERS: dict[str, tuple[str, Callable[..., Path]]] = {
     "segment": ("segmentation", _segment),
     "anomaly fit method=patchcore": ("patchcore", _patchcore),
     "anomaly fit method=anomalyclip": ("anomalyclip", _anomalyclip),
+    "detect train": ("detector", _detect),
+    "detect train masks=true": ("mask_frozen", _detect_masks),
 }
 
 
@@ -119,18 +133,22 @@ def test_eval_export_and_predict_open_what_a_command_wrote(command, tmp_path, mv
     info = read_model_info(path)
     assert info["kind"] == kind
     task = MODEL_KINDS[kind].task
-    data = [f"data={mvtec}"] if task != "classification" else []
+    data = [f"data={mvtec}"] if task not in ("classification", "detection") else []
 
     res = _run(["eval", f"model_file={path}", "batch_size=8", *data, *SMALL], capsys)
     assert res["kind"] == kind and res["images"] > 0
-    metric = {"classification": "acc1", "segmentation": "mIoU", "anomaly": "image_AUROC"}[task]
+    metric = {"classification": "acc1", "segmentation": "mIoU", "anomaly": "image_AUROC", "detection": "AP50"}[task]
     assert 0.0 <= res[metric] <= 100.0
 
     onnx = tmp_path / "model.onnx"
     res = _run(["export", f"model_file={path}", f"out={onnx}"], capsys)
-    assert onnx.is_file() and res["max_abs_err"] is not None and res["max_abs_err"] < 1e-3
     sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    assert sess.get_inputs()[0].shape[-1] == info.get("img_size", info["model_kwargs"].get("img_size"))
+    if task == "detection":  # one graph with NMS inside, dynamic image size, checked against PyTorch
+        assert [o.name for o in sess.get_outputs()][:3] == ["boxes", "scores", "labels"]
+        assert res["max_raw_box_err"] < 1e-2 and res["checked_batch_sizes"]
+    else:
+        assert res["max_abs_err"] is not None and res["max_abs_err"] < 1e-3
+        assert sess.get_inputs()[0].shape[-1] == info.get("img_size", info["model_kwargs"].get("img_size"))
     assert main(["export", f"model_file={path}", f"out={onnx}"]) == 2  # never replaced without overwrite=true
     assert "already exists" in capsys.readouterr().err
 
@@ -141,5 +159,7 @@ def test_eval_export_and_predict_open_what_a_command_wrote(command, tmp_path, mv
     out = tmp_path / "pred"
     res = _run(["predict", str(images), f"model_file={path}", f"out={out}", *SMALL[:1]], capsys)
     assert res["predicted"] == 2 and res["skipped"] == 0 and (out / "predictions.csv").is_file()
-    if task != "classification":
+    if task == "detection":
+        assert len(list(out.glob("*_det.png"))) == 2 and (out / "predictions.json").is_file()
+    elif task != "classification":
         assert len(list(out.glob("*_mask.png"))) == 2

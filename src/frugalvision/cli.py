@@ -175,6 +175,7 @@ def _commands() -> list[_Command]:
     from .pipelines.bench import BenchConfig
     from .pipelines.classification import ClassifyConfig
     from .pipelines.demo import DemoConfig
+    from .pipelines.detection import DetectConfig
     from .pipelines.info import DataConfig, InfoConfig, ModelsConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
     from .pipelines.model_file import EvalConfig, ExportConfig, PredictConfig
@@ -190,6 +191,8 @@ def _commands() -> list[_Command]:
                  _json_job("model_file", "run_predict", status="predicted"), positional="images"),
         _Command("anomaly", "anomaly detection (PatchCore, AnomalyCLIP): fit | test | predict IMAGES", AnomalyConfig,
                  _json_job("anomaly", "run_anomaly", status="predicted"), positional="action"),
+        _Command("detect", "object detection (YOLOv6) + Mask Frozen masks: train | test | predict IMAGES | export",
+                 DetectConfig, _json_job("detection", "run_detect", status="predicted"), positional="action"),
         _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig,
                  _json_job("classification", "train_classifier")),
         _Command("profile", "SubTuning profile: tune each block alone, plot it, pick the best few", ProfileConfig,

@@ -445,6 +445,8 @@ for _kind in (
     ModelKind("surgery", "classification", "frugalvision.surgery:build_modulated"),
     ModelKind("patchcore", "anomaly", "frugalvision.inspect.anomaly.patchcore:build_patchcore"),
     ModelKind("anomalyclip", "anomaly", "frugalvision.inspect.anomaly.anomalyclip:build_anomalyclip_from_info"),
+    ModelKind("detector", "detection", "frugalvision.detect.yolov6:build_detector_from_info"),
+    ModelKind("mask_frozen", "detection", "frugalvision.detect.mask_frozen:build_mask_frozen_from_info"),
 ):
     register_model_kind(_kind)
 

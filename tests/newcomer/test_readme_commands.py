@@ -50,6 +50,12 @@ SHORT: dict[str, list[str]] = {
                                                   "backbone_weights={cache}/" + PRETRAINED],
     "frugalvision anomaly test out=runs/anomaly": [],
     "frugalvision anomaly predict images/ out=runs/anomaly category=brick": [],
+    "frugalvision detect train model=yolov6_n masks=true out=runs/detect": [
+        "model=yolov6_test", "epochs=1", "budget=4", "batch_size=8", "mask_epochs=1"],
+    "frugalvision detect test out=runs/detect masks=true": [],
+    "frugalvision detect predict images/ out=runs/detect": [],
+    "frugalvision detect export out=runs/detect": [],
+    "frugalvision eval model_file=runs/detect/model.safetensors": [],
     "frugalvision train model=resnet18 data=textures epochs=10 output_dir=runs/r18": ["epochs=1", "max_steps=2"],
     "frugalvision train model=resnet18 data=digits weights=runs/r18/model.safetensors adapt=lp_ft "
     "output_dir=runs/digits": ["epochs=2", "max_steps=4"],

@@ -217,6 +217,18 @@ def _predict_anomaly(model: torch.nn.Module, info: dict[str, Any], cfg: PredictC
     return predict_anomaly_model(model, info, cfg.images, cfg.out, cfg.overwrite, cfg.threshold, cfg.image_threshold)
 
 
+def _detection() -> TaskJobs:
+    from .detection import evaluate_detector_file, export_detector_file, predict_detector
+
+    return TaskJobs(
+        evaluate=lambda m, i, c: evaluate_detector_file(m, i, None, c.device, c.progress, data=c.data),
+        predict=lambda m, i, c: predict_detector(m, i, c.images, c.out, c.overwrite, None, None, None, c.device,
+                                                 c.progress),
+        export=lambda m, i, c: export_detector_file(m, i, Path(c.out), c.overwrite),
+    )
+
+
 register_task_jobs("classification", _classification())
 register_task_jobs("segmentation", _segmentation())
 register_task_jobs("anomaly", TaskJobs(_evaluate_anomaly, _predict_anomaly, _export_anomaly))
+register_task_jobs("detection", _detection())
