@@ -305,7 +305,10 @@ def predict_boxset(model: nn.Module, boxset: BoxSet, img_size: int, batch_size: 
             extra(images, dets)
         for det, tgt in zip(dets, targets, strict=True):
             out = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in det.items()}
-            out["boxes"] = torch.as_tensor(to_original(out["boxes"], tgt)).float()
+            boxes = torch.as_tensor(to_original(out["boxes"], tgt)).float()
+            w, h = tgt["orig_size"]  # boxes clipped to the sample, as every output box should be
+            out["boxes"] = torch.stack((boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                                        boxes[:, 3].clamp(0, h)), 1) if len(boxes) else boxes
             out["image_id"] = int(tgt["image_id"])
             results.append(out)
     return results

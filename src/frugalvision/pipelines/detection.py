@@ -318,6 +318,12 @@ def evaluate_detector_file(model: torch.nn.Module, info: dict[str, Any], sets: t
 
 
 def _draw(pixels: np.ndarray, det: dict[str, Any], classes: list[str]) -> np.ndarray:
+    masks = det.get("masks")
+    if masks is not None and len(masks):  # instance masks: translucent fill in the class colour
+        out = pixels.astype(np.float32)
+        for m, label in zip(np.asarray(masks, dtype=bool), det["labels"].tolist(), strict=True):
+            out[m] = 0.55 * out[m] + 0.45 * np.asarray(_PALETTE[int(label) % len(_PALETTE)], np.float32)
+        pixels = out.round().astype(np.uint8)
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 400))
@@ -328,10 +334,30 @@ def _draw(pixels: np.ndarray, det: dict[str, Any], classes: list[str]) -> np.nda
     return np.asarray(img)
 
 
+def _mask_detections(model: torch.nn.Module, paths: list[Path], size: int, conf: float, iou: float, max_det: int,
+                     device: str, progress: bool) -> list[dict[str, Any]]:
+    """Mask Frozen on whole images (letterboxed, not tiled): boxes, scores, labels and boolean masks."""
+    from ..data.detection import BoxSample
+    from ..detect.mask_frozen import predict_masks
+
+    samples = []
+    for i, p in enumerate(paths):
+        w, h = Image.open(p).size
+        samples.append(BoxSample(p, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), w, h, i + 1))
+    dets = predict_masks(model, BoxSet(samples, ["x"]), size, device=device, conf_thres=conf, iou_thres=iou,
+                         max_det=min(max_det, 100), progress=progress)
+    return [{**d, "width": s.width, "height": s.height} for d, s in zip(dets, samples, strict=True)]
+
+
 def predict_detector(model: torch.nn.Module, info: dict[str, Any], images: list[str], out: str | Path,
                      overwrite: bool = False, conf_thres: float | None = None, iou_thres: float | None = None,
                      max_det: int | None = None, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Drawn images, ``predictions.json`` (COCO) and ``predictions.csv`` for image files and folders."""
+    """Drawn images, ``predictions.json`` (COCO) and ``predictions.csv`` for image files and folders.
+
+    A detector runs large images tile by tile (merged with NMS); a Mask Frozen file also predicts instance masks
+    (drawn, and stored as RLE ``segmentation`` in the COCO JSON) on each whole image.
+    """
+    from ..detect.coco_eval import detections_to_coco
     from ..detect.infer import detect_images
 
     out = Path(out)
@@ -340,14 +366,17 @@ def predict_detector(model: torch.nn.Module, info: dict[str, Any], images: list[
                           extra=extra)
     if total == 0:
         raise ConfigError(f"no images found in {', '.join(map(str, images))}")
-    det_model = model.detector if info["kind"] == "mask_frozen" else model
     paths = [(p, stem) for p, stem in iter_images(images)]
     size = int(info["img_size"])
     conf = info.get("conf_thres", 0.25) if conf_thres is None else conf_thres
-    dets = detect_images(det_model, [p for p, _ in paths], size, int(info.get("tile", size)),
-                         int(info.get("overlap", 64)), conf_thres=conf,
-                         iou_thres=iou_thres or info.get("iou_thres", 0.65),
-                         max_det=max_det or info.get("max_det", 300), device=device, progress=progress)
+    iou = iou_thres or info.get("iou_thres", 0.65)
+    cap = max_det or info.get("max_det", 300)
+    if info["kind"] == "mask_frozen":
+        dets = _mask_detections(model, [p for p, _ in paths], size, conf, iou, cap, device, progress)
+    else:
+        dets = detect_images(model, [p for p, _ in paths], size, int(info.get("tile", size)),
+                             int(info.get("overlap", 64)), conf_thres=conf, iou_thres=iou, max_det=cap,
+                             device=device, progress=progress)
     classes = list(info["classes"])
     coco: dict[str, Any] = {"images": [], "annotations": [],
                             "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
@@ -355,22 +384,22 @@ def predict_detector(model: torch.nn.Module, info: dict[str, Any], images: list[
     for i, ((path, stem), det) in enumerate(zip(paths, dets, strict=True)):
         save_png(_draw(read_rgb(path), det, classes), out / f"{stem}_det.png")
         coco["images"].append({"id": i + 1, "file_name": str(path), "width": det["width"], "height": det["height"]})
-        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
-                                     strict=True):
-            x1, y1, x2, y2 = (round(v, 2) for v in box)
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
-                                        "category_id": int(label) + 1, "bbox": [x1, y1, round(x2 - x1, 2),
-                                                                                round(y2 - y1, 2)],
-                                        "score": round(float(score), 5), "area": round((x2 - x1) * (y2 - y1), 2),
-                                        "iscrowd": 0})
-            rows.append([str(path), x1, y1, x2, y2, round(float(score), 5), classes[int(label)]])
+        masks = det.get("masks")
+        for ann in detections_to_coco(i + 1, det, masks=None if masks is None else np.asarray(masks)):
+            x, y, w, h = ann["bbox"]
+            ann.update(id=len(coco["annotations"]) + 1, area=round(w * h, 2), iscrowd=0,
+                       bbox=[round(v, 2) for v in ann["bbox"]], score=round(float(ann["score"]), 5))
+            coco["annotations"].append(ann)
+            rows.append([str(path), round(x, 2), round(y, 2), round(x + w, 2), round(y + h, 2), ann["score"],
+                         classes[int(ann["category_id"]) - 1]])
     atomic_write_text(out / "predictions.json", json.dumps(coco) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["image", "x1", "y1", "x2", "y2", "score", "class"])
     w.writerows(rows)
     atomic_write_text(out / "predictions.csv", buf.getvalue())
-    return {"images": total, "predicted": len(dets), "skipped": 0, "detections": len(rows), "out": str(out)}
+    return {"images": total, "predicted": len(dets), "skipped": 0, "detections": len(rows), "out": str(out),
+            "masks": info["kind"] == "mask_frozen"}
 
 
 def export_detector_file(model: torch.nn.Module, info: dict[str, Any], out: Path, overwrite: bool = False,
