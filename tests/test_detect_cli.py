@@ -52,7 +52,7 @@ def test_predict_writes_drawn_images_coco_and_csv_in_image_pixels(model_file, tm
     for ann in coco["annotations"]:
         x, y, w, h = ann["bbox"]
         W, H = sizes[ann["image_id"]]
-        assert -1 <= x and x + w <= W + 1 and -1 <= y and y + h <= H + 1 and ann["score"] > 0.5
+        assert x >= -1 and x + w <= W + 1 and y >= -1 and y + h <= H + 1 and ann["score"] > 0.5
         assert ann["category_id"] in (1, 2)
     big = [a for a in coco["annotations"] if a["image_id"] == 2]
     assert max(a["bbox"][0] for a in big) > 64  # boxes from tiles right of the first, shifted into image pixels
