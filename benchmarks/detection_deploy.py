@@ -94,6 +94,9 @@ def main() -> None:
     torch.manual_seed(0)
     from frugalvision.detect.baselines import build_baseline
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from detection_compare import export_baseline_onnx
+
     info = machine_info("cpu")
     info.matmul_peak_gflops = matmul_peak_gflops("cpu")
     trained: dict[str, torch.nn.Module] = {}
@@ -127,17 +130,30 @@ def main() -> None:
                 ort[f"{label} (ORT)"] = OrtDetector(path, threads=a.threads)
             except Exception as e:  # report and go on: the eager rows stay valid
                 meta[label]["onnx_error"] = str(e)[:200]
+        base_ort: dict[str, Any] = {}  # torchvision graphs are exported for batch 1 (a list of one image)
+        x1 = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        for name in a.baselines:
+            try:
+                base_ort[f"{name} (ORT)"] = export_baseline_onnx(eager[name].model, x1, tmp / f"{name}_{size}.onnx",
+                                                                 a.threads)
+            except Exception as e:
+                meta[name]["onnx_error"] = str(e).splitlines()[0][:200]
         for batch in (1, a.batch):
             x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
             xn = x.numpy()
             fns = {k: (lambda m=m, x=x: m(x)) for k, m in eager.items()}
             fns.update({k: (lambda r=r, xn=xn: r(xn)) for k, r in ort.items()})
+            if batch == 1:
+                fns.update(base_ort)
+                ort_names = set(ort) | set(base_ort)
+            else:
+                ort_names = set(ort)
             times = median_ms(interleaved(fns, rounds=a.repeats, warmup=2, inference=True))
             ref = times.get(f"{a.variants[0]} fused") or min(times.values())
             for k, ms in times.items():
                 base = k.removesuffix(" (ORT)")
                 g = meta.get(base, {}).get("GFLOPs")
-                rows.append({"size": size, "batch": batch, "model": k, "backend": "onnxruntime" if k in ort else
+                rows.append({"size": size, "batch": batch, "model": k, "backend": "onnxruntime" if k in ort_names else
                              "eager", "ms": round(ms, 2), "img_per_s": round(1000 * batch / ms, 2),
                              "ratio_to_ref": round(ms / ref, 2), "params_M": round(meta[base]["params_M"], 2),
                              "GFLOPs": None if g is None else round(g, 2),
@@ -150,7 +166,13 @@ def main() -> None:
              "Every row is end to end (decode + NMS). GFLOPs: our detector's forward counted with torch's FLOP "
              "counter at batch 1 (not the NMS); '—' where the counter does not apply (torchvision's detectors "
              "run data-dependent code).",
-             f"ratio_to_ref: latency divided by the {a.variants[0]} fused eager row of the same size and batch."]
+             f"ratio_to_ref: latency divided by the {a.variants[0]} fused eager row of the same size and batch.",
+             "ONNX Runtime: ours as one graph with NMS inside (export_detector_onnx, dynamic batch); torchvision's "
+             "detectors through torch.onnx for a batch of one image (their graphs take a list of images), checked "
+             "against eager; a missing row says why below."]
+    for name, m in meta.items():
+        if "onnx_error" in m:
+            notes.append(f"{name}: no ONNX Runtime row ({m['onnx_error']}).")
     md = [result_header("Detector deployment speed on the CPU", info, cmd, notes),
           "| size | batch | model | backend | ms | img/s | ratio | params (M) | GFLOPs | achieved GFLOP/s |",
           "|---|---|---|---|---|---|---|---|---|---|"]
