@@ -101,5 +101,8 @@ def test_train_on_a_yolo_folder_end_to_end(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["train_images"] == 4 and 0 <= res["AP50"] <= 100
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    # test re-evaluates the run folder's model and exits 0 (its result has "images" but nothing "predicted")
+    assert main(["detect", "test", f"out={out}", "progress=false", "device=cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] > 0
     assert main(["detect", "train", f"data={root}", "model=yolov6_test", f"out={out}", "progress=false"]) == 2
     assert "overwrite=true" in capsys.readouterr().err

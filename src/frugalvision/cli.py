@@ -192,7 +192,7 @@ def _commands() -> list[_Command]:
         _Command("anomaly", "anomaly detection (PatchCore, AnomalyCLIP): fit | test | predict IMAGES", AnomalyConfig,
                  _json_job("anomaly", "run_anomaly", status="predicted"), positional="action"),
         _Command("detect", "object detection (YOLOv6) + Mask Frozen masks: train | test | predict IMAGES | export",
-                 DetectConfig, _json_job("detection", "run_detect", status="predicted"), positional="action"),
+                 DetectConfig, _json_job("detection", "run_detect"), positional="action"),
         _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig,
                  _json_job("classification", "train_classifier")),
         _Command("profile", "SubTuning profile: tune each block alone, plot it, pick the best few", ProfileConfig,
