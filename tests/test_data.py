@@ -31,17 +31,40 @@ def test_corrupt_image_is_named(tmp_path):
     root = _make_folder(tmp_path / "d")
     bad = root / "cat" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
-    ds = ImageFolderDataset(root)
+    with pytest.raises(DataError, match=r"cat/1\.png.*on_error='skip'"):  # found up front, not mid-epoch
+        ImageFolderDataset(root)
+    ds = ImageFolderDataset(root, verify=False)  # unchecked: found when read, still named
     with pytest.raises(DataError, match=r"cat/1\.png"):
         ds[1]
     ds = ImageFolderDataset(root, on_error="skip")
     assert len(ds) == 5 and [p.name for p, _ in ds.skipped] == ["1.png"]
 
 
+def test_image_check_cache_follows_the_file(tmp_path, monkeypatch):
+    from frugalvision.data import images
+
+    monkeypatch.setenv("FRUGALVISION_CACHE", str(tmp_path / "cache"))
+    root = _make_folder(tmp_path / "d")
+    calls = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    ImageFolderDataset(root)
+    first = len(calls)
+    ImageFolderDataset(root)  # every verdict cached: nothing decoded
+    assert first == 6 and len(calls) == first
+    bad = root / "cat" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # changed file (size and mtime): checked again
+    with pytest.raises(DataError, match=r"cat/1\.png"):
+        ImageFolderDataset(root)
+    assert len(calls) == first + 1
+
+
 def test_not_an_image_is_named(tmp_path):
     root = _make_folder(tmp_path / "d")
     (root / "dog" / "x.jpg").write_text("this is text")
-    ds = ImageFolderDataset(root)
+    with pytest.raises(DataError, match=r"x\.jpg.*corrupt or not an image"):
+        ImageFolderDataset(root)
+    ds = ImageFolderDataset(root, verify=False)
     idx = [p.name for p, _ in ds.samples].index("x.jpg")
     with pytest.raises(DataError, match=r"x\.jpg.*corrupt or not an image"):
         ds[idx]
@@ -87,7 +110,9 @@ def test_channel_handling(tmp_path):
 def test_wrong_channels_in_strict_dataset(tmp_path):
     root = _make_folder(tmp_path / "d")
     Image.new("L", (10, 12)).save(root / "cat" / "gray.png")
-    ds = ImageFolderDataset(root, convert=False)
+    with pytest.raises(DataError, match=r"gray\.png has 1 channel"):
+        ImageFolderDataset(root, convert=False)
+    ds = ImageFolderDataset(root, convert=False, verify=False)
     idx = [p.name for p, _ in ds.samples].index("gray.png")
     with pytest.raises(DataError, match=r"gray\.png has 1 channel"):
         ds[idx]

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, check_images, load_image
 
 __all__ = ["ImageFolderDataset"]
 
@@ -25,14 +25,18 @@ class ImageFolderDataset(Dataset):
         transform: Callable applied to the PIL image (e.g. :func:`~frugalvision.data.build_transforms`).
         channels: 3 (RGB) or 1 (grayscale).
         convert: Convert other 8-bit image modes to ``channels``; when False a mismatch is an error.
-        on_error: ``raise`` (default): a bad image raises a :class:`DataError` naming it when it is read.
-            ``skip``: every image is decoded once now; bad ones are dropped and listed in :attr:`skipped`.
+        on_error: ``raise`` (default): a bad image raises a :class:`DataError` naming it, here and not mid-epoch.
+            ``skip``: bad images are dropped and listed in :attr:`skipped`.
         classes: Expected class names (e.g. the training set's), so labels agree across splits.
         extensions: File suffixes treated as images; other files are ignored.
+        verify: Decode every image once now (:func:`~frugalvision.data.images.check_images`; verdicts are cached
+            by path, size and modification time, so a re-run reads nothing). With False a bad file is found
+            only when it is read.
+        progress: Progress bar while checking (shown for 50 or more unchecked files).
 
     Raises:
-        DataError: If the root is missing, has no class folders, a class folder holds no image, or
-            ``classes`` names a folder that is absent.
+        DataError: If the root is missing, has no class folders, a class folder holds no image, an image is
+            unreadable (``on_error="raise"``), or ``classes`` names a folder that is absent.
 
     Example:
         >>> import tempfile, pathlib
@@ -53,6 +57,8 @@ class ImageFolderDataset(Dataset):
         on_error: Literal["raise", "skip"] = "raise",
         classes: Sequence[str] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        verify: bool = True,
+        progress: bool = True,
     ) -> None:
         self.root = Path(root)
         self.transform = transform
@@ -84,18 +90,21 @@ class ImageFolderDataset(Dataset):
                 raise DataError(f"class folder {self.root / c} holds no images ({', '.join(exts)})")
             self.samples += [(p, self.class_to_idx[c]) for p in files]
         self.skipped: list[tuple[Path, str]] = []
-        if on_error == "skip":
-            kept = []
-            for p, y in self.samples:
-                try:
-                    load_image(p, channels, convert)
-                    kept.append((p, y))
-                except DataError as exc:
-                    self.skipped.append((p, str(exc)))
-                    log.warning("skipping %s", exc)
-            if not kept:
+        if verify:
+            verdicts = check_images([p for p, _ in self.samples], channels, convert, progress=progress,
+                                    desc=f"checking {self.root.name}")
+            bad = [(p, v) for p, v in verdicts.items() if isinstance(v, str)]
+            if bad and on_error == "raise":
+                more = f" (and {len(bad) - 1} more unreadable file(s))" if len(bad) > 1 else ""
+                raise DataError(f"{bad[0][1]}{more}; or pass on_error='skip' to leave unreadable images out")
+            for p, msg in bad:
+                self.skipped.append((p, msg))
+                log.warning("skipping %s", msg)
+            if bad:
+                drop = {p for p, _ in bad}
+                self.samples = [(p, y) for p, y in self.samples if p not in drop]
+            if not self.samples:
                 raise DataError(f"dataset folder {self.root}: every image is unreadable")
-            self.samples = kept
 
     @property
     def targets(self) -> list[int]:

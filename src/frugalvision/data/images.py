@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "check_images", "load_image"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -74,3 +76,113 @@ def load_image(path: str | Path, channels: int = 3, convert: bool = True) -> Ima
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert(want)
+
+
+# --------------------------------------------------------------------------------------------- checking up front
+_CHECK_VERSION = 1  # bump when load_image's rules change, so cached verdicts are recomputed
+
+
+def _check_db() -> sqlite3.Connection | None:
+    """The verdict cache (``<cache>/image_checks.sqlite``); None when it cannot be opened (checks still run)."""
+    from .bundled import cache_dir
+
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(folder / "image_checks.sqlite", timeout=30)
+        db.execute("CREATE TABLE IF NOT EXISTS checks (key TEXT PRIMARY KEY, verdict TEXT)")
+        return db
+    except (sqlite3.Error, OSError):
+        return None
+
+
+def _key(path: Path, how: str) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{_CHECK_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{how}"
+
+
+def _decode_mask(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read mask {path}: {exc}; the file is corrupt or not an image") from None
+
+
+def check_images(paths: Sequence[str | Path], channels: int = 3, convert: bool = True, progress: bool = True,
+                 desc: str = "checking images", cache: bool = True, masks: bool = False
+                 ) -> dict[Path, tuple[int, int] | str]:
+    """Decode every image once, up front, and say which are usable: ``{path: (width, height) or error message}``.
+
+    A corrupt file is found before training starts, not when a batch first reads it mid-epoch. Verdicts are
+    cached (``$FRUGALVISION_CACHE/image_checks.sqlite``) keyed by the file's resolved path, size and modification
+    time, so a re-run over the same files reads nothing; a changed file is checked again.
+
+    Args:
+        paths: Image files.
+        channels: As :func:`load_image`.
+        convert: As :func:`load_image`.
+        progress: Show a progress bar over the files that need decoding.
+        desc: The progress bar's label.
+        cache: Read and write the verdict cache.
+        masks: The files are masks (any 8-bit or 16-bit mode; decoded, not converted).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); Image.new("RGB", (5, 4)).save(d / "ok.png")
+        >>> _ = (d / "bad.png").write_bytes(b"not a png")
+        >>> res = check_images([d / "ok.png", d / "bad.png"], progress=False, cache=False)
+        >>> res[d / "ok.png"], res[d / "bad.png"].startswith("cannot read image")
+        ((5, 4), True)
+    """
+    out: dict[Path, tuple[int, int] | str] = {}
+    how = "mask" if masks else f"{channels}|{int(convert)}"
+    keys = {Path(p): _key(Path(p), how) for p in paths}
+    db = _check_db() if cache else None
+    known: dict[str, str] = {}
+    if db is not None:
+        wanted = [k for k in keys.values() if k]
+        try:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i:i + 500]
+                rows = db.execute(f"SELECT key, verdict FROM checks WHERE key IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchall()
+                known.update(rows)
+        except sqlite3.Error:
+            known = {}
+    todo = []
+    for p, k in keys.items():
+        v = known.get(k) if k else None
+        if v is None:
+            todo.append(p)
+        else:
+            out[p] = tuple(int(x) for x in v[3:].split(",")) if v.startswith("ok:") else v[4:]  # type: ignore[assignment]
+    new: list[tuple[str, str]] = []
+    if todo:
+        from tqdm.auto import tqdm
+
+        for p in tqdm(todo, desc=desc, unit="img", disable=not progress or len(todo) < 50, leave=False):
+            try:
+                size = _decode_mask(p) if masks else load_image(p, channels, convert).size
+                out[p] = size
+                verdict = f"ok:{size[0]},{size[1]}"
+            except DataError as exc:
+                out[p] = str(exc)
+                verdict = f"err:{exc}"
+            k = keys[p] or _key(p, how)
+            if k and Path(p).exists():
+                new.append((k, verdict))
+    if db is not None:
+        try:
+            if new:
+                with db:
+                    db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?)", new)
+        except sqlite3.Error:
+            pass
+        finally:
+            db.close()
+    return {Path(p): out[Path(p)] for p in paths}

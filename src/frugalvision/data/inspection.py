@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, load_image
+from .images import IMAGE_EXTENSIONS, check_images, load_image
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -88,16 +88,11 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}; the file is corrupt or not an image") from None
-
-
-def _check(samples: list[DefectSample], on_error: OnError) -> SampleList:
-    """Verify every file opens and masks match their images' sizes; raise or skip."""
+def _check(samples: list[DefectSample], on_error: OnError, progress: bool = True) -> SampleList:
+    """Decode every image and mask once (cached verdicts, see :func:`check_images`); sizes must match; raise or skip."""
+    sizes = check_images([s.image for s in samples], progress=progress, desc="checking images")
+    sizes |= check_images([s.mask for s in samples if s.mask is not None and s.mask.is_file()], progress=progress,
+                          desc="checking masks", masks=True)
     kept: list[DefectSample] = []
     skipped: list[tuple[Path, str]] = []
     for s in samples:
@@ -106,9 +101,13 @@ def _check(samples: list[DefectSample], on_error: OnError) -> SampleList:
                 raise DataError(f"defective image {s.image} has no mask")
             if s.mask is not None and not s.mask.is_file():
                 raise DataError(f"mask {s.mask} for image {s.image} does not exist")
-            size = _header_size(s.image)
+            size = sizes[s.image]
+            if isinstance(size, str):
+                raise DataError(size)
             if s.mask is not None:
-                msize = _header_size(s.mask)
+                msize = sizes[s.mask]
+                if isinstance(msize, str):
+                    raise DataError(msize)
                 if msize != size:
                     raise DataError(
                         f"mask {s.mask} is {msize[0]}x{msize[1]} but image {s.image} is {size[0]}x{size[1]}"

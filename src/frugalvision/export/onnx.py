@@ -21,8 +21,9 @@ from torch.utils._pytree import tree_flatten
 
 from .._deps import require
 from ..errors import FrugalVisionError
+from ..utils.io import clean_once, temp_prefix
 
-__all__ = ["ExportResult", "OrtRunner", "export_onnx"]
+__all__ = ["ExportResult", "OrtRunner", "export_onnx", "read_onnx_metadata", "write_onnx_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ def _staged(path: Path) -> Iterator[Path]:
     stage is removed, so ``path`` keeps its previous content.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_once(path.parent)
+    stage = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield stage / path.name
         staged = [stage / (path.name + ".data"), stage / path.name]
@@ -352,3 +354,47 @@ def _check(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, dynamic
                 )
     result.max_abs_err, result.max_rel_err = max_abs, max_rel
     result.checked_batch_sizes = tuple(b[0].shape[0] for b in batches)
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (its weights are not read).
+
+    Raises:
+        CheckpointError: The file is missing or not an ONNX model.
+    """
+    from ..errors import CheckpointError
+
+    onnx = require("onnx", "reading ONNX files")
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"ONNX file {p} does not exist")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # onnx raises protobuf's decode errors
+        raise CheckpointError(f"{p} is not a readable ONNX file ({type(exc).__name__})") from None
+    return {m.key: m.value for m in proto.metadata_props}
+
+
+def write_onnx_metadata(path: str | Path, entries: dict[str, str]) -> Path:
+    """Set ``metadata_props`` entries of an ONNX file in place, atomically (external weights stay where they are).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = export_onnx(nn.Linear(4, 2).eval(), pathlib.Path(tempfile.mkdtemp()) / "m.onnx", (1, 4),
+        ...                 exporter="torchscript").path
+        >>> read_onnx_metadata(write_onnx_metadata(p, {"classes": "a,b"}))["classes"]
+        'a,b'
+    """
+    from ..utils.io import atomic_path
+
+    onnx = require("onnx", "writing ONNX files")
+    p = Path(path)
+    proto = onnx.load(str(p), load_external_data=False)  # external tensors keep their relative location
+    kept = [(m.key, m.value) for m in proto.metadata_props if m.key not in entries]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *entries.items()]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_path(p) as tmp:
+        onnx.save(proto, str(tmp))
+    return p

@@ -41,7 +41,8 @@ from .common import check_outputs, iter_images, read_rgb, save_png
 
 __all__ = ["ANOMALY_METHODS", "AnomalyCLIPMethod", "AnomalyConfig", "AnomalyMethod", "PatchCoreMethod",
            "anomaly_spec", "evaluate_anomaly_model", "fit_anomaly", "get_anomaly_method", "list_anomaly_methods",
-           "predict_anomaly", "predict_anomaly_model", "register_anomaly_method", "run_anomaly", "test_anomaly"]
+           "predict_anomaly", "predict_anomaly_model", "predict_anomaly_onnx", "register_anomaly_method", "run_anomaly",
+           "test_anomaly"]
 
 log = logging.getLogger(__name__)
 _ACTIONS = ("fit", "test", "predict")
@@ -596,7 +597,8 @@ def _predict_images(predictor: AnomalyPredictor, images: Sequence[str | Path], o
     from ..inspect.visualize import overlay
 
     spec = predictor.spec
-    check_outputs(images, lambda stem: [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"], overwrite, out_key)
+    check_outputs(images, lambda stem: [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"], overwrite, out_key,
+                  extra=[out / "predictions.csv"])
     out.mkdir(parents=True, exist_ok=True)
     n_ok = n_bad = 0
     with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -654,6 +656,18 @@ def predict_anomaly_model(model: torch.nn.Module, info: dict[str, Any], images: 
     spec = _thresholds(anomaly_spec(info), threshold, image_threshold, where, stored="pixel_threshold" in info)
     res = _predict_images(AnomalyPredictor.from_model(model, spec), images, Path(out), overwrite)
     return {**res, "category": info.get("category")}
+
+
+def predict_anomaly_onnx(path: str | Path, images: list[str], out: str | Path, overwrite: bool = False,
+                         threshold: float | None = None, image_threshold: float | None = None) -> dict[str, Any]:
+    """:func:`predict_anomaly_model` with onnxruntime on an ONNX file of :func:`export_anomaly_onnx`.
+
+    The input size and the stored thresholds come from the file's metadata; the outputs are the same files.
+    """
+    predictor = AnomalyPredictor.from_onnx(path)
+    _thresholds(predictor.spec, threshold, image_threshold, str(path))
+    res = _predict_images(predictor, images, Path(out), overwrite)
+    return {**res, "method": predictor.spec.method}
 
 
 def predict_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:

@@ -122,6 +122,10 @@ def check_outputs(inputs: Sequence[str | Path], outputs_of: Callable[[Path], lis
         overwrite: Allow replacing existing files.
         out_key: The configuration key naming the output folder, for the message.
         extra: Outputs written once per run (e.g. the CSV), checked too.
+
+    Raises:
+        ConfigError: An output exists (without ``overwrite``) or two inputs would write the same file.
+        DataError: The inputs hold no image at all (an empty folder is a mistake, not an empty result).
     """
     seen: set[Path] = set(extra)
     clashes: list[Path] = [p for p in extra if p.exists() and not overwrite]
@@ -137,6 +141,10 @@ def check_outputs(inputs: Sequence[str | Path], outputs_of: Callable[[Path], lis
     if clashes:
         raise ConfigError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass overwrite=true "
                           f"to replace them or choose another {out_key}=")
+    if total == 0:
+        shown = ", ".join(str(i) for i in list(inputs)[:3]) or "(none given)"
+        raise DataError(f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} files, "
+                        "folders walked recursively); nothing was written")
     return total
 
 
