@@ -326,7 +326,19 @@ class SegmentationTransform:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
+    #: Images with more pixels than this are resized in two passes over row strips (widths first, then heights):
+    #: the same values as one pass (the antialiased resize is separable), without a full-size float copy.
+    strip_pixels: int = 1 << 22
+
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        if h * w > self.strip_pixels and image.dtype == torch.uint8 and (h, w) != (self.size, self.size):
+            rows = max(1, self.strip_pixels // (4 * w))
+            narrow = torch.cat([torch.nn.functional.interpolate(
+                image[None, :, r:r + rows].float().div_(255.0), size=(min(rows, h - r), self.size), mode="bilinear",
+                align_corners=False, antialias=True)[0] for r in range(0, h, rows)], dim=1)
+            return torch.nn.functional.interpolate(narrow[None], size=(self.size, self.size), mode="bilinear",
+                                                   align_corners=False, antialias=True)[0]
         img = image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
         if img.shape[-2:] != (self.size, self.size):
             img = torch.nn.functional.interpolate(img[None], size=(self.size, self.size), mode="bilinear",

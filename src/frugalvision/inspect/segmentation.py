@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -18,11 +19,13 @@ from torch import nn
 from .._deps import require
 from ..data.inspection import segmentation_transforms
 from ..engine.task import MeanLoss, Metric, Task
+from ..errors import ConfigError
 from ..models.heads import SegmentationModel
 from .metrics import SegmentationMetrics, decide
 
 __all__ = ["SMP_ARCHS", "CachedFeatures", "DecoderOnly", "SegmentationPrediction", "SegmentationPredictor",
-           "SegmentationTask", "build_segmenter", "cache_features", "decide", "dihedral", "soft_dice_loss"]
+           "SegmentationTask", "build_segmenter", "cache_features", "check_segmenter_name", "decide", "dihedral",
+           "soft_dice_loss"]
 
 SMP_ARCHS = {"unet": "Unet", "pspnet": "PSPNet", "deeplabv3plus": "DeepLabV3Plus", "segformer": "Segformer",
              "fpn": "FPN"}
@@ -83,6 +86,41 @@ class SegmentationTask(Task):
         return [MeanLoss(), SegmentationMetrics(self.class_names, threshold=self.threshold)]
 
 
+def check_segmenter_name(name: str) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``name`` is ``ours:<timm backbone>`` or ``smp:<arch>[:<encoder>]``.
+
+    Unknown kinds list the valid ones; unknown backbones and architectures get the closest valid names (smp's
+    encoders are smp's to check).
+
+    Example:
+        >>> check_segmenter_name("ours:resnet10t")
+        >>> check_segmenter_name("ours:resnet19")
+        Traceback (most recent call last):
+        ...
+        frugalvision.errors.ConfigError: unknown backbone 'resnet19' in segmenter=ours:resnet19; did you mean ...
+    """
+    import timm
+
+    kinds = f"ours:<timm backbone> (e.g. ours:repvgg_a0) or smp:<arch>[:<encoder>] (arch: {', '.join(SMP_ARCHS)})"
+    kind, _, rest = name.partition(":")
+    if kind not in ("ours", "smp"):
+        raise ConfigError(f"unknown segmenter kind {kind!r} in segmenter={name}; it must look like {kinds}")
+    if not rest:
+        raise ConfigError(f"segmenter={name} names no {'backbone' if kind == 'ours' else 'architecture'}; it must "
+                          f"look like {kinds}")
+    if kind == "ours" and not timm.is_model(rest):
+        close = difflib.get_close_matches(rest, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown backbone {rest!r} in segmenter={name}; {hint}`frugalvision models PATTERN` lists "
+                          "ours (--all: every timm model)")
+    arch = rest.partition(":")[0]
+    if kind == "smp" and arch not in SMP_ARCHS:
+        close = difflib.get_close_matches(arch, list(SMP_ARCHS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown smp architecture {arch!r} in segmenter={name}; {hint}choose from "
+                          f"{', '.join(SMP_ARCHS)}")
+
+
 def build_segmenter(name: str, num_classes: int, dim: int = 64, **kwargs: Any) -> nn.Module:
     """A segmenter by name: ``ours:<timm backbone>`` or ``smp:<arch>[:<encoder>]`` (encoder resnet18 by default).
 
@@ -90,17 +128,14 @@ def build_segmenter(name: str, num_classes: int, dim: int = 64, **kwargs: Any) -
         >>> build_segmenter("ours:resnet10t", 3, dim=16)(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 3, 64, 64])
     """
+    check_segmenter_name(name)
     kind, _, rest = name.partition(":")
-    if kind == "ours" and rest:
+    if kind == "ours":
         return SegmentationModel(rest, num_classes, dim=dim, **kwargs)
-    if kind == "smp" and rest:
-        smp = require("segmentation_models_pytorch", "segmentation baselines", extra="seg")
-        arch, _, encoder = rest.partition(":")
-        if arch not in SMP_ARCHS:
-            raise ValueError(f"unknown smp architecture {arch!r}; choose from {', '.join(SMP_ARCHS)}")
-        return getattr(smp, SMP_ARCHS[arch])(encoder_name=encoder or "resnet18", encoder_weights=None,
-                                             classes=num_classes, **kwargs)
-    raise ValueError(f"segmenter {name!r} must look like 'ours:<timm backbone>' or 'smp:<arch>[:<encoder>]'")
+    smp = require("segmentation_models_pytorch", "segmentation baselines", extra="seg")
+    arch, _, encoder = rest.partition(":")
+    return getattr(smp, SMP_ARCHS[arch])(encoder_name=encoder or "resnet18", encoder_weights=None,
+                                         classes=num_classes, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- frozen-feature cache
@@ -269,13 +304,46 @@ class SegmentationPredictor:
         """Class map and defect score of probabilities ``(N, C, H, W)``."""
         return decide(probs, self.threshold), 1 - probs[:, 0]
 
+    #: Above this many upsampled values (classes x height x width) the outputs are made in row strips of this
+    #: size: the same bilinear rule, bounded memory (an 8000x8000 image no longer holds C full-size float maps).
+    strip_elements: int = 1 << 24
+
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> list[SegmentationPrediction]:
         """Predict ``(H, W, 3)`` uint8 images of any sizes; outputs at each image's resolution."""
         probs = self.probs(self.preprocess(images))
         out = []
         for a, p in zip(images, probs, strict=True):
-            p = F.interpolate(p[None], size=a.shape[:2], mode="bilinear", align_corners=False)
-            cls, score = self.decide(p)
-            out.append(SegmentationPrediction(cls[0].cpu().numpy().astype(np.uint8), score[0].cpu().numpy()))
+            h, w = a.shape[:2]
+            if p.shape[0] * h * w <= self.strip_elements:
+                p = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)
+                cls, score = self.decide(p)
+                out.append(SegmentationPrediction(cls[0].cpu().numpy().astype(np.uint8), score[0].cpu().numpy()))
+            else:
+                out.append(self._decide_in_strips(p.cpu(), h, w))
         return out
+
+    def _decide_in_strips(self, p: torch.Tensor, h: int, w: int) -> SegmentationPrediction:
+        """Bilinear upsampling (``align_corners=False``) and the decision, ``rows`` output rows at a time."""
+        y0, y1, ly = _bilinear_taps(p.shape[1], h)
+        x0, x1, lx = _bilinear_taps(p.shape[2], w)
+        classes = np.empty((h, w), np.uint8)
+        score = np.empty((h, w), np.float32)
+        rows = max(1, self.strip_elements // (p.shape[0] * w))
+        for r in range(0, h, rows):
+            sl = slice(r, min(h, r + rows))
+            ry = ly[sl].view(1, -1, 1)
+            band = p[:, y0[sl]] * (1 - ry) + p[:, y1[sl]] * ry  # (C, R, w_in)
+            up = band[:, :, x0] * (1 - lx) + band[:, :, x1] * lx  # (C, R, W)
+            cls, sc = self.decide(up[None])
+            classes[sl] = cls[0].numpy().astype(np.uint8)
+            score[sl] = sc[0].numpy()
+        return SegmentationPrediction(classes, score)
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of PyTorch's bilinear resize with ``align_corners=False`` along one axis."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    return i0, i1, (src - i0).float()
