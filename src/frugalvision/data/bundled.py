@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..utils.io import cache_dir
 from .folder import ImageFolderDataset
 
 __all__ = ["BUNDLED", "build_bundled", "cache_dir", "load_bundled", "source_images"]
@@ -42,11 +43,6 @@ _SKIMAGE_FILES = {
     "cell": "cell.png", "motorcycle": "motorcycle_left.png",
 }
 SPLITS = ("train", "val", "test")
-
-
-def cache_dir() -> Path:
-    """Root folder of built datasets: ``$FRUGALVISION_CACHE`` or ``~/.cache/frugalvision``."""
-    return Path(os.environ.get("FRUGALVISION_CACHE", Path.home() / ".cache" / "frugalvision")).expanduser()
 
 
 def _skimage_image(filename: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
+from ..utils.io import cache_dir
 
 __all__ = ["IMAGE_EXTENSIONS", "check_images", "load_image"]
 
@@ -84,8 +85,6 @@ _CHECK_VERSION = 1  # bump when load_image's rules change, so cached verdicts ar
 
 def _check_db() -> sqlite3.Connection | None:
     """The verdict cache (``<cache>/image_checks.sqlite``); None when it cannot be opened (checks still run)."""
-    from .bundled import cache_dir
-
     try:
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)

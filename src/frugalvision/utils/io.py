@@ -19,8 +19,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "clean_once", "clean_stale_temporaries",
-           "temp_prefix"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "cache_dir",
+    "clean_once",
+    "clean_stale_temporaries",
+    "temp_prefix",
+]
 
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 _OLD_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # before the pid was part of the name
@@ -150,3 +157,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically and return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def cache_dir() -> Path:
+    """Root of built datasets, cached weights and image checks: ``$FRUGALVISION_CACHE`` or ``~/.cache/frugalvision``.
+
+    >>> isinstance(cache_dir(), Path)
+    True
+    """
+    return Path(os.environ.get("FRUGALVISION_CACHE", Path.home() / ".cache" / "frugalvision")).expanduser()
