@@ -67,7 +67,7 @@ def main() -> None:
             cfg = SegmentConfig(segmenter=a.segmenter, backbone_weights=str(weights), freeze="all",
                                 few_shot=a.few_shot, synthetic="none", epochs=a.epochs, seed=seed, split_seed=0,
                                 synthetic_dir=None if arm == "none" else str(work / f"synth-{arm}"),
-                                eval_every=0, output_dir=work / f"{arm}-s{seed}", progress=False)
+                                eval_every=0, output_dir=work / f"{arm}-s{seed}", progress=False, overwrite=True)
             res = train_segmenter(cfg)
             row = {"arm": arm, "seed": seed, "train_images": res["train_images"],
                    "train_s": round(res["wall_time_s"], 1), **{m: res["test"][m] for m in METRICS}}

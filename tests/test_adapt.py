@@ -206,7 +206,7 @@ def test_cli_train_with_adapt_and_profile(tmp_path, capsys):
     assert len(chosen["chosen"]) == 1 and len(chosen["profile"]) == 4 and chosen["runs"] == 5
     assert (prof / "profile.png").read_bytes()[:4] == b"\x89PNG" and (prof / "profile.csv").exists()
     assert main(["profile", "model=test_vit", "data=faces", "img_size=32", "k=99", "progress=false",
-                 f"output_dir={prof}"]) == 2
+                 f"output_dir={tmp_path / 'profile-k99'}"]) == 2
     assert "k=99 is larger than the 6 candidate blocks" in capsys.readouterr().err
     assert main(["train", "--adapt", "subtune", "model=test_resnet", "data=faces", "max_steps=1"]) == 2
     assert "unknown adaptation method 'subtune'; did you mean subtuning" in capsys.readouterr().err

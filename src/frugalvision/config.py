@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from .errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["build_config", "config_to_dict", "load_yaml", "parse_overrides"]
+__all__ = ["build_config", "check_number", "config_to_dict", "load_yaml", "parse_overrides"]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -221,6 +222,8 @@ def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
             kwargs[name] = _build(tp, merged, prefix=f"{prefix}{name}.")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
 
@@ -284,3 +287,35 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return convert(cfg)
+
+
+def check_number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
+    """Raise a :class:`ConfigError` naming ``key`` unless ``value`` is a finite number within the bounds.
+
+    Args:
+        key: The configuration key, for the message.
+        value: The value to check (NaN and infinities are always refused).
+        low: Smallest allowed value (excluded with ``low_open``).
+        high: Largest allowed value (excluded with ``high_open``).
+        low_open: Exclude ``low`` itself.
+        high_open: Exclude ``high`` itself.
+        hint: Appended to the message (e.g. what to do instead).
+
+    Example:
+        >>> check_number("lr", 0.1, 0, 10, low_open=True)
+        >>> check_number("lr", float("nan"), 0, 10, low_open=True)
+        Traceback (most recent call last):
+        ...
+        frugalvision.errors.ConfigError: lr must be > 0 and <= 10, got nan
+    """
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    conds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+    conds += [f"{'<' if high_open else '<='} {high:g}"] if high is not None else []
+    raise ConfigError(f"{key} must be {' and '.join(conds) or 'a finite number'}, got {value!r}{hint}")

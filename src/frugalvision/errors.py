@@ -23,5 +23,9 @@ class CheckpointError(FrugalVisionError, ValueError):
     """A checkpoint is missing, corrupt, foreign or incompatible with the model."""
 
 
+class TrainingDivergedError(FrugalVisionError, FloatingPointError):
+    """Training stopped on a non-finite loss or weights; the last good checkpoint is kept."""
+
+
 class MissingDependencyError(FrugalVisionError, ImportError):
     """An optional dependency is needed for a feature but is not installed."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from .bench.timing import interleaved, median_ms
 from .engine.trainer import resolve_device
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 __all__ = [
     "BlockCost",
@@ -39,6 +39,7 @@ __all__ = [
     "modulate",
     "plan_surgery",
     "replace_mixers",
+    "surgery_record",
 ]
 
 # GELU(b) == 1: the depth-wise context starts as a constant 1 when the context FCs are off (see _init_context).
@@ -572,16 +573,51 @@ def _modulate(model: nn.Module, budget_ms: float | None, speedup: float | None, 
 
 
 # --------------------------------------------------------------------------------------------- files
+def surgery_record(previous: Mapping[str, Any] | None, blocks: Sequence[str], kernel_size: int,
+                   context_fc: bool) -> dict[str, Any]:
+    """The ``surgery`` entry of a model file: every replaced block and its mixer, earlier surgeries included.
+
+    ``mixers`` maps each replaced block to its mixer's ``kernel_size`` and ``context_fc`` (a second surgery on a
+    surgery file keeps the first one's blocks, whatever their kernel); ``blocks`` lists them in replacement order.
+    ``kernel_size`` / ``context_fc`` at the top level are the last surgery's (files written before ``mixers``
+    existed have only those).
+
+    Example:
+        >>> first = surgery_record(None, ["blocks.1"], 7, True)
+        >>> second = surgery_record(first, ["blocks.0"], 11, False)
+        >>> second["blocks"], second["mixers"]["blocks.1"]["kernel_size"], second["mixers"]["blocks.0"]
+        (['blocks.1', 'blocks.0'], 7, {'kernel_size': 11, 'context_fc': False})
+    """
+    mixers = dict(_recorded_mixers(previous)) if previous else {}
+    for b in blocks:
+        mixers[b] = {"kernel_size": int(kernel_size), "context_fc": bool(context_fc)}
+    return {"blocks": list(mixers), "mixers": mixers, "kernel_size": int(kernel_size), "context_fc": bool(context_fc)}
+
+
+def _recorded_mixers(spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Block -> mixer settings of a surgery record (old records: one setting for all their blocks)."""
+    if "mixers" in spec:
+        return {str(b): dict(m) for b, m in spec["mixers"].items()}
+    return {str(b): {"kernel_size": int(spec["kernel_size"]), "context_fc": bool(spec["context_fc"])}
+            for b in spec["blocks"]}
+
+
 def build_modulated(info: Mapping[str, Any]) -> nn.Module:
     """The architecture of a ``surgery`` model file: the original model with its recorded mixers in place.
 
-    Weights are not loaded (:func:`frugalvision.weights.load_model_file` does that).
+    Every block in the record (:func:`surgery_record`) gets its own mixer settings, so files of repeated
+    surgeries rebuild exactly. Weights are not loaded (:func:`frugalvision.weights.load_model_file` does that).
     """
     from .models import create_model
 
     spec = info.get("surgery")
     if not spec:
-        raise ConfigError("the model file has no surgery record (which blocks were replaced)")
+        raise CheckpointError("the model file has no surgery record (which blocks were replaced)")
+    try:
+        mixers = _recorded_mixers(spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the model file's surgery record is incomplete or corrupt ({exc!r})") from None
     model = create_model(info["name"], **info.get("model_kwargs", {}))
-    replace_mixers(model, spec["blocks"], spec["kernel_size"], spec["context_fc"], init="random")
+    for block, m in mixers.items():
+        replace_mixers(model, [block], int(m["kernel_size"]), bool(m["context_fc"]), init="random")
     return model

@@ -271,7 +271,8 @@ def benchmark(
 
     Args:
         models: Model names for ``timm.create_model`` (ours are registered there too) or ``{name: module}``.
-        img_size: Input resolution; each model's default config when omitted.
+        img_size: Input resolution; each model's default config when omitted. Fixed-size models given by name
+            (ViT, DeiT, FasterViT) are built for it.
         batch_size: Batch size for the throughput measurement (latency is always batch 1).
         device: ``cpu`` or ``cuda``.
         threads: torch (and onnxruntime) intra-op threads; unchanged when omitted.
@@ -295,7 +296,7 @@ def benchmark(
         >>> [r.name for r in rows], rows[0].latency_ratio
         (['a', 'b'], 1.0)
     """
-    import timm
+    from ..models.factory import create_model, size_kwargs
 
     dev = torch.device(device)
     if threads:
@@ -303,7 +304,8 @@ def benchmark(
     info = machine_info(dev)
     info.matmul_peak_gflops = matmul_peak_gflops(dev)
     named: dict[str, nn.Module] = (
-        dict(models) if isinstance(models, dict) else {n: timm.create_model(n, pretrained=False) for n in models}
+        dict(models) if isinstance(models, dict)
+        else {n: create_model(n, **(size_kwargs(n, img_size) if img_size else {})) for n in models}
     )
     if not named:
         raise ValueError("no models to benchmark")

@@ -60,7 +60,7 @@ from torchvision.ops import box_iou, roi_align
 
 from ..data.detection import BoxSet, DetectionDataset, to_original, write_coco
 from ..engine.trainer import _progress, build_optimizer, resolve_device, seed_everything
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDivergedError
 from .coco_eval import coco_metrics, detections_to_coco
 from .postprocess import postprocess
 from .train import _loader, _lr_factor
@@ -444,8 +444,8 @@ class MaskTrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.top_k < 1 or self.rois_per_image < 1:
             raise ConfigError(f"epochs, batch_size, top_k and rois_per_image must be >= 1, got {self.epochs}, "
                               f"{self.batch_size}, {self.top_k}, {self.rois_per_image}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"lr must be > 0 (a finite number), got {self.lr}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"time_budget_s must be > 0 or unset, got {self.time_budget_s}")
         if not 0 < self.match_iou <= 1:
@@ -605,7 +605,7 @@ def fit_mask_head(model: MaskFrozen, train: BoxSet, cfg: MaskTrainConfig) -> Mas
             logits, iou = model.head(out.neck, out.head, out.level_sizes, images, boxes, anchors, labels)
             loss, parts = mask_loss(logits, iou, target.to(device), cfg.dice_weight, cfg.iou_weight)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the mask loss became {loss.item()} at step {step}; lower lr")
+                raise TrainingDivergedError(f"the mask loss became {loss.item()} at step {step}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

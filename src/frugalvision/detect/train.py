@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..data.detection import BoxSet, DetectionDataset, detection_collate, to_original, write_coco
 from ..engine.trainer import _amp_dtype, _autocast, _progress, build_optimizer, resolve_device, seed_everything
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDivergedError
 from .coco_eval import coco_metrics, detections_to_coco
 from .loss import DetectionLoss
 from .postprocess import postprocess
@@ -108,8 +108,8 @@ class DetectTrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"lr must be > 0 (a finite number), got {self.lr}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"time_budget_s must be > 0 or unset, got {self.time_budget_s}")
         if not 0 <= self.warmup < 1:
@@ -240,8 +240,8 @@ def fit_detector(model: YOLOv6, train: BoxSet, cfg: DetectTrainConfig, val: BoxS
                 distill = {"epoch": epoch, "epochs": cfg.epochs, **cfg.distill_weight}
                 loss, parts = crit(out, targets, epoch=epoch, teacher=t_out, distill=distill)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the detection loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                         "lower lr or use amp=none")
+                raise TrainingDivergedError(f"the detection loss became {loss.item()} at step {step} (epoch {epoch}); "
+                                            "lower lr or use amp=none; nothing was saved")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "barrier", "init_distributed"]
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "barrier", "convert_sync_batchnorm",
+           "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,38 @@ def all_gather_objects(obj: Any) -> list[Any]:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def convert_sync_batchnorm(model: nn.Module) -> Callable[[], None]:
+    """Swap every BatchNorm layer inside ``model`` for a SyncBatchNorm, in place; returns the function undoing it.
+
+    timm's ``BatchNormAct2d`` becomes ``SyncBatchNormAct`` (activation kept), others ``nn.SyncBatchNorm``; the new
+    layers share the originals' parameters and buffers and have the same state-dict keys, so checkpoints written in
+    between load into the plain model. The returned function copies each synchronised layer's state into its
+    original layer and puts the original back (model files keep plain BatchNorm, which fusion and export know).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> restore = convert_sync_batchnorm(m); type(m[1]).__name__
+        'SyncBatchNorm'
+        >>> restore(); type(m[1]).__name__
+        'BatchNorm2d'
+    """
+    from timm.layers import convert_sync_batchnorm as convert
+
+    originals = {name: m for name, m in model.named_modules()
+                 if name and isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not originals:
+        return lambda: None
+    convert(model)  # the root is not a BatchNorm, so its children are replaced in place
+
+    def restore() -> None:
+        for name, original in originals.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            synced = parent.get_submodule(child)
+            original.load_state_dict(synced.state_dict())
+            original.train(synced.training)
+            parent.add_module(child, original)
+
+    return restore

@@ -27,15 +27,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import config_to_dict
-from ..errors import ConfigError
+from ..config import check_number, config_to_dict
+from ..errors import ConfigError, TrainingDivergedError
 from ..utils.io import atomic_write_text
 from .checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_gather_objects, barrier, init_distributed
+from .distributed import DistInfo, all_gather_objects, barrier, convert_sync_batchnorm, init_distributed
 from .schedule import build_scheduler
 from .task import ClassificationTask, Metric, Task, to_device
 
 __all__ = [
+    "MAX_LR",
     "FitResult",
     "TrainConfig",
     "Trainer",
@@ -44,6 +45,10 @@ __all__ = [
     "resolve_device",
     "seed_everything",
 ]
+
+
+MAX_LR = 10.0
+"""The largest learning rate a config accepts: beyond it every optimiser here diverges on the first steps."""
 
 
 @dataclass
@@ -77,6 +82,13 @@ class TrainConfig:
         channels_last: Use the channels-last memory format for 4-D inputs and the model.
         progress: Show a progress bar.
         ddp_find_unused: Let DDP tolerate trainable parameters that get no gradient.
+        sync_bn: Under ``torchrun`` on CUDA, synchronise BatchNorm statistics across processes (SyncBatchNorm).
+            Needed when each process's share of the batch is small and the model has BatchNorm: without it every
+            process normalises with its own batch's statistics, so the result differs from a single process with
+            the same global batch. Costs one all-reduce per BatchNorm layer per step; the saved model has plain
+            BatchNorm layers.
+        overwrite: Let a command replace the outputs of an earlier run in ``output_dir`` (model file, checkpoints,
+            metrics); without it, or ``resume=auto`` to continue that run, the command refuses before any work.
     """
 
     epochs: int = 10
@@ -105,16 +117,31 @@ class TrainConfig:
     channels_last: bool = False
     progress: bool = True
     ddp_find_unused: bool = False
+    sync_bn: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 and not self.max_steps:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 or unset, got {self.grad_clip}")
+        if self.max_steps:  # 0 or unset: train for epochs
+            check_number("max_steps", self.max_steps, 1, hint=" (or unset it to train for epochs)")
+        else:
+            check_number("epochs", self.epochs, 1)
+        check_number("batch_size", self.batch_size, 1)
+        if self.eval_batch_size is not None:
+            check_number("eval_batch_size", self.eval_batch_size, 1)
+        too_big = isinstance(self.lr, int | float) and self.lr > MAX_LR
+        check_number("lr", self.lr, 0, MAX_LR, low_open=True, hint="; a larger step diverges" if too_big else "")
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("momentum", self.momentum, 0, 1)
+        for i, b in enumerate(self.betas):
+            check_number(f"betas[{i}]", b, 0, 1, high_open=True)
+        check_number("warmup_epochs", self.warmup_epochs, 0)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if self.grad_clip is not None:
+            check_number("grad_clip", self.grad_clip, 0, low_open=True, hint=" (or unset it)")
+        check_number("num_workers", self.num_workers, 0)
+        check_number("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_number("ckpt_every", self.ckpt_every, 0)
+        check_number("eval_every", self.eval_every, 0)
         if self.output_dir is not None:
             self.output_dir = Path(self.output_dir)
 
@@ -443,6 +470,13 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._loss_ema: float | None = None
         self.ddp_model: nn.Module = self.model
+        self._last_saved: tuple[Path, int] | None = None
+        self._plain_bn: Callable[[], None] | None = None
+        if config.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm synchronises GPU tensors only); "
+                                  "leave it off on CPU")
+            self._plain_bn = convert_sync_batchnorm(self.model)
         if self.dist.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model,
@@ -457,7 +491,12 @@ class Trainer:
         return self.cfg.output_dir
 
     def save(self, path: Path | None = None) -> Path | None:
-        """Checkpoint the full training state (every rank's RNG included); only rank 0 writes."""
+        """Checkpoint the full training state (every rank's RNG included); only rank 0 writes.
+
+        Raises:
+            TrainingDivergedError: The weights are not finite (nothing is written; the previous checkpoint stays).
+        """
+        self._check_finite()
         rng_states = all_gather_objects(capture_rng_state())
         if path is None:
             if self.output_dir is None:
@@ -470,12 +509,35 @@ class Trainer:
                 extra={"history": self.history, "config": config_to_dict(self.cfg), "loss_ema": self._loss_ema},
             )
         barrier()
+        self._last_saved = (path, self.step)
         return path
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error for a run that diverged: what happened, what to change, which checkpoint is kept."""
+        if self._last_saved is not None:
+            kept = f"the last good checkpoint, {self._last_saved[0]} (step {self._last_saved[1]}), is kept"
+        else:
+            kept = "no checkpoint of this run was written"
+        lr = self.scheduler.get_last_lr()[0]
+        return TrainingDivergedError(f"{what}; lower lr (now {lr:.3g}) or set grad_clip; {kept}")
+
+    def _check_finite(self) -> None:
+        """Raise :class:`TrainingDivergedError` if a weight or buffer of the model is NaN or infinite."""
+        named = [(k, v) for k, v in self.model.state_dict().items() if v.is_floating_point() and v.numel()]
+        if not named:
+            return
+        ok = torch.stack([torch.isfinite(v).all() for _, v in named])
+        if bool(ok.all()):
+            return
+        bad = [named[i][0] for i in (~ok).nonzero().flatten().tolist()]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise self._diverged(f"the weights became non-finite ({bad[0]}{more}) by step {self.step}")
 
     def resume(self, path: str | Path) -> None:
         """Restore model, optimiser, scheduler, scaler, step, history and RNG from a checkpoint."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, rank=self.dist.rank)
         self.step = state.step
+        self._last_saved = (Path(path), state.step)
         self.history = list(state.extra.get("history", []))
         self._loss_ema = state.extra.get("loss_ema")
 
@@ -499,10 +561,7 @@ class Trainer:
             out = self.task.forward(self.ddp_model, batch)
             loss = self.task.loss(out, batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {self.step}; lower lr (now {self.scheduler.get_last_lr()[0]:.3g}) "
-                "or set grad_clip"
-            )
+            raise self._diverged(f"the loss became {loss.item()} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         grad_norm = float("nan")
@@ -522,6 +581,8 @@ class Trainer:
         resume_from = self._resume_path()
         if resume_from is not None:
             self.resume(resume_from)
+        if self.cfg.sync_bn and self.dist.enabled and self._plain_bn is None:  # a second fit()
+            self._plain_bn = convert_sync_batchnorm(self.model)
         start_time = time.perf_counter()
         self.ddp_model.train()
         show = cfg.progress and self.dist.is_main
@@ -554,6 +615,7 @@ class Trainer:
                 epoch_end = {"epoch": epoch + 1, "step": self.step, "train_loss": self._loss_ema,
                              "lr": self.scheduler.get_last_lr()[0], "time_s": time.perf_counter() - start_time}
                 is_last = self.step >= self.total_steps
+                self._check_finite()  # before evaluating (and saving) weights that may have diverged
                 if self.val_data is not None and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                     last_eval = self.evaluate()
                     epoch_end.update({f"val_{k}": v for k, v in last_eval.items()})
@@ -564,6 +626,9 @@ class Trainer:
         finally:
             if bar is not None and show:
                 bar.close()
+            if self._plain_bn is not None:  # plain BatchNorm again: the model is saved, fused and exported as built
+                self._plain_bn()
+                self._plain_bn = None
         final = dict(last_eval)
         if self.val_data is not None and not final:
             final = self.evaluate()

@@ -8,6 +8,7 @@ backbone.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..weights import WeightsFit, load_weights
 
-__all__ = ["build_classifier", "classifier_keys", "create_model", "features_only_keys", "load_backbone_weights"]
+__all__ = ["build_classifier", "check_input_size", "classifier_keys", "create_model", "features_only_keys",
+           "load_backbone_weights", "resample_pos_embed", "size_kwargs"]
 
 
 def create_model(name: str, num_classes: int | None = None, weights: str | Path | None = None,
@@ -51,8 +53,95 @@ def create_model(name: str, num_classes: int | None = None, weights: str | Path 
     if weights is not None:
         module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
         filt = getattr(module, "checkpoint_filter_fn", None)
-        load_weights(model, weights, what=name, key_map=(lambda sd: filt(sd, model)) if filt else None)
+        load_weights(model, weights, what=name,
+                     key_map=lambda sd: resample_pos_embed(filt(sd, model) if filt else sd, model))
     return model
+
+
+def size_kwargs(model: str, img_size: int | tuple[int, int]) -> dict[str, Any]:
+    """``{"img_size": img_size}`` for models built for one input size (vision transformers), ``{}`` otherwise.
+
+    Example:
+        >>> size_kwargs("vit_tiny_patch16_224", 64), size_kwargs("resnet10t", 64)
+        ({'img_size': 64}, {})
+    """
+    if not timm.is_model(model):
+        return {}
+    fixed = (timm.models.get_pretrained_cfg(model) or {})
+    fixed = getattr(fixed, "fixed_input_size", False) if not isinstance(fixed, dict) else fixed.get("fixed_input_size")
+    entry = timm.models.model_entrypoint(model)
+    takes = "img_size" in inspect.signature(entry).parameters
+    return {"img_size": img_size} if fixed or takes else {}
+
+
+def _sizes_that_work(model: nn.Module) -> str:
+    """Which input sizes a model takes, for messages: patch multiples for ViTs, else its stride and default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    default = tuple(cfg.get("input_size", (3, 224, 224)))[-1]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch:
+        p = patch[0] if isinstance(patch, tuple | list) else int(patch)
+        return f"multiples of its patch size {p} (its default is {default})"
+    info = getattr(model, "feature_info", None)
+    reductions = [f.get("reduction", 1) for f in info] if isinstance(info, list) else []
+    stride = max(reductions, default=32)
+    return f"multiples of its stride {stride}, at least {stride} (its default is {default})"
+
+
+def check_input_size(model: nn.Module, name: str, img_size: int | tuple[int, int], in_chans: int = 3) -> None:
+    """Run the model once on a zero image of ``img_size``; a :class:`ConfigError` names the sizes that work if not.
+
+    Example:
+        >>> check_input_size(create_model("resnet10t"), "resnet10t", 64)
+        >>> check_input_size(create_model("vit_tiny_patch16_224"), "vit_tiny_patch16_224", 64)
+        Traceback (most recent call last):
+        ...
+        frugalvision.errors.ConfigError: vit_tiny_patch16_224 cannot take img_size=64 (Input height (64) doesn't ...
+    """
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, h, w))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{name} cannot take img_size={img_size} ({first}); sizes that work: "
+                          f"{_sizes_that_work(model)}") from None
+    finally:
+        model.train(was_training)
+
+
+def resample_pos_embed(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resample a ViT's absolute position embedding in ``state_dict`` to ``model``'s grid (timm's interpolation).
+
+    Weights trained at one resolution then load into the same ViT built for another; other tensors and models
+    without a ``pos_embed`` of another length pass through unchanged (the fit check judges them).
+
+    Example:
+        >>> src, dst = create_model("test_vit", img_size=64), create_model("test_vit", img_size=32)
+        >>> resample_pos_embed(src.state_dict(), dst)["pos_embed"].shape == dst.pos_embed.shape
+        True
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    own = getattr(model, "pos_embed", None)
+    got = state_dict.get("pos_embed")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if not isinstance(own, torch.Tensor) or not isinstance(got, torch.Tensor) or grid is None:
+        return state_dict
+    if got.shape == own.shape or got.ndim != 3 or own.ndim != 3 or got.shape[-1] != own.shape[-1]:
+        return state_dict
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    side = round((got.shape[1] - prefix) ** 0.5)
+    if side * side != got.shape[1] - prefix:  # not a square grid: leave it to the fit check
+        return state_dict
+    out = dict(state_dict)
+    out["pos_embed"] = resample_abs_pos_embed(got, new_size=list(grid), old_size=[side, side],
+                                              num_prefix_tokens=prefix, verbose=False)
+    return out
 
 
 def build_classifier(info: Mapping[str, Any]) -> nn.Module:

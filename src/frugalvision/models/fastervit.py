@@ -714,8 +714,12 @@ class FasterViT(nn.Module):
                       resolution: int, ct_size: int, in_chans: int) -> None:
         """Checks of the fixed (square) layout: windows must tile every transformer stage exactly."""
         FasterViT._check_common(dim, depths, window_size, num_heads, hat, ct_size, in_chans)
+        step = math.lcm(32, *(2 ** (2 + i) * window_size[i] for i in (2, 3) if depths[i]))
+        sizes = (f"input sizes that work with these windows: multiples of {step} ({step}, {2 * step}, {3 * step}, ...)"
+                 ", or a *_any_res variant for any size")
         if resolution % 32:
-            raise ConfigError(f"FasterViT needs an input size divisible by 32 (overall stride), got {resolution}")
+            raise ConfigError(f"FasterViT needs an input size divisible by 32 (overall stride), got {resolution}; "
+                              f"{sizes}")
         for i in (2, 3):
             r, ws = resolution // 2 ** (2 + i), window_size[i]
             if depths[i] == 0:
@@ -723,8 +727,8 @@ class FasterViT(nn.Module):
             if r % ws:
                 raise ConfigError(
                     f"stage {i + 1}: window size {ws} must divide the stage resolution {r} "
-                    f"(input {resolution} / {2 ** (2 + i)}); choose window_size[{i}] among "
-                    f"{[w for w in range(2, r + 1) if r % w == 0]} or another input size")
+                    f"(input {resolution} / {2 ** (2 + i)}); {sizes}; or choose window_size[{i}] among "
+                    f"{[w for w in range(2, r + 1) if r % w == 0]}")
             if hat[i] and r // ws > 1 and ct_size > ws:
                 raise ConfigError(f"stage {i + 1}: ct_size {ct_size} exceeds the window size {ws}")
 

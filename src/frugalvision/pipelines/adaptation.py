@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from ..config import check_number
 from ..errors import ConfigError, DataError
 from ..utils.io import atomic_write_text
 
@@ -102,6 +103,7 @@ class ProfileConfig:
         device: auto, cpu or cuda.
         progress: Show progress bars.
         output_dir: Where ``profile.png``, ``chosen_layers.json`` and ``profile.csv`` go.
+        overwrite: Replace the outputs of an earlier profile in ``output_dir`` (refused before any work otherwise).
     """
 
     model: str = "resnet18"
@@ -124,6 +126,24 @@ class ProfileConfig:
     device: str = "auto"
     progress: bool = True
     output_dir: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from ..engine.trainer import MAX_LR
+
+        check_number("img_size", self.img_size, 1)
+        check_number("epochs", self.epochs, 1)
+        check_number("batch_size", self.batch_size, 1)
+        check_number("lr", self.lr, 0, MAX_LR, low_open=True)
+        check_number("min_gain", self.min_gain)
+        for key in ("shots", "val_shots", "k", "max_k", "max_params"):
+            if getattr(self, key) is not None:
+                check_number(key, getattr(self, key), 1)
+        if self.max_compute is not None:
+            check_number("max_compute", self.max_compute, 0, low_open=True)
+
+
+PROFILE_OUTPUTS = ("chosen_layers.json", "profile.csv", "profile.png")
 
 
 def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
@@ -133,12 +153,15 @@ def run_profile(cfg: ProfileConfig) -> dict[str, Any]:
     from ..data import data_config_of
     from ..engine import seed_everything
     from ..models import create_model
-    from .common import lm_needs, load_pretrained, load_splits, size_kwargs
+    from ..models.factory import check_input_size
+    from .common import check_run_dir, lm_needs, load_pretrained, load_splits, size_kwargs
 
     require_all(lm_needs(cfg.model, None))
     out = Path(cfg.output_dir or f"runs/profile/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run_dir(out, cfg.overwrite, outputs=PROFILE_OUTPUTS, resumable=False)
     seed_everything(cfg.seed)
-    probe = create_model(cfg.model)
+    probe = create_model(cfg.model, **size_kwargs(cfg.model, cfg.img_size))
+    check_input_size(probe, cfg.model, cfg.img_size)
     dc = data_config_of(probe)
     splits, classes = load_splits(cfg.data, cfg.img_size, dc["mean"], dc["std"], train_aug=False)
     if "val" not in splits:

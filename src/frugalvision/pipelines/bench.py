@@ -7,7 +7,9 @@ from pathlib import Path
 
 from .._deps import require_all
 from ..bench import BenchResult, MachineInfo, benchmark, results_to_markdown, write_results
+from ..config import check_number
 from ..models import create_model
+from ..models.factory import check_input_size, size_kwargs
 
 __all__ = ["BenchConfig", "run_bench"]
 
@@ -18,7 +20,8 @@ class BenchConfig:
 
     Attributes:
         models: timm model names (ours included); the first is the reference of the ratios.
-        img_size: Input resolution (each model's default when unset).
+        img_size: Input resolution (each model's default when unset); fixed-size models (ViT, DeiT, FasterViT) are
+            built for it, and a size a model cannot take is refused with the sizes it can.
         batch_size: Batch size of the throughput measurement.
         threads: Intra-op threads for torch and onnxruntime (current setting when unset).
         repeats: Timed batch-1 rounds.
@@ -46,11 +49,24 @@ class BenchConfig:
     out: str | None = None
     title: str = "Benchmark"
 
+    def __post_init__(self) -> None:
+        if self.img_size is not None:
+            check_number("img_size", self.img_size, 1)
+        for key in ("batch_size", "repeats", "throughput_repeats"):
+            check_number(key, getattr(self, key), 1)
+        check_number("warmup", self.warmup, 0)
+        if self.threads is not None:
+            check_number("threads", self.threads, 1)
+
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchResult], MachineInfo, str]:
     """Run :func:`~frugalvision.bench.benchmark` from a config; returns rows, machine and the Markdown table."""
     require_all([("openvino", "--openvino", "openvino")] if cfg.openvino else [])
-    models = {n: create_model(n) for n in cfg.models}
+    models = {}
+    for n in cfg.models:
+        models[n] = create_model(n, **(size_kwargs(n, cfg.img_size) if cfg.img_size else {}))
+        if cfg.img_size:
+            check_input_size(models[n], n, cfg.img_size)
     rows, info = benchmark(models, img_size=cfg.img_size, batch_size=cfg.batch_size, device=cfg.device,
                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                            throughput_repeats=cfg.throughput_repeats, onnx=cfg.onnx, openvino=cfg.openvino,

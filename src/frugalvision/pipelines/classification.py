@@ -14,16 +14,26 @@ import torch
 import yaml
 
 from .._deps import require_all
-from ..config import config_to_dict
+from ..config import check_number, config_to_dict
 from ..data import ImageFolderDataset, build_transforms, data_config_of
 from ..data.bundled import cache_dir
 from ..data.images import load_image
 from ..engine import ClassificationTask, TrainConfig, Trainer, evaluate, resolve_device, seed_everything
 from ..errors import DataError
 from ..models import create_model
+from ..models.factory import check_input_size
 from ..utils.io import atomic_path, atomic_write_text
 from ..weights import save_model_file
-from .common import check_outputs, iter_images, lm_needs, load_pretrained, load_splits, resolve_data_root, size_kwargs
+from .common import (
+    check_outputs,
+    check_run_dir,
+    iter_images,
+    lm_needs,
+    load_pretrained,
+    load_splits,
+    resolve_data_root,
+    size_kwargs,
+)
 
 __all__ = ["ClassifyConfig", "evaluate_classifier", "predict_classifier", "pretrain_backbone", "train_classifier"]
 
@@ -36,8 +46,10 @@ class ClassifyConfig(TrainConfig):
         model: timm model name (``frugalvision models`` lists ours).
         data: A bundled dataset name (textures, digits, faces) or a folder with ``train/`` and ``val/``
             (and optionally ``test/``) image-folder splits.
-        img_size: Training and evaluation resolution.
-        weights: Initial weights file (safetensors or weights-only PyTorch); random init when unset.
+        img_size: Training and evaluation resolution; fixed-size models (ViT, DeiT, FasterViT) are built for it,
+            and a size the model cannot take is refused with the sizes it can.
+        weights: Initial weights file (safetensors or weights-only PyTorch); random init when unset. A ViT's
+            position embedding is resampled when the file was trained at another resolution.
         drop_path_rate: Stochastic depth rate for models that support it.
         lm_path: For ViTs with a frozen language-model block (``vit_tiny_lm``, ``vit_small_lm``): the language
             model's checkpoint (transformers folder or safetensors file; ``minilm`` for the installed
@@ -59,6 +71,12 @@ class ClassifyConfig(TrainConfig):
     adapt: str | None = None
     adapt_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("img_size", self.img_size, 1)
+        if self.drop_path_rate is not None:
+            check_number("drop_path_rate", self.drop_path_rate, 0, 1, high_open=True)
+
     def needs(self) -> list[tuple[str, str, str]]:
         """Optional packages this job needs: ``(module, feature, extra)``."""
         return lm_needs(self.model, self.lm_path)
@@ -72,6 +90,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     """
     require_all(cfg.needs())
     out = Path(cfg.output_dir or f"runs/train/{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run_dir(out, cfg.overwrite, cfg.resume)
     cfg.output_dir = out
     seed_everything(cfg.seed)
     kwargs: dict[str, Any] = {}
@@ -81,6 +100,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     if cfg.lm_path:
         kwargs.update(lm_path=cfg.lm_path, lm_block=cfg.lm_block, img_size=cfg.img_size)
     probe = create_model(cfg.model, **kwargs)
+    check_input_size(probe, cfg.model, cfg.img_size)
     dc = data_config_of(probe)
     splits, classes = load_splits(cfg.data, cfg.img_size, dc["mean"], dc["std"])
     kwargs["num_classes"] = len(classes)
@@ -198,6 +218,7 @@ def pretrain_backbone(name: str, epochs: int = 6, img_size: int = 64, seed: int 
     if model_file.is_file():
         return model_file
     cfg = ClassifyConfig(model=name, data="textures", img_size=img_size, epochs=epochs, batch_size=64, lr=2e-3,
-                         warmup_epochs=0.5, label_smoothing=0.1, seed=seed, output_dir=folder, progress=progress)
+                         warmup_epochs=0.5, label_smoothing=0.1, seed=seed, output_dir=folder, progress=progress,
+                         overwrite=True)  # no model file yet: whatever a killed run left there is replaced
     train_classifier(cfg)
     return model_file

@@ -18,12 +18,12 @@ from PIL import Image
 from ..data import BUNDLED, ImageFolderDataset, build_bundled, build_transforms
 from ..data.images import IMAGE_EXTENSIONS, load_image
 from ..errors import ConfigError, DataError
-from ..models.factory import classifier_keys
+from ..models.factory import classifier_keys, resample_pos_embed, size_kwargs
 from ..utils.io import atomic_path
 from ..weights import WeightsFit, load_weights
 
-__all__ = ["check_outputs", "iter_images", "lm_needs", "load_pretrained", "load_splits", "read_rgb",
-           "resolve_data_root", "save_png", "size_kwargs"]
+__all__ = ["RUN_OUTPUTS", "check_outputs", "check_run_dir", "iter_images", "lm_needs", "load_pretrained", "load_splits",
+           "read_rgb", "resolve_data_root", "save_png", "size_kwargs"]
 
 
 def resolve_data_root(data: str) -> Path:
@@ -63,33 +63,14 @@ def lm_needs(model: str, lm_path: str | None) -> list[tuple[str, str, str]]:
     return out
 
 
-def size_kwargs(model: str, img_size: int) -> dict[str, Any]:
-    """``{"img_size": img_size}`` for models built for one input size (vision transformers), ``{}`` otherwise.
-
-    Example:
-        >>> size_kwargs("vit_tiny_patch16_224", 64), size_kwargs("resnet10t", 64)
-        ({'img_size': 64}, {})
-    """
-    import inspect
-
-    import timm
-
-    if not timm.is_model(model):
-        return {}
-    fixed = (timm.models.get_pretrained_cfg(model) or {})
-    fixed = getattr(fixed, "fixed_input_size", False) if not isinstance(fixed, dict) else fixed.get("fixed_input_size")
-    entry = timm.models.model_entrypoint(model)
-    takes = "img_size" in inspect.signature(entry).parameters
-    return {"img_size": img_size} if fixed or takes else {}
-
-
 def load_pretrained(model: torch.nn.Module, weights: str | Path) -> WeightsFit:
     """Load pretrained weights for fine-tuning a classifier.
 
-    Every tensor must fit, except the classifier's, which is re-initialised when its size differs (new classes).
+    Every tensor must fit, except the classifier's, which is re-initialised when its size differs (new classes);
+    a ViT's position embedding trained at another resolution is resampled to the model's.
     """
     return load_weights(model, weights, what=f"{type(model).__name__} (classifier re-initialised if resized)",
-                        reinit=classifier_keys(model))
+                        reinit=classifier_keys(model), key_map=lambda sd: resample_pos_embed(sd, model))
 
 
 def iter_images(inputs: Sequence[str | Path]) -> Iterator[tuple[Path, Path]]:
@@ -158,3 +139,43 @@ def save_png(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
+
+
+RUN_OUTPUTS = ("model.safetensors", "last.safetensors", "stage*/last.safetensors", "metrics.json", "history.json",
+               "config.yaml")
+"""What a training run leaves in its ``output_dir`` (glob patterns); finding one means a run is there."""
+
+
+def check_run_dir(out: Path, overwrite: bool, resume: str | None = None, outputs: Sequence[str] = RUN_OUTPUTS,
+                  resumable: bool = True) -> None:
+    """Refuse, before any work, to write a run into a folder that holds another run's outputs.
+
+    Args:
+        out: The run's ``output_dir``.
+        overwrite: Replacing them was asked for (``overwrite=true``).
+        resume: The job's ``resume`` setting: ``auto`` (or a checkpoint inside ``out``) continues the run there,
+            which needs its checkpoint (``last.safetensors``).
+        outputs: File names or glob patterns of the outputs that mark a run.
+        resumable: Whether the job can resume (the message offers ``resume=auto`` only then).
+
+    Raises:
+        ConfigError: ``out`` is a file, or holds a run (named by its first output) and neither ``overwrite`` nor
+            a resumable ``resume`` was given.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out} is a file; give a folder")
+    if overwrite or not out.is_dir():
+        return
+    found = [str(p.relative_to(out)) for pattern in outputs for p in sorted(out.glob(pattern))]
+    if not found:
+        return
+    checkpoints = [f for f in found if Path(f).name == "last.safetensors"]
+    inside = resume not in (None, "auto") and Path(str(resume)).resolve().parent.is_relative_to(out.resolve())
+    if resumable and (resume == "auto" or inside):
+        if checkpoints:
+            return
+        raise ConfigError(f"{out} already holds a run ({found[0]}) but no checkpoint (last.safetensors) to continue "
+                          "it from; pass overwrite=true to replace it or choose another output_dir=")
+    ways = "pass overwrite=true to replace it, resume=auto to continue it," if resumable else \
+        "pass overwrite=true to replace it"
+    raise ConfigError(f"{out} already holds a run ({found[0]}); {ways} or choose another output_dir=")

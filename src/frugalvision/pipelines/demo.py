@@ -21,7 +21,7 @@ import torch
 
 from ..config import config_to_dict
 from ..errors import ConfigError
-from ..inspect.segmentation import SegmentationPredictor
+from ..inspect.segmentation import SegmentationPredictor, check_segmenter_name
 from ..inspect.visualize import heat_map, overlay
 from ..report import HtmlReport, figure_png, markdown_table
 from ..utils.io import atomic_write_text
@@ -120,10 +120,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     from ..bench import benchmark
     from ..export import export_onnx
+    from ..export.onnx import write_onnx_metadata
     from ..inspect.bundled import build_benchmark
     from .classification import pretrain_backbone
     from .inspection import SegmentConfig, SynthConfig, synthesize, train_segmenter
+    from .model_file import describe_for_onnx
 
+    check_segmenter_name(cfg.segmenter)
     out = Path(cfg.out_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"{out} already holds a demo run; pass overwrite=true to replace it or choose another "
@@ -159,7 +162,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         segmenter=cfg.segmenter, backbone_weights=str(weights), freeze="all", categories=categories,
         img_size=cfg.img_size, few_shot=cfg.few_shot, synthetic="none", synthetic_dir=str(synth_dir),
         epochs=1 if cfg.quick else cfg.epochs, max_steps=3 if cfg.quick else None, seed=cfg.seed,
-        device=cfg.device, output_dir=out / "segmenter", eval_every=0 if cfg.quick else 5,
+        device=cfg.device, output_dir=out / "segmenter", eval_every=0 if cfg.quick else 5, overwrite=cfg.overwrite,
     )
     synth = synthesize(SynthConfig(categories=categories, per_kind=1 if cfg.quick else cfg.synthetic_per_kind,
                                    out=str(synth_dir), overwrite=True, seed=cfg.seed))
@@ -183,6 +186,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages.set_description("demo: export")
     export = export_onnx(fused, out / "model.onnx", (1, 3, cfg.img_size, cfg.img_size), check=True,
                          output_names=["logits"])
+    seg_file = Path(res["output_dir"]) / "model.safetensors"  # its description lets `predict model.onnx` run it
+    write_onnx_metadata(export.path, describe_for_onnx(read_model_info(seg_file), seg_file))
     done("export", t0)
 
     t0 = time.perf_counter()

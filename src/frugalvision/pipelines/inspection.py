@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from .._deps import require_all
-from ..config import config_to_dict
+from ..config import check_number, config_to_dict
 from ..data.bundled import source_images
 from ..data.inspection import (
     DefectDataset,
@@ -39,6 +39,7 @@ from ..inspect.segmentation import (
     SegmentationTask,
     build_segmenter,
     cache_features,
+    check_segmenter_name,
 )
 from ..inspect.synthesis.procedural import ProceduralConfig, ProceduralSynthesizer
 from ..inspect.visualize import overlay
@@ -46,7 +47,7 @@ from ..models import load_backbone_weights
 from ..utils.io import atomic_path, atomic_write_text
 from ..weights import save_model_file
 from .classification import pretrain_backbone
-from .common import check_outputs, iter_images, read_rgb, save_png
+from .common import RUN_OUTPUTS, check_outputs, check_run_dir, iter_images, read_rgb, save_png
 
 __all__ = [
     "SegmentConfig",
@@ -294,6 +295,14 @@ class SegmentConfig(TrainConfig):
     feature_cache: bool = True
     split_seed: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number("img_size", self.img_size, 1)
+        check_number("few_shot", self.few_shot, 1)
+        check_number("good_per_category", self.good_per_category, 0)
+        check_number("synthetic_per_kind", self.synthetic_per_kind, 1)
+        check_number("decoder_dim", self.decoder_dim, 1)
+
     def needs(self) -> list[tuple[str, str, str]]:
         """Optional packages this job needs: ``(module, feature, extra)``."""
         out = []
@@ -322,7 +331,9 @@ def train_segmenter(cfg: SegmentConfig) -> dict[str, Any]:
     returns the metrics, the model, the test dataset and the paths.
     """
     require_all(cfg.needs())
+    check_segmenter_name(cfg.segmenter)
     out = Path(cfg.output_dir or f"runs/segment/{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run_dir(out, cfg.overwrite, cfg.resume, outputs=(*RUN_OUTPUTS, "synthetic-*"))
     cfg.output_dir = out
     seed_everything(cfg.seed)
     test_all, _ = load_inspection_data(cfg.data, "test", cfg.format, cfg.categories)

@@ -7,18 +7,24 @@ task. This module keeps, per task, the three things these commands do with a mod
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..weights import MODEL_KINDS, load_model_file
+from ..errors import CheckpointError, ConfigError
+from ..weights import MODEL_KINDS, MODEL_META, load_model_file
 
-__all__ = ["TASK_JOBS", "EvalConfig", "ExportConfig", "PredictConfig", "TaskJobs", "export_model_file",
-           "register_task_jobs", "run_eval", "run_predict"]
+__all__ = ["DEMO_MODEL_FILE", "TASK_JOBS", "EvalConfig", "ExportConfig", "PredictConfig", "TaskJobs",
+           "describe_for_onnx", "export_model_file", "register_task_jobs", "run_eval", "run_predict"]
+
+#: Where ``frugalvision demo`` (default ``out_dir=runs/demo``) writes its segmenter's model file: the default
+#: ``model_file`` of ``eval``, ``export`` and ``predict``.
+DEMO_MODEL_FILE = "runs/demo/segmenter/model.safetensors"
 
 
 @dataclass
@@ -26,7 +32,8 @@ class EvalConfig:
     """Evaluate a model file (classifier, surgery student, segmenter or anomaly model) on a dataset split.
 
     Attributes:
-        model_file: A model file written by train, segment, surgery, anomaly fit or demo (``model.safetensors``).
+        model_file: A model file written by train, segment, surgery, anomaly fit or demo (``model.safetensors``);
+            by default the demo's segmenter.
         data: Bundled dataset name, ``bundled`` (the inspection benchmark) or a folder; the data the model was
             trained on when unset (for segmenters, without the defects it was trained on).
         split: Which split to evaluate.
@@ -37,7 +44,7 @@ class EvalConfig:
         progress: Show progress bars.
     """
 
-    model_file: str = "runs/train/model.safetensors"
+    model_file: str = DEMO_MODEL_FILE
     data: str | None = None
     split: str = "test"
     format: str | None = None
@@ -52,15 +59,17 @@ class ExportConfig:
     """Export a model file to ONNX and check it with onnxruntime (any kind of model file).
 
     Attributes:
-        model_file: A model file written by train, segment, surgery, anomaly fit or demo.
-        out: The ``.onnx`` file to write.
+        model_file: A model file written by train, segment, surgery, anomaly fit or demo; by default the demo's
+            segmenter.
+        out: The ``.onnx`` file to write (classifiers and segmenters carry their classes, input size,
+            normalisation and threshold in its metadata, so ``predict`` runs it).
         opset: ONNX opset.
         check: Compare onnxruntime with PyTorch (tolerance 1e-4).
         reparameterize: Fold multi-branch blocks and conv+BN pairs before export (``fv.fuse``, verified).
         overwrite: Replace an existing ``out``.
     """
 
-    model_file: str = "runs/train/model.safetensors"
+    model_file: str = DEMO_MODEL_FILE
     out: str = "model.onnx"
     opset: int = 18
     check: bool = True
@@ -73,10 +82,13 @@ class PredictConfig:
     """Run a model file on image files and folders (streamed, one batch in memory).
 
     Classifiers write ``predictions.csv`` (top-k classes); segmenters and anomaly models write a mask PNG (and an
-    overlay) per image plus ``predictions.csv``.
+    overlay) per image plus ``predictions.csv``. An ``.onnx`` file written by ``frugalvision export`` (classifier,
+    surgery student, segmenter, anomaly model), by the demo or by ``anomaly fit onnx=true`` runs with onnxruntime,
+    with the same pre- and post-processing.
 
     Attributes:
-        model_file: A model file written by train, segment, surgery, anomaly fit or demo.
+        model_file: A model file written by train, segment, surgery, anomaly fit or demo, or such an ``.onnx``
+            file; by default the demo's segmenter (``runs/demo/segmenter/model.safetensors``).
         images: Image files and/or folders (searched recursively, in sorted order).
         out: Output folder.
         overwrite: Allow replacing existing outputs.
@@ -89,7 +101,7 @@ class PredictConfig:
         progress: Show a progress bar.
     """
 
-    model_file: str = "runs/demo/segmenter/model.safetensors"
+    model_file: str = DEMO_MODEL_FILE
     images: list[str] = field(default_factory=list)
     out: str = "runs/predict"
     overwrite: bool = False
@@ -110,11 +122,14 @@ class TaskJobs:
         evaluate: ``(model, info, cfg: EvalConfig) -> dict`` of metrics.
         predict: ``(model, info, cfg: PredictConfig) -> dict`` with ``images``, ``predicted``, ``skipped``.
         export: ``(model, info, cfg: ExportConfig) -> dict`` with the written path and the parity error.
+        predict_onnx: ``(onnx path, info, cfg: PredictConfig) -> dict`` like ``predict``, for an ONNX file whose
+            metadata holds the model file's description (``info``); ``None``: predict refuses ONNX files of the task.
     """
 
     evaluate: Callable[[torch.nn.Module, dict[str, Any], EvalConfig], dict[str, Any]]
     predict: Callable[[torch.nn.Module, dict[str, Any], PredictConfig], dict[str, Any]]
     export: Callable[[torch.nn.Module, dict[str, Any], ExportConfig], dict[str, Any]]
+    predict_onnx: Callable[[Path, dict[str, Any], PredictConfig], dict[str, Any]] | None = None
 
 
 TASK_JOBS: dict[str, TaskJobs] = {}
@@ -125,7 +140,26 @@ def register_task_jobs(task: str, jobs: TaskJobs) -> None:
     TASK_JOBS[task] = jobs
 
 
-def _open(path: str) -> tuple[torch.nn.Module, dict[str, Any], TaskJobs]:
+def _is_onnx(path: str | Path) -> bool:
+    p = Path(path)
+    if p.suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    # safetensors: 8-byte header length, then "{"; ONNX (protobuf): the ir_version field's tag 0x08 first
+    return head[8:9] != b"{" and head[:1] == b"\x08"
+
+
+def _open(path: str, command: str = "eval") -> tuple[torch.nn.Module, dict[str, Any], TaskJobs]:
+    if not Path(path).exists() and path == DEMO_MODEL_FILE:
+        raise CheckpointError(f"no model file at {path}, the default model_file (where `frugalvision demo` writes its "
+                              "segmenter): run `frugalvision demo` first, or pass model_file=PATH")
+    if _is_onnx(path):
+        raise ConfigError(f"{path} is an ONNX graph; {command} takes the safetensors model file it was exported "
+                          f"from{_hint_for(Path(path))}")
     model, info = load_model_file(path)
     task = MODEL_KINDS[info["kind"]].task
     if task not in TASK_JOBS:
@@ -136,7 +170,11 @@ def _open(path: str) -> tuple[torch.nn.Module, dict[str, Any], TaskJobs]:
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """``frugalvision eval``: metrics of any model file."""
-    model, info, jobs = _open(cfg.model_file)
+    model, info, jobs = _open(cfg.model_file, "eval")
+    if info.get("weights") == "random":
+        raise ConfigError(f"{cfg.model_file} holds a {info['kind']} model with random weights (e.g. `surgery "
+                          "model=NAME`, a latency-only run): it has no classes or data to evaluate; give a model file "
+                          "of a trained model (`surgery model_file=...`)")
     return {"model_file": cfg.model_file, "kind": info["kind"], **jobs.evaluate(model, info, cfg)}
 
 
@@ -144,8 +182,79 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     """``frugalvision predict``: run any model file on images."""
     if not cfg.images:
         raise ConfigError("no images given: pass image files or folders (positional, or images=a.png,b/)")
-    model, info, jobs = _open(cfg.model_file)
+    if Path(cfg.model_file).is_file() and _is_onnx(cfg.model_file):
+        return _predict_onnx(Path(cfg.model_file), cfg)
+    model, info, jobs = _open(cfg.model_file, "predict")
     return {"kind": info["kind"], **jobs.predict(model, info, cfg)}
+
+
+# --------------------------------------------------------------------------------------------- ONNX files
+def describe_for_onnx(info: dict[str, Any], source: str | Path) -> dict[str, str]:
+    """ONNX ``metadata_props`` that let ``predict`` run an exported graph: the model file's description.
+
+    The description (kind, task, classes, input size, normalisation, threshold, ...) is stored under the model
+    file's own header key, with the task and the ``source_file`` the graph was exported from.
+    """
+    kind = info.get("kind", "")
+    task = MODEL_KINDS[kind].task if kind in MODEL_KINDS else info.get("task", "")
+    return {MODEL_META: json.dumps({**info, "task": task, "source_file": str(source)}, default=str)}
+
+
+def _hint_for(onnx_path: Path) -> str:
+    """``: model_file=<its source>`` (recorded at export, or the file beside it), else where such files come from."""
+    from ..export.onnx import read_onnx_metadata
+
+    candidates = [onnx_path.with_suffix(".safetensors"), onnx_path.parent / "model.safetensors",
+                  onnx_path.parent / "segmenter" / "model.safetensors"]
+    try:
+        source = json.loads(read_onnx_metadata(onnx_path).get(MODEL_META, "{}")).get("source_file")
+    except (CheckpointError, json.JSONDecodeError, AttributeError):
+        source = None
+    for c in ([Path(source)] if source else []) + candidates:
+        if c.is_file():
+            return f": model_file={c}"
+    return (" (the model.safetensors that train, segment, surgery, anomaly fit or demo wrote): "
+            "model_file=PATH/model.safetensors")
+
+
+class _OnnxImageModel(torch.nn.Module):
+    """An exported image model (image -> logits) behind the module call the predict jobs make; runs onnxruntime."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        from ..export import OrtRunner
+
+        self.path = path
+        self.runner = OrtRunner(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a normalised batch, on the batch's device."""
+        out = self.runner(x.detach().float().cpu().numpy())[0]
+        return torch.from_numpy(np.asarray(out)).to(x.device)
+
+
+def _predict_onnx(path: Path, cfg: PredictConfig) -> dict[str, Any]:
+    """``predict`` with an ONNX file: the description in its metadata says how to pre- and post-process."""
+    from ..export.onnx import read_onnx_metadata
+
+    meta = read_onnx_metadata(path)
+    if MODEL_META in meta:
+        try:
+            info = json.loads(meta[MODEL_META])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} has a corrupt frugalvision description: {exc}") from None
+        kind = info.get("kind")
+        jobs = TASK_JOBS.get(MODEL_KINDS[kind].task) if kind in MODEL_KINDS else None
+        if jobs is None or jobs.predict_onnx is None:
+            raise ConfigError(f"{path} holds a {kind} model; predict runs ONNX files of classifiers, segmenters and "
+                              f"anomaly models only: pass its safetensors model file{_hint_for(path)}")
+        return {"kind": kind, **jobs.predict_onnx(path, info, cfg), "backend": "onnxruntime"}
+    if "frugalvision" in meta:  # written by export_anomaly_onnx (`anomaly fit onnx=true`): thresholds + size
+        res = _predict_anomaly_onnx(path, {}, cfg)
+        return {"kind": res.get("method", "anomaly"), **res, "backend": "onnxruntime"}
+    raise ConfigError(f"{path} is an ONNX file without frugalvision's description (classes, input size, "
+                      f"normalisation), so predict cannot run it; pass the safetensors model file it was exported "
+                      f"from{_hint_for(path)}, or re-export it with `frugalvision export`")
 
 
 def export_model_file(cfg: ExportConfig) -> dict[str, Any]:
@@ -153,7 +262,7 @@ def export_model_file(cfg: ExportConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=true to replace it or choose another out=")
-    model, info, jobs = _open(cfg.model_file)
+    model, info, jobs = _open(cfg.model_file, "export")
     return {"kind": info["kind"], **jobs.export(model, info, cfg)}
 
 
@@ -161,6 +270,7 @@ def export_model_file(cfg: ExportConfig) -> dict[str, Any]:
 def _export_image_model(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
     """Classifiers and segmenters: image ``(1, 3, S, S)`` -> logits, fused first when asked."""
     from ..export import export_onnx, fuse_with_report
+    from ..export.onnx import write_onnx_metadata
 
     size = int(info.get("img_size", 224))
     fused = ""
@@ -169,6 +279,7 @@ def _export_image_model(model: torch.nn.Module, info: dict[str, Any], cfg: Expor
         fused = report.summary()
     res = export_onnx(model, cfg.out, (1, 3, size, size), opset=cfg.opset, check=cfg.check,
                       input_names=("image",), output_names=("logits",))
+    write_onnx_metadata(res.path, describe_for_onnx(info, cfg.model_file))  # what `predict x.onnx` needs
     return {"path": str(res.path), "weights_file": str(res.data_path) if res.data_path else None,
             "exporter": res.exporter, "max_abs_err": res.max_abs_err, "fused": fused}
 
@@ -181,6 +292,8 @@ def _classification() -> TaskJobs:
         predict=lambda m, i, c: predict_classifier(m, i, c.images, c.out, c.overwrite, c.batch_size, c.top_k,
                                                    c.device, c.progress),
         export=_export_image_model,
+        predict_onnx=lambda p, i, c: predict_classifier(_OnnxImageModel(p), i, c.images, c.out, c.overwrite,
+                                                        c.batch_size, c.top_k, "cpu", c.progress),
     )
 
 
@@ -193,14 +306,18 @@ def _segmentation() -> TaskJobs:
         predict=lambda m, i, c: predict_segmenter(m, i, c.images, c.out, c.overwrite, c.batch_size, c.threshold,
                                                   c.overlays, c.device, c.progress),
         export=_export_image_model,
+        predict_onnx=lambda p, i, c: predict_segmenter(_OnnxImageModel(p), i, c.images, c.out, c.overwrite,
+                                                       c.batch_size, c.threshold, c.overlays, "cpu", c.progress),
     )
 
 
 def _export_anomaly(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
+    from ..export.onnx import write_onnx_metadata
     from ..inspect.anomaly.export import export_anomaly_onnx
     from .anomaly import anomaly_spec
 
     res = export_anomaly_onnx(model, cfg.out, anomaly_spec(info), opset=cfg.opset, check=cfg.check)
+    write_onnx_metadata(res.path, describe_for_onnx(info, cfg.model_file))
     return {"path": str(res.path), "exporter": res.exporter, "max_abs_err": res.max_abs_err,
             "max_rel_err": res.max_rel_err}
 
@@ -217,6 +334,13 @@ def _predict_anomaly(model: torch.nn.Module, info: dict[str, Any], cfg: PredictC
     return predict_anomaly_model(model, info, cfg.images, cfg.out, cfg.overwrite, cfg.threshold, cfg.image_threshold)
 
 
+def _predict_anomaly_onnx(path: Path, info: dict[str, Any], cfg: PredictConfig) -> dict[str, Any]:
+    from .anomaly import predict_anomaly_onnx
+
+    return {**predict_anomaly_onnx(path, cfg.images, cfg.out, cfg.overwrite, cfg.threshold, cfg.image_threshold),
+            **({"category": info["category"]} if info.get("category") else {})}
+
+
 def _detection() -> TaskJobs:
     from .detection import evaluate_detector_file, export_detector_file, predict_detector
 
@@ -230,5 +354,5 @@ def _detection() -> TaskJobs:
 
 register_task_jobs("classification", _classification())
 register_task_jobs("segmentation", _segmentation())
-register_task_jobs("anomaly", TaskJobs(_evaluate_anomaly, _predict_anomaly, _export_anomaly))
+register_task_jobs("anomaly", TaskJobs(_evaluate_anomaly, _predict_anomaly, _export_anomaly, _predict_anomaly_onnx))
 register_task_jobs("detection", _detection())

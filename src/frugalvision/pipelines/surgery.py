@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data import data_config_of
 from ..engine import ClassificationTask, TrainConfig, Trainer, evaluate, resolve_device
 from ..engine.distill import DistillationTask
 from ..errors import ConfigError
 from ..models import create_model
-from ..surgery import find_attention_blocks, modulate
+from ..surgery import find_attention_blocks, modulate, surgery_record
 from ..utils.io import atomic_write_text
 from ..weights import load_model_file, save_model_file
 from .classification import load_splits
+from .common import check_run_dir
 
 __all__ = ["SurgeryConfig", "run_surgery"]
 
@@ -72,6 +74,9 @@ def run_surgery(cfg: SurgeryConfig) -> dict[str, Any]:
     """The ``frugalvision surgery`` job: surgery, optional distillation, evaluation; writes a model file + report."""
     if (cfg.model_file is None) == (cfg.model is None):
         raise ConfigError("give exactly one of model_file=PATH (a trained model file) or model=NAME")
+    if cfg.output_dir is not None:  # before measuring anything
+        check_run_dir(Path(cfg.output_dir), cfg.overwrite, outputs=("model.safetensors", "report.json", "report.md"),
+                      resumable=False)
     dev = resolve_device(cfg.device)
     info: dict[str, Any]
     if cfg.model_file:
@@ -79,7 +84,12 @@ def run_surgery(cfg: SurgeryConfig) -> dict[str, Any]:
         img_size = int(info.get("img_size", cfg.img_size))
     else:
         teacher = create_model(cfg.model, img_size=cfg.img_size)  # type: ignore[arg-type]
-        info = {"name": cfg.model, "model_kwargs": {"img_size": cfg.img_size}}
+        dc = data_config_of(teacher)
+        # random weights: no class names, so the classes are the head's indices; eval/predict/export still open it
+        info = {"name": cfg.model, "model_kwargs": {"img_size": cfg.img_size}, "img_size": cfg.img_size,
+                "mean": list(dc["mean"]), "std": list(dc["std"]),
+                "classes": [str(i) for i in range(int(getattr(teacher, "num_classes", 0) or 0))],
+                "weights": "random"}
         img_size = cfg.img_size
     student, report = modulate(teacher, cfg.budget_ms, speedup=cfg.speedup, device=dev, img_size=img_size,
                                kernel_size=cfg.kernel_size, context_fc=cfg.context_fc, repeats=cfg.repeats,
@@ -103,7 +113,7 @@ def run_surgery(cfg: SurgeryConfig) -> dict[str, Any]:
         result["acc1"] = acc
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: v for k, v in info.items() if k not in ("kind", "name", "model_kwargs")}
-    meta["surgery"] = {"blocks": report.replaced, "kernel_size": cfg.kernel_size, "context_fc": cfg.context_fc}
+    meta["surgery"] = surgery_record(info.get("surgery"), report.replaced, cfg.kernel_size, cfg.context_fc)
     save_model_file(student.cpu(), out / "model.safetensors", "surgery", info["name"], info.get("model_kwargs", {}),
                     **meta)
     atomic_write_text(out / "report.md", report.to_markdown())

@@ -238,8 +238,8 @@ def encode_samples(model: AnomalyCLIP, images: torch.Tensor, batch_size: int = 1
 
 
 def fit_anomalyclip(model: AnomalyCLIP, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-                    epochs: int = 15, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, progress: bool = True
-                    ) -> list[float]:
+                    epochs: int = 15, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+                    max_steps: int | None = None, budget_s: float | None = None) -> list[float]:
     """Learn the prompts on an auxiliary set with pixel masks (Adam, betas (0.5, 0.999), as the official code).
 
     The backbone is frozen and its image features do not depend on the prompts, so they are computed once and
@@ -256,10 +256,15 @@ def fit_anomalyclip(model: AnomalyCLIP, images: torch.Tensor, masks: torch.Tenso
         lr: Adam learning rate.
         seed: Seed of the shuffling.
         progress: Show a progress bar.
+        max_steps: Stop after this many optimiser steps (``None``: all epochs).
+        budget_s: Stop once this many seconds have passed since the call, feature encoding included (at least
+            one step is made; ``None``: no limit).
 
     Returns:
-        The mean total loss of every epoch.
+        The mean total loss of every epoch (a last, partial epoch included).
     """
+    t0 = time.perf_counter()
+    _check_budget(max_steps, budget_s)
     if model.prompt_learner is None:
         raise ConfigError("fixed prompts have nothing to train; use AnomalyCLIPConfig(prompts='learned')")
     if not (len(images) == len(masks) == len(labels)) or len(images) == 0:
@@ -273,7 +278,9 @@ def fit_anomalyclip(model: AnomalyCLIP, images: torch.Tensor, masks: torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=lr, betas=(0.5, 0.999))
     history = []
-    for _ in tqdm(range(epochs), desc="AnomalyCLIP prompts", disable=not progress):
+    steps = 0
+    bar = tqdm(range(epochs), desc="AnomalyCLIP prompts", disable=not progress)
+    for _ in bar:
         order = torch.randperm(len(images), generator=gen)
         total = []
         for s in range(0, len(order), batch_size):
@@ -284,10 +291,29 @@ def fit_anomalyclip(model: AnomalyCLIP, images: torch.Tensor, masks: torch.Tenso
             opt.zero_grad()
             loss.backward()
             opt.step()
+            steps += 1
             total.append(float(loss.detach()))
+            if _spent(steps, max_steps, budget_s, t0):
+                break
         history.append(float(np.mean(total)))
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if _spent(steps, max_steps, budget_s, t0):
+            break
     model.eval()
     return history
+
+
+def _check_budget(max_steps: int | None, budget_s: float | None) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    if budget_s is not None and not budget_s > 0:
+        raise ConfigError(f"budget_s must be > 0, got {budget_s}")
+
+
+def _spent(steps: int, max_steps: int | None, budget_s: float | None, t0: float) -> bool:
+    """Whether a step or time budget is used up (checked after each step, so every run makes one step)."""
+    return (max_steps is not None and steps >= max_steps) or (
+        budget_s is not None and time.perf_counter() - t0 >= budget_s)
 
 
 # --------------------------------------------------------------------------------------------- domain CLIP
@@ -333,7 +359,8 @@ class DomainCLIPContrastiveTask(Task):
 
 def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequence[Sequence[str]], epochs: int = 20,
                       batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
-                      progress: bool = True) -> list[float]:
+                      progress: bool = True, max_steps: int | None = None, budget_s: float | None = None
+                      ) -> list[float]:
     """Locked-text contrastive tuning: the MiniLM tower is frozen, the ViT and both projections learn.
 
     Every step draws one caption per image from its list and runs :class:`DomainCLIPContrastiveTask`. MiniLM
@@ -349,10 +376,16 @@ def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequenc
         weight_decay: AdamW weight decay.
         seed: Seed of the shuffling and the caption draws.
         progress: Show a progress bar.
+        max_steps: At most this many optimiser steps; the warm-up + cosine schedule spans them.
+        budget_s: Wall-clock budget in seconds from the call (caption encoding included): the schedule runs on
+            progress, the larger of the steps' and the time's fraction, so a short budget still gets a whole
+            warm-up + cosine schedule; training stops when the budget is spent (after at least one step).
 
     Returns:
-        The mean loss of every epoch.
+        The mean loss of every epoch (a last, partial epoch included).
     """
+    t0 = time.perf_counter()
+    _check_budget(max_steps, budget_s)
     if len(images) != len(captions) or len(images) < 2:
         raise DataError(f"need at least 2 images with one caption list each, got {len(images)} images and "
                         f"{len(captions)} caption lists")
@@ -375,18 +408,23 @@ def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequenc
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     total = epochs * steps_per_epoch
-    warm = steps_per_epoch
+    if max_steps is not None:
+        total = min(total, max_steps)
+    warm = min(steps_per_epoch, total)
 
     def schedule(step: int) -> float:
+        if budget_s is not None:  # progress in steps: the larger of the steps done and the time's share of total
+            step = max(step, int(total * (time.perf_counter() - t0) / budget_s))
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(1, total - warm)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     history = []
+    steps = 0
     bar = tqdm(range(epochs), desc="domain CLIP (locked text)", disable=not progress)
     for _ in bar:
         order = torch.randperm(len(images), generator=gen)
@@ -402,9 +440,14 @@ def train_domain_clip(model: DomainCLIP, images: torch.Tensor, captions: Sequenc
             loss.backward()
             opt.step()
             sched.step()
+            steps += 1
             losses.append(float(loss.detach()))
+            if _spent(steps, max_steps, budget_s, t0):
+                break
         history.append(float(np.mean(losses)))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if _spent(steps, max_steps, budget_s, t0):
+            break
     model.zero_grad(set_to_none=True)
     model.eval()
     return history
