@@ -33,3 +33,34 @@ def test_script_imports(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             pytest.skip(f"{path.name} needs the optional package {top!r}, which is not installed")
         raise
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
+
+
+def _load(path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "path", [str(path.parent), *sys.path])
+    spec = importlib.util.spec_from_file_location(f"_script_run_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vlm_speed_quick_on_the_tiny_llm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
+    """The VLM speed benchmark end to end on the tiny LLM: 8 configurations, exactly N tokens each, tables written."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import csv
+
+    module = _load(ROOT / "benchmarks" / "vlm_speed.py", monkeypatch)
+    out = tmp_path / "vlm_speed"
+    assert module.main(["--llm", "tiny", "--quick", "--threads", "1", "--rounds", "1", "--new-tokens", "3",
+                        "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert len(rows) == 8
+    assert {(r["visual_tokens"], r["input_px"], r["dtype"], r["kv_cache"]) for r in rows} == {
+        (n, px, d, c) for n, px in (("64", "256"), ("256", "512")) for d in ("fp32", "bf16") for c in ("True", "False")}
+    assert all(float(r["ttft_ms"]) > 0 and float(r["decode_tok_s"]) > 0 and 0 < float(r["visual_share"]) < 1
+               for r in rows)
+    # fp32 without a KV cache decodes the same tokens as with it
+    assert all(r["token_agreement"] == "1.0" for r in rows if r["dtype"] == "fp32")
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# ") and "Command:" in md and "KV cache vs none" in md and "bf16 vs fp32" in md
