@@ -56,7 +56,7 @@ from torch import nn
 
 from ..data.detection import BoxSet, DetectionDataset, to_original, write_coco
 from ..engine.trainer import _amp_dtype, _autocast, _progress, build_optimizer, resolve_device, seed_everything
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingDivergedError
 from .coco_eval import coco_metrics
 from .train import DetectFitResult, DetectTrainConfig, ModelEMA, _loader, _lr_factor, coco_results
 
@@ -231,7 +231,7 @@ def fit_baseline(model: TorchvisionDetector, train: BoxSet, cfg: DetectTrainConf
     Raises:
         DataError: If the training set is empty or has no boxes.
         ConfigError: If ``cfg.batch_size`` is below the model's smallest trainable batch (SSDlite: 2).
-        FloatingPointError: If the loss becomes non-finite.
+        TrainingDivergedError: If the loss becomes non-finite (a ``FloatingPointError``).
     """
     _check_train_data(train)
     min_batch = _SPECS[model.name].min_batch
@@ -275,8 +275,8 @@ def fit_baseline(model: TorchvisionDetector, train: BoxSet, cfg: DetectTrainConf
                 parts = model(images, targets)
                 loss = sum(parts.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the {model.name} loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                         "lower lr or use amp=none")
+                raise TrainingDivergedError(f"the {model.name} loss became {loss.item()} at step {step} "
+                                            f"(epoch {epoch}); lower lr or use amp=none")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip:
