@@ -32,6 +32,21 @@ from .export import export_onnx, fuse, reparameterize_model
 from .surgery import modulate
 from .weights import load_model_file, load_weights, read_weights, save_model_file
 
+#: Subpackages loaded on first use (``fv.vlm``): their optional packages are imported only then.
+_LAZY = {"vlm": "frugalvision.language"}
+
+
+def __getattr__(name: str) -> object:
+    """``fv.vlm``: the language x vision API (:mod:`frugalvision.language`, with ``load_vlm`` and ``ask``)."""
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'frugalvision' has no attribute {name!r}")
+
+
 try:
     __version__ = version("frugalvision")
 except PackageNotFoundError:  # running from a source tree without installation
@@ -72,4 +87,5 @@ __all__ = [
     "save_checkpoint",
     "save_model_file",
     "seed_everything",
+    "vlm",
 ]

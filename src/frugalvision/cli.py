@@ -41,6 +41,7 @@ class _Command:
     run: Callable[[Any, argparse.Namespace], int]
     positional: str | None = None  # config field filled by bare positional words
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+    usage_words: str | None = None  # how the usage line shows the positional words (default: the field's name)
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -169,6 +170,28 @@ def _run_surgery(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ask(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.vlm import run_ask
+
+    res = run_ask(cfg)
+    print(res["answer"] or "(empty answer)")
+    if res["drawn"]:
+        n = len(res["boxes"])
+        print(f"{n} box{'es' if n > 1 else ''} drawn in {res['drawn']}", file=sys.stderr)
+    if res.get("not_drawn"):
+        print(f"boxes not drawn: {res['not_drawn']}", file=sys.stderr)
+    if res["unparseable"]:
+        print(f"the answer holds an unparseable box: {res['unparseable'][0]}", file=sys.stderr)
+    return 0
+
+
+def _run_chat(cfg: Any, args: argparse.Namespace) -> int:
+    from .pipelines.vlm import run_chat
+
+    run_chat(cfg)
+    return 0
+
+
 def _commands() -> list[_Command]:
     from .pipelines.adaptation import ProfileConfig
     from .pipelines.anomaly import AnomalyConfig
@@ -180,6 +203,8 @@ def _commands() -> list[_Command]:
     from .pipelines.inspection import SegmentConfig, SynthConfig
     from .pipelines.model_file import EvalConfig, ExportConfig, PredictConfig
     from .pipelines.surgery import SurgeryConfig
+    from .pipelines.svg import SVGConfig
+    from .pipelines.vlm import AskConfig, ChatConfig, VLMConfig
 
     return [
         _Command("demo", "run the main pipeline end to end on bundled real data", DemoConfig, _run_demo),
@@ -193,6 +218,12 @@ def _commands() -> list[_Command]:
                  AnomalyConfig, _json_job("anomaly", "run_anomaly", status="predicted"), positional="action"),
         _Command("detect", "object detection (YOLOv6) + Mask Frozen masks: train | test | predict IMAGES | export",
                  DetectConfig, _json_job("detection", "run_detect"), positional="action"),
+        _Command("vlm", "grounded VQA (MiniGPT-v2 / MiniGPT-4 on SmolLM2): train | test", VLMConfig,
+                 _json_job("vlm", "run_vlm"), positional="action"),
+        _Command("ask", "ask a trained VLM about an image: ask IMAGE QUESTION (boxes drawn)", AskConfig, _run_ask,
+                 positional="words", usage_words="IMAGE QUESTION..."),
+        _Command("chat", "talk with a trained VLM about an image (questions from stdin)", ChatConfig, _run_chat,
+                 positional="image", usage_words="IMAGE"),
         _Command("train", "train a classifier on a folder or bundled dataset", ClassifyConfig,
                  _json_job("classification", "train_classifier")),
         _Command("profile", "SubTuning profile: tune each block alone, plot it, pick the best few", ProfileConfig,
@@ -209,6 +240,8 @@ def _commands() -> list[_Command]:
         _Command("info", "versions, hardware and cache location", InfoConfig, _json_job("info", "describe")),
         _Command("surgery", "replace a ViT's costliest attention mixers to meet a latency budget, then distil",
                  SurgeryConfig, _run_surgery),
+        _Command("svg", "images as compact SVG text for language models (+ renderings, fidelity CSV)", SVGConfig,
+                 _json_job("svg", "run_svg", status="written"), positional="images"),
     ]
 
 
@@ -226,6 +259,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _Command]]:
         desc = (cmd.config.__doc__ or cmd.help).strip().split("\n")[0] if cmd.config else cmd.help
         desc = re.sub(r":\w+:`~?(?:[\w]+\.)*(\w+)`", r"\1", desc)
         usage_pos = f" [{cmd.positional.upper()} ...]" if cmd.positional else ""
+        usage_pos = f" {cmd.usage_words}" if cmd.usage_words else usage_pos
         p = sub.add_parser(
             cmd.name, help=cmd.help, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog=_config_help(cmd.config) if cmd.config else None,

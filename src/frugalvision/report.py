@@ -58,6 +58,20 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(out)
 
 
+def _data_uri(img: bytes | np.ndarray | Image.Image | str | Path) -> str:
+    """An image (PNG bytes, array, PIL image or file) as a ``data:image/png;base64`` URI."""
+    if isinstance(img, str | Path):
+        data = Path(img).read_bytes()
+    elif isinstance(img, bytes):
+        data = img
+    else:
+        pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
 class HtmlReport:
     """Build a single-file HTML report.
 
@@ -92,19 +106,18 @@ class HtmlReport:
 
     def image(self, img: bytes | np.ndarray | Image.Image | str | Path, caption: str = "", alt: str = "") -> None:
         """Embed an image (PNG bytes, array, PIL image or file) as a data URI."""
-        if isinstance(img, str | Path):
-            data = Path(img).read_bytes()
-        elif isinstance(img, bytes):
-            data = img
-        else:
-            pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
-            buf = io.BytesIO()
-            pil.save(buf, format="PNG")
-            data = buf.getvalue()
-        b64 = base64.b64encode(data).decode("ascii")
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.parts.append(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(alt or caption)}'>"
-                          f"{cap}</figure>")
+        self.parts.append(f"<figure><img src='{_data_uri(img)}' alt='{html.escape(alt or caption)}'>{cap}</figure>")
+
+    def gallery(self, items: Sequence[tuple[bytes | np.ndarray | Image.Image, str]], width: int = 256) -> None:
+        """Add images side by side (wrapping), each with its caption, ``width`` pixels wide at most."""
+        cells = []
+        for img, caption in items:
+            cells.append(f"<figure style='flex:0 1 {width}px;margin:0'><img src='{_data_uri(img)}' "
+                         f"alt='{html.escape(caption)}' style='width:100%;max-width:{width}px'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.parts.append("<div style='display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start'>"
+                          + "".join(cells) + "</div>")
 
     def render(self) -> str:
         """The whole HTML document."""

@@ -447,6 +447,7 @@ for _kind in (
     ModelKind("anomalyclip", "anomaly", "frugalvision.inspect.anomaly.anomalyclip:build_anomalyclip_from_info"),
     ModelKind("detector", "detection", "frugalvision.detect.yolov6:build_detector_from_info"),
     ModelKind("mask_frozen", "detection", "frugalvision.detect.mask_frozen:build_mask_frozen_from_info"),
+    ModelKind("vlm", "vlm", "frugalvision.language.vlm_file:build_vlm_from_info"),
 ):
     register_model_kind(_kind)
 

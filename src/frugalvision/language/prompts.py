@@ -24,6 +24,7 @@ __all__ = [
     "build_prompt",
     "chat_wrap",
     "encode_batch",
+    "encode_conversation",
     "encode_example",
     "encode_prompt",
 ]
@@ -140,3 +141,58 @@ def encode_batch(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
     if len(prompts) != len(answers):
         raise ConfigError(f"{len(prompts)} prompts but {len(answers)} answers")
     return [encode_example(tokenizer, p, a, chat) for p, a in zip(prompts, answers, strict=True)]
+
+
+def encode_conversation(tokenizer: Any, turns: Sequence[tuple[str, str | None]], chat: bool = True) -> EncodedExample:
+    r"""A multi-turn conversation about one image, as the prompt of the next answer.
+
+    As MiniGPT-v2's demo: the image is in the first user turn only; every earlier turn is a user message followed by
+    the assistant's answer, in the tokenizer's chat template (or the official ``[INST] ... [/INST] answer`` chain
+    when it has none), ending with the generation prompt of the last user turn.
+
+    Args:
+        tokenizer: The language model's tokenizer.
+        turns: ``(user text, assistant answer)`` pairs; the first user text holds ``<ImageHere>`` once (build it
+            with :func:`build_prompt`), the others none; the last answer is ``None`` (the one to generate).
+        chat: Use the chat template; ``False`` joins the turns with the official ``[INST]`` markers.
+
+    Example:
+        >>> from frugalvision.language.llm import tiny_llm
+        >>> _, tok = tiny_llm()
+        >>> ex = encode_conversation(tok, [(build_prompt("vqa", "defect?"), "yes"), ("[vqa] which?", None)])
+        >>> print(tok.decode(ex.after))
+        </Img> [vqa] defect?<|im_end|>
+        <|im_start|>assistant
+        yes<|im_end|>
+        <|im_start|>user
+        [vqa] which?<|im_end|>
+        <|im_start|>assistant
+        <BLANKLINE>
+    """
+    if not turns:
+        raise ConfigError("a conversation needs at least one user turn")
+    if turns[-1][1] is not None:
+        raise ConfigError("the last turn of a conversation to answer must have no answer yet (None)")
+    for i, (user, answer) in enumerate(turns):
+        want = 1 if i == 0 else 0
+        if not isinstance(user, str) or user.count(IMAGE_PLACEHOLDER) != want:
+            raise ConfigError(f"turn {i + 1} must hold {IMAGE_PLACEHOLDER} {want} time(s) (the image goes in the "
+                              f"first turn only): {user!r}")
+        if i < len(turns) - 1 and (not isinstance(answer, str) or not answer.strip()):
+            raise ConfigError(f"turn {i + 1} has no answer; only the last turn is left to answer")
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages: list[dict[str, str]] = []
+        for user, answer in turns:
+            messages.append({"role": "user", "content": user})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+        text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        bos = False
+    else:
+        text = " ".join(LLAMA2_TEMPLATE.format(u) + (f" {a}" if a is not None else "") for u, a in turns)
+        bos = True
+    head, tail = text.split(IMAGE_PLACEHOLDER)
+    before = _ids(tokenizer, head)
+    if bos and getattr(tokenizer, "bos_token_id", None) is not None:
+        before = [tokenizer.bos_token_id, *before]
+    return EncodedExample(before, _ids(tokenizer, tail), [])

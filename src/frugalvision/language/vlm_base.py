@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,9 @@ class VisionLanguageModel(nn.Module):
             peft = require("peft", "LoRA adapters on the language model", extra="vlm")
             cfg = peft.LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
                                   target_modules=list(self.lora.target_modules), bias="none", task_type="CAUSAL_LM")
-            llm = peft.get_peft_model(llm, cfg, adapter_name=self.adapter_name)
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                llm = peft.get_peft_model(llm, cfg, adapter_name=self.adapter_name)
         self.llm = llm
 
     # ------------------------------------------------------------------------------------------- pieces

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..weights import MODEL_KINDS, MODEL_META, load_model_file
+from ..weights import MODEL_KINDS, MODEL_META, load_model_file, read_model_info
 
 __all__ = ["DEMO_MODEL_FILE", "TASK_JOBS", "EvalConfig", "ExportConfig", "PredictConfig", "TaskJobs",
            "describe_for_onnx", "export_model_file", "register_task_jobs", "run_eval", "run_predict"]
@@ -133,6 +133,10 @@ class TaskJobs:
 
 
 TASK_JOBS: dict[str, TaskJobs] = {}
+#: Where the commands for model files of a task without eval / predict / export jobs are.
+_OTHER_COMMANDS = {"vlm": ": evaluate it with `frugalvision vlm test model_file=...` and run it with "
+                           "`frugalvision ask IMAGE QUESTION model_file=...` or `frugalvision chat IMAGE "
+                           "model_file=...`"}
 
 
 def register_task_jobs(task: str, jobs: TaskJobs) -> None:
@@ -160,12 +164,14 @@ def _open(path: str, command: str = "eval") -> tuple[torch.nn.Module, dict[str, 
     if _is_onnx(path):
         raise ConfigError(f"{path} is an ONNX graph; {command} takes the safetensors model file it was exported "
                           f"from{_hint_for(Path(path))}")
-    model, info = load_model_file(path)
-    task = MODEL_KINDS[info["kind"]].task
-    if task not in TASK_JOBS:
+    info = read_model_info(path)  # the kind first: a model these commands do not run is not built (or loaded)
+    kind = MODEL_KINDS.get(info["kind"])
+    task = kind.task if kind is not None else None
+    if task is not None and task not in TASK_JOBS:
         raise ConfigError(f"{path} holds a {info['kind']} model (task {task}); eval, export and predict do not "
-                          f"handle that task yet")
-    return model, info, TASK_JOBS[task]
+                          f"handle it{_OTHER_COMMANDS.get(task, '')}")
+    model, info = load_model_file(path)
+    return model, info, TASK_JOBS[MODEL_KINDS[info["kind"]].task]
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
