@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mvtec_subset import copy_subset
 from PIL import Image
 
 from frugalvision.cli import main
 from frugalvision.errors import ConfigError
-from frugalvision.inspect.bundled import build_benchmark
 from frugalvision.pipelines.anomaly import (
     ANOMALY_METHODS,
     anomaly_spec,
@@ -28,18 +27,8 @@ COMMON = ["backbone=resnet18", "backbone_weights=none", "layers=[2,3]", "img_siz
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of part of the bundled benchmark: 2 categories, 6 train/good, 3 test/good, 2 kinds x 2."""
-    src = build_benchmark()
-    root = tmp_path_factory.mktemp("mvtec")
-    for cat in ("brick", "moon"):
-        for sub, n in (("train/good", 6), ("test/good", 3), ("test/hole", 2), ("test/scratch", 2)):
-            (root / cat / sub).mkdir(parents=True)
-            for f in sorted((src / cat / sub).glob("*.png"))[:n]:
-                shutil.copy(f, root / cat / sub / f.name)
-                if "good" not in sub:
-                    gt = root / cat / "ground_truth" / sub.split("/")[1]
-                    gt.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(src / cat / "ground_truth" / sub.split("/")[1] / f"{f.stem}_mask.png", gt)
-    return root
+    return copy_subset(tmp_path_factory.mktemp("mvtec"), ("brick", "moon"),
+                       (("train/good", 6), ("test/good", 3), ("test/hole", 2), ("test/scratch", 2)))
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import timm
 import torch
+from mvtec_subset import copy_subset
 from PIL import Image
 
 from frugalvision.cli import main
-from frugalvision.inspect.bundled import build_benchmark
 from frugalvision.surgery import TokenModulationMixer
 from frugalvision.weights import load_model_file, read_model_info, save_model_file
 
@@ -48,18 +48,8 @@ def _csv(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def mvtec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Brick and grass of the bundled benchmark in MVTec layout: 4 train/good, 2 test/good, 2 x 2 defects each."""
-    src = build_benchmark()
-    root = tmp_path_factory.mktemp("mvtec")
-    for cat in ("brick", "grass"):
-        for sub, n in (("train/good", 4), ("test/good", 2), ("test/hole", 2), ("test/scratch", 2)):
-            (root / cat / sub).mkdir(parents=True)
-            for f in sorted((src / cat / sub).glob("*.png"))[:n]:
-                shutil.copy(f, root / cat / sub / f.name)
-                if "good" not in sub:
-                    gt = root / cat / "ground_truth" / sub.split("/")[1]
-                    gt.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(src / cat / "ground_truth" / sub.split("/")[1] / f"{f.stem}_mask.png", gt)
-    return root
+    return copy_subset(tmp_path_factory.mktemp("mvtec"), ("brick", "grass"),
+                       (("train/good", 4), ("test/good", 2), ("test/hole", 2), ("test/scratch", 2)))
 
 
 @pytest.fixture(scope="module")
