@@ -53,11 +53,13 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 def _onednn_ok(x: Tensor) -> bool:
     """Whether the fused CPU kernels (GEMM/conv with bias, activation and residual add in one pass) may run.
 
-    Only for plain float32 CPU tensors outside autograd, tracing and export; everything else takes the generic
-    path (same numerics up to float rounding).
+    Only for plain float32 CPU tensors outside autograd, autocast, tracing and export; everything else takes the
+    generic path (same numerics up to float rounding). Under CPU autocast the generic path runs the GEMMs in the
+    autocast dtype (bf16), which these fp32 kernels cannot take.
     """
     return (_ONEDNN and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
 
 
