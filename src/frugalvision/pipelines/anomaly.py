@@ -849,12 +849,13 @@ def predict_anomaly_model(model: torch.nn.Module, info: dict[str, Any], images: 
 
 
 def predict_anomaly_onnx(path: str | Path, images: list[str], out: str | Path, overwrite: bool = False,
-                         threshold: float | None = None, image_threshold: float | None = None) -> dict[str, Any]:
-    """:func:`predict_anomaly_model` with onnxruntime on an ONNX file of :func:`export_anomaly_onnx`.
+                         threshold: float | None = None, image_threshold: float | None = None,
+                         runner: Any = None) -> dict[str, Any]:
+    """:func:`predict_anomaly_model` with onnxruntime (or ``runner``) on an ONNX file of :func:`export_anomaly_onnx`.
 
     The input size and the stored thresholds come from the file's metadata; the outputs are the same files.
     """
-    predictor = AnomalyPredictor.from_onnx(path)
+    predictor = AnomalyPredictor.from_onnx(path, runner=runner)
     _thresholds(predictor.spec, threshold, image_threshold, str(path))
     res = _predict_images(predictor, images, Path(out), overwrite)
     return {**res, "method": predictor.spec.method}

@@ -41,6 +41,9 @@ class EvalConfig:
         threshold: Segmenters: defect-score threshold of the IoUs; the model file's when unset.
         batch_size: Evaluation batch size.
         device: auto, cpu or cuda.
+        precision: ``fp32`` or ``bf16`` (PyTorch autocast) for a safetensors model file; an ONNX file runs in the
+            precision it was exported in.
+        runtime: ONNX files: ``onnxruntime`` or ``openvino``; ``auto``: OpenVINO for bf16 files, else onnxruntime.
         progress: Show progress bars.
     """
 
@@ -51,7 +54,13 @@ class EvalConfig:
     threshold: float | None = None
     batch_size: int = 32
     device: str = "auto"
+    precision: str = "fp32"
+    runtime: str = "auto"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision, ("fp32", "bf16"), "eval")
+        _check_runtime(self.runtime)
 
 
 @dataclass
@@ -66,6 +75,14 @@ class ExportConfig:
         opset: ONNX opset.
         check: Compare onnxruntime with PyTorch (tolerance 1e-4).
         reparameterize: Fold multi-branch blocks and conv+BN pairs before export (``fv.fuse``, verified).
+        precision: ``fp32``; ``int8``: ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8
+            activations calibrated on ``calibration_images`` images of the model's own training data), which
+            onnxruntime and OpenVINO run with int8 kernels; ``bf16``: the fp32 graph marked to run in bf16, which
+            ``predict``/``eval`` run with OpenVINO's bf16 kernels (needs ``frugalvision[openvino]``).
+        calibration: int8 calibration method: ``minmax``, ``entropy`` or ``percentile``.
+        calibration_images: Images of the training data the int8 ranges are calibrated on.
+        accuracy_check: For bf16/int8: evaluate the fp32 model and the exported file on the held-out data (the
+            ``eval`` metrics, plus top-1 / per-pixel agreement with fp32) and store the result in the file.
         overwrite: Replace an existing ``out``.
     """
 
@@ -74,7 +91,21 @@ class ExportConfig:
     opset: int = 18
     check: bool = True
     reparameterize: bool = True
+    precision: str = "fp32"
+    calibration: str = "minmax"
+    calibration_images: int = 64
+    accuracy_check: bool = True
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from ..export.quantize import CALIBRATION_METHODS, PRECISIONS
+
+        _check_precision(self.precision, PRECISIONS, "export")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, got "
+                              f"{self.calibration!r}")
+        if int(self.calibration_images) != self.calibration_images or self.calibration_images < 1:
+            raise ConfigError(f"calibration_images must be a positive integer, got {self.calibration_images!r}")
 
 
 @dataclass
@@ -98,6 +129,9 @@ class PredictConfig:
         overlays: Segmenters: also write overlay PNGs.
         top_k: Classifiers: classes listed per image.
         device: auto, cpu or cuda.
+        precision: ``fp32`` or ``bf16`` (PyTorch autocast) for a safetensors model file; an ONNX file runs in the
+            precision it was exported in (``export precision=int8|bf16``).
+        runtime: ONNX files: ``onnxruntime`` or ``openvino``; ``auto``: OpenVINO for bf16 files, else onnxruntime.
         progress: Show a progress bar.
     """
 
@@ -111,7 +145,28 @@ class PredictConfig:
     overlays: bool = True
     top_k: int = 3
     device: str = "auto"
+    precision: str = "fp32"
+    runtime: str = "auto"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision, ("fp32", "bf16"), "predict")
+        _check_runtime(self.runtime)
+
+
+def _check_precision(value: str, allowed: tuple[str, ...], command: str) -> None:
+    if value not in allowed:
+        hint = " (int8 is an export: `frugalvision export precision=int8`, then run the .onnx file)" \
+            if value == "int8" else ""
+        raise ConfigError(f"{command}: precision must be one of {', '.join(allowed)}, got {value!r}{hint}")
+
+
+RUNTIMES = ("auto", "onnxruntime", "openvino")
+
+
+def _check_runtime(value: str) -> None:
+    if value not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -124,12 +179,18 @@ class TaskJobs:
         export: ``(model, info, cfg: ExportConfig) -> dict`` with the written path and the parity error.
         predict_onnx: ``(onnx path, info, cfg: PredictConfig) -> dict`` like ``predict``, for an ONNX file whose
             metadata holds the model file's description (``info``); ``None``: predict refuses ONNX files of the task.
+        onnx_module: ``(onnx path, runtime) -> module`` that ``evaluate`` takes in place of the PyTorch model (the
+            exported graph behind the same call); ``None``: eval refuses ONNX files and export refuses bf16/int8.
+        calibration: ``(info, n) -> (n, C, H, W)`` graph inputs from the model's own training data, for int8
+            calibration; ``None``: no int8 export.
     """
 
     evaluate: Callable[[torch.nn.Module, dict[str, Any], EvalConfig], dict[str, Any]]
     predict: Callable[[torch.nn.Module, dict[str, Any], PredictConfig], dict[str, Any]]
     export: Callable[[torch.nn.Module, dict[str, Any], ExportConfig], dict[str, Any]]
     predict_onnx: Callable[[Path, dict[str, Any], PredictConfig], dict[str, Any]] | None = None
+    onnx_module: Callable[[Path, str], torch.nn.Module] | None = None
+    calibration: Callable[[dict[str, Any], int], torch.Tensor] | None = None
 
 
 TASK_JOBS: dict[str, TaskJobs] = {}
@@ -175,13 +236,25 @@ def _open(path: str, command: str = "eval") -> tuple[torch.nn.Module, dict[str, 
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """``frugalvision eval``: metrics of any model file."""
+    """``frugalvision eval``: metrics of any model file (or of an ONNX file written by ``export``)."""
+    if Path(cfg.model_file).is_file() and _is_onnx(cfg.model_file):
+        path = Path(cfg.model_file)
+        info, jobs = _onnx_description(path, "eval")
+        if jobs.onnx_module is None:
+            raise ConfigError(f"{path} holds a {info.get('kind')} model; eval runs ONNX files of classifiers, "
+                              f"segmenters and anomaly models only: pass its model file{_hint_for(path)}")
+        module = jobs.onnx_module(path, _runtime_of(info, cfg.runtime))
+        res = jobs.evaluate(module, info, _on_cpu(cfg))
+        return {"model_file": str(path), "kind": info["kind"], "precision": info.get("precision", "fp32"),
+                "runtime": module.runtime, **res}
     model, info, jobs = _open(cfg.model_file, "eval")
     if info.get("weights") == "random":
         raise ConfigError(f"{cfg.model_file} holds a {info['kind']} model with random weights (e.g. `surgery "
                           "model=NAME`, a latency-only run): it has no classes or data to evaluate; give a model file "
                           "of a trained model (`surgery model_file=...`)")
-    return {"model_file": cfg.model_file, "kind": info["kind"], **jobs.evaluate(model, info, cfg)}
+    return {"model_file": cfg.model_file, "kind": info["kind"], **({"precision": "bf16"} if cfg.precision == "bf16"
+                                                                      else {}),
+            **jobs.evaluate(with_precision(model, cfg.precision), info, cfg)}
 
 
 def run_predict(cfg: PredictConfig) -> dict[str, Any]:
@@ -191,7 +264,45 @@ def run_predict(cfg: PredictConfig) -> dict[str, Any]:
     if Path(cfg.model_file).is_file() and _is_onnx(cfg.model_file):
         return _predict_onnx(Path(cfg.model_file), cfg)
     model, info, jobs = _open(cfg.model_file, "predict")
-    return {"kind": info["kind"], **jobs.predict(model, info, cfg)}
+    return {"kind": info["kind"], **jobs.predict(with_precision(model, cfg.precision), info, cfg)}
+
+
+def _on_cpu(cfg: EvalConfig) -> EvalConfig:
+    from dataclasses import replace
+
+    return replace(cfg, device="cpu")
+
+
+class _Autocast(torch.nn.Module):
+    """Run ``inner`` under autocast (``bf16``) on the input's device; floating outputs come back as float32."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """The wrapped model's output, computed in reduced precision."""
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            out = self.inner(x)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return out
+
+
+def with_precision(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """``model`` as is (``fp32``) or under bf16 autocast (``bf16``; CPU and CUDA), same call and outputs.
+
+    Example:
+        >>> m = with_precision(torch.nn.Linear(4, 2), "bf16")
+        >>> m(torch.randn(3, 4)).dtype
+        torch.float32
+    """
+    if precision == "fp32":
+        return model
+    if precision == "bf16":
+        return _Autocast(model)
+    raise ConfigError(f"precision must be fp32 or bf16 for a PyTorch model, got {precision!r}")
 
 
 # --------------------------------------------------------------------------------------------- ONNX files
@@ -223,20 +334,91 @@ def _hint_for(onnx_path: Path) -> str:
             "model_file=PATH/model.safetensors")
 
 
-class _OnnxImageModel(torch.nn.Module):
-    """An exported image model (image -> logits) behind the module call the predict jobs make; runs onnxruntime."""
+def _runtime_of(info: dict[str, Any], runtime: str) -> str:
+    """The runtime of an exported file: the one asked for, else OpenVINO for bf16 files and onnxruntime otherwise."""
+    if runtime != "auto":
+        return runtime
+    return "openvino" if info.get("precision") == "bf16" else "onnxruntime"
 
-    def __init__(self, path: Path) -> None:
+
+def onnx_runner(path: Path, runtime: str, precision: str = "fp32") -> Callable[..., list[np.ndarray]]:
+    """A callable running ``path`` with onnxruntime or OpenVINO (bf16 inference precision for bf16 files)."""
+    from .._deps import require
+    from ..export import OpenVinoRunner, OrtRunner
+
+    if runtime == "openvino":
+        require("openvino", f"running {path.name} with OpenVINO", "openvino")
+        return OpenVinoRunner(path, precision="bf16" if precision == "bf16" else "f32")
+    if precision == "bf16":
+        raise ConfigError(f"{path} is a bf16 export, which runs with OpenVINO's bf16 kernels (onnxruntime has none "
+                          "on the CPU): pass runtime=openvino or leave runtime=auto")
+    return OrtRunner(path)
+
+
+class _OnnxImageModel(torch.nn.Module):
+    """An exported image model (image -> logits) behind the module call the jobs make (onnxruntime or OpenVINO)."""
+
+    def __init__(self, path: Path, runtime: str = "auto") -> None:
         super().__init__()
-        from ..export import OrtRunner
+        from ..export.onnx import read_onnx_metadata
 
         self.path = path
-        self.runner = OrtRunner(path)
+        try:
+            info = json.loads(read_onnx_metadata(path).get(MODEL_META, "{}"))
+        except json.JSONDecodeError:
+            info = {}
+        self.runtime = _runtime_of(info, runtime)
+        self.runner = onnx_runner(path, self.runtime, info.get("precision", "fp32"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised batch, on the batch's device."""
         out = self.runner(x.detach().float().cpu().numpy())[0]
         return torch.from_numpy(np.asarray(out)).to(x.device)
+
+
+class _OnnxAnomalyModel(torch.nn.Module):
+    """An exported anomaly model behind the PyTorch model's call: ``image -> (pred_score, anomaly_map)``."""
+
+    def __init__(self, path: Path, runtime: str = "auto") -> None:
+        super().__init__()
+        from ..export.onnx import read_onnx_metadata
+
+        self.path = path
+        try:
+            info = json.loads(read_onnx_metadata(path).get(MODEL_META, "{}"))
+        except json.JSONDecodeError:
+            info = {}
+        self.runtime = _runtime_of(info, runtime)
+        self.runner = onnx_runner(path, self.runtime, info.get("precision", "fp32"))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """``pred_score`` (B,) and ``anomaly_map`` (B, 1, S, S), as the PyTorch anomaly models return them."""
+        from types import SimpleNamespace
+
+        score, amap = self.runner(x.detach().float().cpu().numpy())[:2]
+        return SimpleNamespace(pred_score=torch.from_numpy(np.asarray(score)),
+                               anomaly_map=torch.from_numpy(np.asarray(amap)))
+
+
+def _onnx_description(path: Path, command: str) -> tuple[dict[str, Any], TaskJobs]:
+    """The model file's description stored in an exported ONNX file, and the jobs of its task."""
+    from ..export.onnx import read_onnx_metadata
+
+    meta = read_onnx_metadata(path)
+    if MODEL_META not in meta:
+        raise ConfigError(f"{path} is an ONNX file without frugalvision's description (classes, input size, "
+                          f"normalisation), so {command} cannot run it; pass the safetensors model file it was "
+                          f"exported from{_hint_for(path)}, or re-export it with `frugalvision export`")
+    try:
+        info = json.loads(meta[MODEL_META])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has a corrupt frugalvision description: {exc}") from None
+    kind = info.get("kind")
+    jobs = TASK_JOBS.get(MODEL_KINDS[kind].task) if kind in MODEL_KINDS else None
+    if jobs is None:
+        raise ConfigError(f"{path} holds a {kind} model, which {command} does not run from ONNX: pass its "
+                          f"safetensors model file{_hint_for(path)}")
+    return info, jobs
 
 
 def _predict_onnx(path: Path, cfg: PredictConfig) -> dict[str, Any]:
@@ -254,7 +436,9 @@ def _predict_onnx(path: Path, cfg: PredictConfig) -> dict[str, Any]:
         if jobs is None or jobs.predict_onnx is None:
             raise ConfigError(f"{path} holds a {kind} model; predict runs ONNX files of classifiers, segmenters and "
                               f"anomaly models only: pass its safetensors model file{_hint_for(path)}")
-        return {"kind": kind, **jobs.predict_onnx(path, info, cfg), "backend": "onnxruntime"}
+        runtime = _runtime_of(info, cfg.runtime)
+        return {"kind": kind, **jobs.predict_onnx(path, info, cfg), "backend": runtime,
+                "precision": info.get("precision", "fp32")}
     if "frugalvision" in meta:  # written by export_anomaly_onnx (`anomaly fit onnx=true`): thresholds + size
         res = _predict_anomaly_onnx(path, {}, cfg)
         return {"kind": res.get("method", "anomaly"), **res, "backend": "onnxruntime"}
@@ -264,15 +448,190 @@ def _predict_onnx(path: Path, cfg: PredictConfig) -> dict[str, Any]:
 
 
 def export_model_file(cfg: ExportConfig) -> dict[str, Any]:
-    """``frugalvision export``: ONNX graph of any model file, checked against PyTorch with onnxruntime."""
+    """``frugalvision export``: ONNX graph of any model file, checked against PyTorch with onnxruntime.
+
+    ``precision=int8`` quantises the checked fp32 graph (:func:`frugalvision.export.quantize.quantize_onnx`) on
+    images of the model's own training data; ``precision=bf16`` marks it to run with OpenVINO's bf16 kernels. For
+    both, the accuracy check (``accuracy_check=true``) evaluates the fp32 PyTorch model and the written file on the
+    held-out data and stores the result in the file's description.
+    """
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=true to replace it or choose another out=")
     model, info, jobs = _open(cfg.model_file, "export")
-    return {"kind": info["kind"], **jobs.export(model, info, cfg)}
+    if cfg.precision == "fp32":
+        return {"kind": info["kind"], **jobs.export(model, info, cfg)}
+    return {"kind": info["kind"], **_export_reduced(model, info, jobs, cfg)}
+
+
+def _export_reduced(model: torch.nn.Module, info: dict[str, Any], jobs: TaskJobs, cfg: ExportConfig) -> dict[str, Any]:
+    """bf16 / int8 export: the fp32 graph first (checked), then quantised or marked, then the accuracy check."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from .._deps import require
+    from ..export.onnx import read_onnx_metadata, write_onnx_metadata
+    from ..export.quantize import quantize_onnx
+    from ..utils.io import atomic_path
+
+    if jobs.onnx_module is None or (cfg.precision == "int8" and jobs.calibration is None):
+        raise ConfigError(f"{cfg.model_file} holds a {info['kind']} model; precision={cfg.precision} export covers "
+                          "classifiers, segmenters and anomaly models (export it with precision=fp32)")
+    if cfg.precision == "bf16":
+        require("openvino", "bf16 export (OpenVINO runs the bf16 graph)", "openvino")
+    out = Path(cfg.out)
+    with tempfile.TemporaryDirectory(prefix="fv-export-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        res = jobs.export(model, info, replace(cfg, out=str(fp32), overwrite=True, precision="fp32"))
+        desc = json.loads(read_onnx_metadata(fp32).get(MODEL_META, "{}"))
+        desc.update(precision=cfg.precision)
+        if cfg.precision == "int8":
+            calib = jobs.calibration(info, int(cfg.calibration_images))  # type: ignore[misc]
+            q = quantize_onnx(fp32, Path(tmp) / "int8.onnx", calib, method=cfg.calibration)
+            desc["quantization"] = {"format": "QDQ", "weights": "int8, symmetric, per output channel",
+                                    "activations": "uint8, per tensor", "calibration": cfg.calibration,
+                                    "calibration_images": q.calibration_images, "calibration_data":
+                                    f"{_data_of(info)} (train split)", "quantized_ops": dict(q.quantized_ops),
+                                    "float_ops": dict(q.float_ops)}
+            staged = q.path
+            res = {**res, "quantization": q.summary()}
+        else:
+            staged = fp32
+            res = {**res, "bf16": "fp32 graph run with OpenVINO's bf16 inference precision"}
+        write_onnx_metadata(staged, {MODEL_META: json.dumps(desc, default=str)})
+        if cfg.accuracy_check:
+            check = accuracy_check(model, info, jobs, staged, cfg)
+            desc["accuracy_check"] = check
+            write_onnx_metadata(staged, {MODEL_META: json.dumps(desc, default=str)})
+            res["accuracy_check"] = check
+        with atomic_path(out) as dst:
+            shutil.copyfile(staged, dst)
+    res.update(path=str(out), precision=cfg.precision, size_mb=round(out.stat().st_size / 1e6, 2))
+    return res
+
+
+def _data_of(info: dict[str, Any]) -> str:
+    data = info.get("data")
+    if isinstance(data, dict):
+        return str(data.get("data") or "bundled")
+    return str(data or "bundled")
+
+
+class _Recorder(torch.nn.Module):
+    """Pass-through that keeps each batch's decisions.
+
+    The class of every image or pixel (argmax over dim 1), or an anomaly model's image scores.
+    """
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """The wrapped model's output."""
+        out = self.inner(x)
+        if isinstance(out, torch.Tensor):
+            self.seen.append(out.detach().float().argmax(1).cpu())
+        else:
+            self.seen.append(out.pred_score.detach().float().reshape(-1).cpu())
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # e.g. `runtime` of an ONNX module, attributes anomaly jobs read
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
+
+def accuracy_check(model: torch.nn.Module, info: dict[str, Any], jobs: TaskJobs, path: Path,
+                   cfg: ExportConfig) -> dict[str, Any]:
+    """Evaluate the fp32 PyTorch model and the exported file on the same held-out data; metrics and agreement.
+
+    Agreement: the fraction of test images (classifiers) or pixels (segmenters) given the same class as fp32; for
+    anomaly models the correlation of the image scores and the fraction of images on the same side of the stored
+    image threshold.
+    """
+    from dataclasses import replace
+
+    ecfg = EvalConfig(model_file=cfg.model_file, device="cpu", progress=False)
+    ref, exp = _Recorder(model), _Recorder(jobs.onnx_module(path, "auto"))  # type: ignore[misc]
+    m_ref = jobs.evaluate(ref, info, ecfg)
+    m_exp = jobs.evaluate(exp, info, replace(ecfg))
+    a, b = torch.cat(ref.seen), torch.cat(exp.seen)
+    numeric = {k: v for k, v in m_ref.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and k not in ("images", "ms_per_image", "loss", "threshold")}
+    out: dict[str, Any] = {"data": m_ref.get("data"), "images": m_ref.get("images"),
+                           "fp32": {k: round(float(v), 4) for k, v in numeric.items()},
+                           cfg.precision: {k: round(float(m_exp[k]), 4) for k in numeric if k in m_exp},
+                           "runtime": exp.runtime}
+    task = MODEL_KINDS[info["kind"]].task
+    if task == "anomaly":
+        out["score_correlation"] = round(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 4)
+        if "image_threshold" in info:
+            t = float(info["image_threshold"])
+            out["decision_agreement"] = round(float(((a >= t) == (b >= t)).float().mean()), 4)
+    else:
+        out["top1_agreement" if task == "classification" else "pixel_agreement"] = round(
+            float((a == b).float().mean()), 4)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- the tasks
+def _spread(n_total: int, n: int) -> list[int]:
+    """``n`` indices spread evenly over ``range(n_total)`` (all of them when there are fewer)."""
+    if n >= n_total:
+        return list(range(n_total))
+    return np.linspace(0, n_total - 1, n).round().astype(int).tolist()
+
+
+def _classifier_calibration(info: dict[str, Any], n: int) -> torch.Tensor:
+    """``n`` training images of a classifier file, transformed as at evaluation."""
+    from ..data import ImageFolderDataset, build_transforms
+    from ..errors import DataError
+    from .common import resolve_data_root
+
+    data = _data_of(info) if info.get("data") else "textures"
+    root = resolve_data_root(data) / "train"
+    if not root.is_dir():
+        raise DataError(f"int8 calibration reads the model's training images, but {root} does not exist; export "
+                        "where the training data is (or with precision=fp32)")
+    ds = ImageFolderDataset(root, build_transforms(info["img_size"], False, info["mean"], info["std"]),
+                            classes=info["classes"])
+    return torch.stack([ds[i][0] for i in _spread(len(ds), n)])
+
+
+def _segmenter_calibration(info: dict[str, Any], n: int) -> torch.Tensor:
+    """``n`` training images of a segmenter's inspection data, transformed as at evaluation."""
+    from ..data.inspection import DefectDataset, segmentation_transforms
+    from .inspection import load_inspection_data
+
+    trained = info.get("data") or {}
+    samples, _ = load_inspection_data(trained.get("data") or "bundled", "train", trained.get("format") or "mvtec",
+                                      trained.get("categories") or None)
+    ds = DefectDataset(list(samples.samples), segmentation_transforms(int(info["img_size"]), False, info["mean"],
+                                                                      info["std"]))
+    return torch.stack([ds[i]["image"] for i in _spread(len(ds), n)])
+
+
+def _anomaly_calibration(info: dict[str, Any], n: int) -> torch.Tensor:
+    """``n`` defect-free training images of an anomaly model's category, pre-processed as the graph takes them."""
+    from ..errors import DataError
+    from ..inspect.anomaly.export import preprocess
+    from .anomaly import _samples as anomaly_samples
+    from .anomaly import anomaly_spec, read_rgb
+
+    category = info.get("category")
+    train = anomaly_samples(info.get("data") or "bundled", "train", [category]).get(category, [])
+    if not train:
+        raise DataError(f"no training images of category {category} for int8 calibration")
+    size = anomaly_spec(info).img_size
+    return torch.cat([preprocess([read_rgb(train[i].image)], size) for i in _spread(len(train), n)])
+
+
 def _export_image_model(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
     """Classifiers and segmenters: image ``(1, 3, S, S)`` -> logits, fused first when asked."""
     from ..export import export_onnx, fuse_with_report
@@ -298,8 +657,10 @@ def _classification() -> TaskJobs:
         predict=lambda m, i, c: predict_classifier(m, i, c.images, c.out, c.overwrite, c.batch_size, c.top_k,
                                                    c.device, c.progress),
         export=_export_image_model,
-        predict_onnx=lambda p, i, c: predict_classifier(_OnnxImageModel(p), i, c.images, c.out, c.overwrite,
-                                                        c.batch_size, c.top_k, "cpu", c.progress),
+        predict_onnx=lambda p, i, c: predict_classifier(_OnnxImageModel(p, c.runtime), i, c.images, c.out,
+                                                        c.overwrite, c.batch_size, c.top_k, "cpu", c.progress),
+        onnx_module=_OnnxImageModel,
+        calibration=_classifier_calibration,
     )
 
 
@@ -312,8 +673,11 @@ def _segmentation() -> TaskJobs:
         predict=lambda m, i, c: predict_segmenter(m, i, c.images, c.out, c.overwrite, c.batch_size, c.threshold,
                                                   c.overlays, c.device, c.progress),
         export=_export_image_model,
-        predict_onnx=lambda p, i, c: predict_segmenter(_OnnxImageModel(p), i, c.images, c.out, c.overwrite,
-                                                       c.batch_size, c.threshold, c.overlays, "cpu", c.progress),
+        predict_onnx=lambda p, i, c: predict_segmenter(_OnnxImageModel(p, c.runtime), i, c.images, c.out,
+                                                       c.overwrite, c.batch_size, c.threshold, c.overlays, "cpu",
+                                                       c.progress),
+        onnx_module=_OnnxImageModel,
+        calibration=_segmenter_calibration,
     )
 
 
@@ -343,7 +707,10 @@ def _predict_anomaly(model: torch.nn.Module, info: dict[str, Any], cfg: PredictC
 def _predict_anomaly_onnx(path: Path, info: dict[str, Any], cfg: PredictConfig) -> dict[str, Any]:
     from .anomaly import predict_anomaly_onnx
 
-    return {**predict_anomaly_onnx(path, cfg.images, cfg.out, cfg.overwrite, cfg.threshold, cfg.image_threshold),
+    runtime = _runtime_of(info, cfg.runtime)
+    runner = onnx_runner(path, runtime, info.get("precision", "fp32")) if info else None
+    return {**predict_anomaly_onnx(path, cfg.images, cfg.out, cfg.overwrite, cfg.threshold, cfg.image_threshold,
+                                   runner),
             **({"category": info["category"]} if info.get("category") else {})}
 
 
@@ -360,5 +727,6 @@ def _detection() -> TaskJobs:
 
 register_task_jobs("classification", _classification())
 register_task_jobs("segmentation", _segmentation())
-register_task_jobs("anomaly", TaskJobs(_evaluate_anomaly, _predict_anomaly, _export_anomaly, _predict_anomaly_onnx))
+register_task_jobs("anomaly", TaskJobs(_evaluate_anomaly, _predict_anomaly, _export_anomaly, _predict_anomaly_onnx,
+                                       onnx_module=_OnnxAnomalyModel, calibration=_anomaly_calibration))
 register_task_jobs("detection", _detection())

@@ -115,10 +115,14 @@ class AnomalyPredictor:
         return cls(run, spec, "torch")
 
     @classmethod
-    def from_onnx(cls, path: str | Path, threads: int | None = None) -> AnomalyPredictor:
-        """An onnxruntime predictor for a file written by :func:`export_anomaly_onnx`."""
+    def from_onnx(cls, path: str | Path, threads: int | None = None,
+                  runner: Callable[..., list[np.ndarray]] | None = None) -> AnomalyPredictor:
+        """A predictor for a file written by :func:`export_anomaly_onnx`.
+
+        It runs onnxruntime, or the given ``runner`` (e.g. an :class:`~frugalvision.export.OpenVinoRunner`).
+        """
         spec = read_onnx_spec(path)
-        runner = OrtRunner(path, threads=threads)
+        runner = runner or OrtRunner(path, threads=threads)
 
         def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             score, amap = runner(x.numpy().astype(np.float32))
