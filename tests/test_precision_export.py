@@ -1,0 +1,145 @@
+"""``export precision=int8|bf16``, and ``eval`` / ``predict`` of the files it writes, for every kind it covers.
+
+bf16 files run with OpenVINO, which is loaded only in fresh interpreters (see tests/test_openvino.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from frugalvision.cli import main
+from frugalvision.export.onnx import read_onnx_metadata
+from frugalvision.weights import MODEL_META
+from test_model_files import SMALL, _anomalyclip, _detect, _patchcore, _run, _segment, _surgery, _train, mvtec  # noqa: F401
+
+WRITERS = {"train": _train, "surgery": _surgery, "segment": _segment, "patchcore": _patchcore,
+           "anomalyclip": _anomalyclip}
+
+
+def _description(path: Path) -> dict:
+    return json.loads(read_onnx_metadata(path)[MODEL_META])
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_int8_export_is_quantised_checked_and_runs(command, tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+    model_file = WRITERS[command](tmp_path, mvtec, capsys)
+    out = tmp_path / "model.int8.onnx"
+    res = _run(["export", f"model_file={model_file}", f"out={out}", "precision=int8", "calibration_images=4"],
+               capsys)
+    assert res["precision"] == "int8" and out.is_file()
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, "no int8 in the graph"
+    desc = _description(out)
+    assert desc["precision"] == "int8"
+    q = desc["quantization"]
+    assert q["calibration"] == "minmax" and q["calibration_images"] == 4 and sum(q["quantized_ops"].values()) > 0
+    check = desc["accuracy_check"]
+    assert check == res["accuracy_check"] and check["images"] > 0
+    agree = [v for k, v in check.items() if k.endswith("agreement") or k == "score_correlation"]
+    assert agree and all(-1.0 <= a <= 1.0 for a in agree)
+    assert set(check["int8"]) == set(check["fp32"]) and check["fp32"]
+    # eval of the int8 file reproduces the int8 column of the check; predict runs it
+    ev = _run(["eval", f"model_file={out}", *SMALL], capsys)
+    assert ev["precision"] == "int8" and ev["runtime"] == "onnxruntime"
+    for k, v in check["int8"].items():
+        assert ev[k] == pytest.approx(v, abs=1e-3), k
+    images = sorted((mvtec / "brick" / "test" / "hole").glob("*.png"))[:2]
+    pred = _run(["predict", *map(str, images), f"model_file={out}", f"out={tmp_path / 'pred'}", *SMALL], capsys)
+    assert pred["predicted"] == 2 and pred["precision"] == "int8"
+
+
+def test_calibration_method_and_size_are_recorded(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+    model_file = _train(tmp_path, mvtec, capsys)
+    out = tmp_path / "p.onnx"
+    _run(["export", f"model_file={model_file}", f"out={out}", "precision=int8", "calibration=percentile",
+          "calibration_images=3", "accuracy_check=false"], capsys)
+    desc = _description(out)
+    assert desc["quantization"]["calibration"] == "percentile" and desc["quantization"]["calibration_images"] == 3
+    assert "accuracy_check" not in desc
+    # the file is written once: a second export refuses without overwrite=true
+    assert main(["export", f"model_file={model_file}", f"out={out}", "precision=int8"]) != 0
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_precision_options_are_one_line(tmp_path, mvtec, capsys):  # noqa: F811
+    cases = [
+        (["export", "precision=int4"], "precision must be one of fp32, bf16, int8"),
+        (["export", "precision=int8", "calibration=kl"], "calibration must be one of minmax, entropy, percentile"),
+        (["export", "precision=int8", "calibration_images=0"], "calibration_images must be a positive integer"),
+        (["eval", "precision=int8"], "int8 is an export"),
+        (["predict", "x.png", "runtime=tensorrt"], "runtime must be one of"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+
+
+def test_detectors_are_refused_int8_in_one_line(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+    model_file = _detect(tmp_path, mvtec, capsys)
+    assert main(["export", f"model_file={model_file}", f"out={tmp_path / 'd.onnx'}", "precision=int8"]) != 0
+    err = capsys.readouterr().err
+    assert "precision=int8 export covers classifiers, segmenters and anomaly models" in err
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_bf16_eval_of_a_model_file_is_close_to_fp32(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+    model_file = _segment(tmp_path, mvtec, capsys)
+    fp32 = _run(["eval", f"model_file={model_file}", *SMALL], capsys)
+    bf16 = _run(["eval", f"model_file={model_file}", "precision=bf16", *SMALL], capsys)
+    assert bf16["precision"] == "bf16"
+    assert bf16["pixel_AUROC"] == pytest.approx(fp32["pixel_AUROC"], abs=2.0)
+
+
+def test_bf16_export_runs_with_openvino(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+    model_file = _train(tmp_path, mvtec, capsys)
+    script = tmp_path / "bf16.py"
+    script.write_text(f"""
+import json, sys
+from frugalvision.cli import main
+out = {str(tmp_path / 'm.bf16.onnx')!r}
+assert main(["export", "model_file={model_file}", "out=" + out, "precision=bf16"]) == 0
+assert main(["eval", "model_file=" + out, "progress=false"]) == 0
+rc = main(["eval", "model_file=" + out, "runtime=onnxruntime", "progress=false"])
+assert rc != 0, rc
+""")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    export, ev = (json.loads(b) for b in _json_blocks(res.stdout))
+    assert export["precision"] == "bf16" and export["accuracy_check"]["runtime"] == "openvino"
+    assert 0.0 <= export["accuracy_check"]["top1_agreement"] <= 1.0
+    assert ev["precision"] == "bf16" and ev["runtime"] == "openvino"
+    assert ev["acc1"] == pytest.approx(export["accuracy_check"]["bf16"]["acc1"], abs=1e-3)
+    assert "runs with OpenVINO's bf16 kernels" in res.stderr
+
+
+def _json_blocks(text: str) -> list[str]:
+    """Top-level JSON objects printed one after the other."""
+    blocks, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            start = i if depth == 0 else start
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                blocks.append(text[start:i + 1])
+    return blocks
+
+
+def test_with_precision_wraps_for_autocast():
+    from frugalvision.pipelines.model_file import with_precision
+
+    lin = torch.nn.Linear(8, 3)
+    x = torch.randn(4, 8)
+    assert with_precision(lin, "fp32") is lin
+    out = with_precision(lin, "bf16")(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, lin(x))  # computed in bf16, returned as fp32
+    torch.testing.assert_close(out, lin(x), atol=5e-2, rtol=5e-2)
