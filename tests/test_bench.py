@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from frugalvision.bench import benchmark, count_flops, count_params, peak_memory_mb, write_results
+from frugalvision.bench import benchmark, count_flops, count_params, peak_memory_mb, results_to_markdown, write_results
 
 
 def test_flops_match_the_formula():
@@ -120,3 +120,28 @@ def test_ort_profile_by_shape_splits_rows_and_keeps_totals(tmp_path):
     assert by_shape.gflop * 1e9 == pytest.approx(count_flops(model, x))
     with pytest.raises(ValueError, match="group_by"):
         profile_onnx(path, x, group_by="node")
+
+
+def test_precision_rows_and_their_peaks(tmp_path):
+    from frugalvision.bench import int8_matmul_peak_gops, matmul_peak_gflops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(),
+                          nn.LazyLinear(4)).eval()
+    model(torch.randn(1, 3, 16, 16))
+    rows, info = benchmark({"m": model}, img_size=16, batch_size=4, repeats=3, throughput_repeats=2, warmup=1,
+                           onnx=True, precisions=("fp32", "bf16", "int8"), progress=False)
+    assert [(r.backend, r.precision) for r in rows] == [("eager", "fp32"), ("eager", "bf16"),
+                                                         ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    assert info.bf16_peak_gflops > 0 and "bf16 peak" in info.line()
+    assert (info.int8_peak_gops is None) == (int8_matmul_peak_gops(sizes=(64,), seconds=0.01) is None)
+    for r in rows:  # each row against the peak of its own precision
+        peak = {"fp32": info.matmul_peak_gflops, "bf16": info.bf16_peak_gflops, "int8": info.int8_peak_gops}
+        if peak[r.precision]:
+            assert r.peak_fraction == pytest.approx(r.achieved_gflops / peak[r.precision])
+    assert "| precision |" in results_to_markdown(rows, info)
+    assert matmul_peak_gflops(sizes=(64,), seconds=0.01, dtype=torch.bfloat16) > 0
+    with pytest.raises(ValueError, match="int8 rows run an exported graph"):
+        benchmark({"m": model}, img_size=16, precisions=("int8",), progress=False)
+    with pytest.raises(ValueError, match="unknown precision"):
+        benchmark({"m": model}, img_size=16, precisions=("fp8",), progress=False)

@@ -38,9 +38,12 @@ __all__ = [
     "benchmark",
     "count_flops",
     "count_params",
+    "int8_matmul_peak_gops",
     "machine_info",
     "matmul_peak_gflops",
     "peak_memory_mb",
+    "peak_of",
+    "precision_peaks",
     "result_header",
     "results_to_markdown",
     "write_results",
@@ -59,6 +62,8 @@ class MachineInfo:
     device: str
     onnxruntime: str | None = None
     matmul_peak_gflops: float | None = None
+    bf16_peak_gflops: float | None = None  #: measured like the fp32 peak, with bf16 operands
+    int8_peak_gops: float | None = None  #: int8 x int8 -> int32 matmul (``torch._int_mm``), giga-ops per second
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
     load_avg: float | None = field(default_factory=lambda: os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
 
@@ -70,6 +75,10 @@ class MachineInfo:
             parts.append(f"onnxruntime {self.onnxruntime}")
         if self.matmul_peak_gflops:
             parts.append(f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s (fp32, measured)")
+        if self.bf16_peak_gflops:
+            parts.append(f"bf16 peak {self.bf16_peak_gflops:.1f} GFLOP/s")
+        if self.int8_peak_gops:
+            parts.append(f"int8 peak {self.int8_peak_gops:.1f} GOP/s")
         if self.load_avg is not None:  # other work on the machine inflates absolute times; ratios stay comparable
             parts.append(f"load average {self.load_avg:.1f} at the start")
         return " · ".join(parts)
@@ -120,6 +129,52 @@ def matmul_peak_gflops(device: str | torch.device = "cpu", sizes: Sequence[int] 
         while time.perf_counter() < end:
             best = max(best, 2 * n**3 / time_call(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), device) / 1e9)
     return best
+
+
+def int8_matmul_peak_gops(device: str | torch.device = "cpu", sizes: Sequence[int] = (512, 1024, 2048),
+                          seconds: float = 0.5) -> float | None:
+    """Achievable int8 matmul giga-ops/s (int8 operands, int32 accumulation; VNNI/DP4A kernels), or ``None``.
+
+    Measured with ``torch._int_mm`` like :func:`matmul_peak_gflops`; ``None`` where this torch build has no int8
+    matmul for the device.
+
+    Example:
+        >>> p = int8_matmul_peak_gops(sizes=(256,), seconds=0.05)
+        >>> p is None or p > 0
+        True
+    """
+    device = torch.device(device)
+    if not hasattr(torch, "_int_mm"):
+        return None
+    best = 0.0
+    with torch.no_grad():
+        for n in sizes:
+            a = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
+            b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
+            try:
+                torch._int_mm(a, b)
+            except (RuntimeError, NotImplementedError):
+                return None
+            synchronize(device)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                best = max(best, 2 * n**3 / time_call(lambda a=a, b=b: torch._int_mm(a, b), device) / 1e9)
+    return best
+
+
+def precision_peaks(info: MachineInfo, device: str | torch.device = "cpu") -> MachineInfo:
+    """Fill the bf16 and int8 peaks of ``info`` (the fp32 one too when missing), measured now; returns ``info``."""
+    if info.matmul_peak_gflops is None:
+        info.matmul_peak_gflops = matmul_peak_gflops(device)
+    info.bf16_peak_gflops = matmul_peak_gflops(device, dtype=torch.bfloat16)
+    info.int8_peak_gops = int8_matmul_peak_gops(device)
+    return info
+
+
+def peak_of(info: MachineInfo, precision: str) -> float | None:
+    """The measured peak of ``precision`` (``fp32``, ``bf16``, ``int8``) in ``info``."""
+    return {"fp32": info.matmul_peak_gflops, "bf16": info.bf16_peak_gflops, "int8": info.int8_peak_gops}.get(
+        precision)
 
 
 # --------------------------------------------------------------------------------------------- counters
@@ -228,6 +283,7 @@ class BenchResult:
     peak_fraction: float | None
     latency_ratio: float = 1.0
     throughput_ratio: float = 1.0
+    precision: str = "fp32"  #: fp32, bf16 (autocast / OpenVINO bf16) or int8 (QDQ graph)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -247,6 +303,7 @@ class _Entry:
     params: int
     flops: int
     mem_mb: float | None
+    precision: str = "fp32"
     lat: list[float] = field(default_factory=list)
     thr: list[float] = field(default_factory=list)
 
@@ -266,6 +323,8 @@ def benchmark(
     memory: bool = True,
     progress: bool = True,
     in_chans: int = 3,
+    precisions: Sequence[str] = ("fp32",),
+    calibration: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[BenchResult], MachineInfo]:
     """Benchmark several models side by side in one process, interleaved, with ratios against the first.
 
@@ -286,6 +345,13 @@ def benchmark(
         memory: Measure peak forward memory at batch N.
         progress: Show a progress bar.
         in_chans: Input channels.
+        precisions: Which of ``fp32``, ``bf16``, ``int8`` to time. The fp32 eager row is always first (the
+            reference of the ratios). ``bf16``: eager under autocast, and OpenVINO at bf16 inference precision
+            (with ``openvino``); ``int8``: the exported graph quantised to QDQ int8, run by onnxruntime and/or
+            OpenVINO (needs ``onnx`` or ``openvino``). The bf16 and int8 peaks are measured too, and each row's
+            achieved throughput is reported against the peak of its precision.
+        calibration: Per model name, inputs to calibrate the int8 graph on (the model's own data); random inputs
+            otherwise, which is fine for timing but says nothing about accuracy.
 
     Returns:
         One :class:`BenchResult` per model and backend, and the machine description.
@@ -303,6 +369,13 @@ def benchmark(
         torch.set_num_threads(threads)
     info = machine_info(dev)
     info.matmul_peak_gflops = matmul_peak_gflops(dev)
+    unknown = sorted(set(precisions) - {"fp32", "bf16", "int8"})
+    if unknown:
+        raise ValueError(f"unknown precision(s) {unknown}: choose from fp32, bf16, int8")
+    if "int8" in precisions and not (onnx or openvino):
+        raise ValueError("int8 rows run an exported graph: pass onnx=True and/or openvino=True")
+    if set(precisions) - {"fp32"}:
+        precision_peaks(info, dev)
     named: dict[str, nn.Module] = (
         dict(models) if isinstance(models, dict)
         else {n: create_model(n, **(size_kwargs(n, img_size) if img_size else {})) for n in models}
@@ -333,22 +406,45 @@ def benchmark(
                         return m(x)
                 return run
 
+            def autocast(m: nn.Module = model, x: torch.Tensor = x1) -> Callable[[], Any]:
+                def run() -> Any:
+                    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                        return m(x)
+                return run
+
             entries.append(_Entry(name, "eager", eager(model, x1), eager(model, xN), params, flops, mem))
+            if "bf16" in precisions:
+                entries.append(_Entry(name, "eager", autocast(model, x1), autocast(model, xN), params, flops, None,
+                                      "bf16"))
             if tmpdir is not None:
                 from ..export import OpenVinoRunner, OrtRunner, export_onnx
+                from ..export.quantize import quantize_onnx
 
                 path = tmpdir / f"{len(entries)}.onnx"
                 export_onnx(model.cpu(), path, x1.cpu(), check=True)
                 model.to(dev)
                 a1, aN = x1.cpu().numpy(), xN.cpu().numpy()
-                runners: dict[str, Callable[..., Any]] = {}
+                runners: list[tuple[str, str, Callable[..., Any]]] = []
+                nt = torch.get_num_threads()
+                qpath = tmpdir / f"{len(entries)}.int8.onnx"
+                if "int8" in precisions:
+                    calib = (calibration or {}).get(name)
+                    quantize_onnx(path, qpath, calib if calib is not None else xN.cpu()[:8])
                 if onnx:
-                    runners["onnxruntime"] = OrtRunner(path, threads=torch.get_num_threads(), device=dev.type)
+                    if "fp32" in precisions:
+                        runners.append(("onnxruntime", "fp32", OrtRunner(path, threads=nt, device=dev.type)))
+                    if "int8" in precisions:
+                        runners.append(("onnxruntime", "int8", OrtRunner(qpath, threads=nt, device=dev.type)))
                 if openvino:
-                    runners["openvino"] = OpenVinoRunner(path, threads=torch.get_num_threads())
-                for backend, runner in runners.items():
+                    if "fp32" in precisions:
+                        runners.append(("openvino", "fp32", OpenVinoRunner(path, threads=nt)))
+                    if "bf16" in precisions:
+                        runners.append(("openvino", "bf16", OpenVinoRunner(path, threads=nt, precision="bf16")))
+                    if "int8" in precisions:
+                        runners.append(("openvino", "int8", OpenVinoRunner(qpath, threads=nt)))
+                for backend, prec, runner in runners:
                     entries.append(_Entry(name, backend, lambda o=runner, a=a1: o(a), lambda o=runner, a=aN: o(a),
-                                          params, flops, None))
+                                          params, flops, None, prec))
 
         from tqdm.auto import tqdm
 
@@ -372,11 +468,11 @@ def benchmark(
         lat, iqr = _median_iqr(e.lat)
         thr = statistics.median(e.thr)
         achieved = e.flops * thr / 1e9
+        peak = peak_of(info, e.precision)
         rows.append(BenchResult(
             name=e.name, backend=e.backend, params_m=e.params / 1e6, gflops=e.flops / 1e9, latency_ms=lat,
             latency_iqr_ms=iqr, throughput=thr, batch_size=batch_size, peak_mem_mb=e.mem_mb,
-            achieved_gflops=achieved,
-            peak_fraction=achieved / info.matmul_peak_gflops if info.matmul_peak_gflops else None,
+            achieved_gflops=achieved, peak_fraction=achieved / peak if peak else None, precision=e.precision,
         ))
     ref = rows[0]
     for r in rows:
@@ -387,11 +483,12 @@ def benchmark(
 
 # --------------------------------------------------------------------------------------------- output
 _COLUMNS = [
-    ("name", "model", "{}"), ("backend", "backend", "{}"), ("params_m", "params (M)", "{:.2f}"),
+    ("name", "model", "{}"), ("backend", "backend", "{}"), ("precision", "precision", "{}"),
+    ("params_m", "params (M)", "{:.2f}"),
     ("gflops", "GFLOPs (b1)", "{:.3f}"), ("latency_ms", "latency b1 (ms)", "{:.2f}"),
     ("latency_iqr_ms", "IQR (ms)", "{:.2f}"), ("throughput", "throughput (img/s)", "{:.1f}"),
     ("peak_mem_mb", "peak mem (MiB)", "{:.1f}"), ("achieved_gflops", "achieved GFLOP/s", "{:.1f}"),
-    ("peak_fraction", "of matmul peak", "{:.0%}"), ("latency_ratio", "speed-up b1", "{:.2f}x"),
+    ("peak_fraction", "of its precision's peak", "{:.0%}"), ("latency_ratio", "speed-up b1", "{:.2f}x"),
     ("throughput_ratio", "speed-up bN", "{:.2f}x"),
 ]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from .._deps import require_all
 from ..bench import BenchResult, MachineInfo, benchmark, results_to_markdown, write_results
 from ..config import check_number
+from ..errors import ConfigError
 from ..models import create_model
 from ..models.factory import check_input_size, size_kwargs
 
@@ -31,6 +32,10 @@ class BenchConfig:
         onnx: Also export each model and time it in onnxruntime.
         openvino: Also time the exported file with OpenVINO's CPU plugin (``frugalvision[openvino]``).
         channels_last: Channels-last memory format for the eager models.
+        precisions: Which of fp32, bf16, int8 to time (``precisions=[fp32,bf16,int8]``): bf16 as eager autocast
+            (and OpenVINO bf16 with ``openvino=true``), int8 as the exported graph quantised to QDQ (with
+            ``onnx=true`` and/or ``openvino=true``; calibrated on random inputs, so timings only: accuracy comes
+            from ``frugalvision export precision=int8``). The bf16 and int8 peaks are measured as well.
         out: Write ``<out>.csv`` and ``<out>.md`` (e.g. ``benchmarks/results/mine``).
         title: Title of the Markdown table.
     """
@@ -46,6 +51,7 @@ class BenchConfig:
     onnx: bool = False
     openvino: bool = False
     channels_last: bool = False
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
     out: str | None = None
     title: str = "Benchmark"
 
@@ -57,6 +63,11 @@ class BenchConfig:
         check_number("warmup", self.warmup, 0)
         if self.threads is not None:
             check_number("threads", self.threads, 1)
+        bad = sorted(set(self.precisions) - {"fp32", "bf16", "int8"})
+        if bad:
+            raise ConfigError(f"precisions: unknown {', '.join(bad)}; choose from fp32, bf16, int8")
+        if "int8" in self.precisions and not (self.onnx or self.openvino):
+            raise ConfigError("precisions=int8 times the exported int8 graph: add onnx=true and/or openvino=true")
 
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchResult], MachineInfo, str]:
@@ -70,7 +81,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> tuple[list[BenchR
     rows, info = benchmark(models, img_size=cfg.img_size, batch_size=cfg.batch_size, device=cfg.device,
                            threads=cfg.threads, warmup=cfg.warmup, repeats=cfg.repeats,
                            throughput_repeats=cfg.throughput_repeats, onnx=cfg.onnx, openvino=cfg.openvino,
-                           channels_last=cfg.channels_last)
+                           channels_last=cfg.channels_last, precisions=tuple(cfg.precisions))
     md = results_to_markdown(rows, info, cfg.title, command)
     if cfg.out:
         write_results(rows, info, Path(cfg.out), cfg.title, command)
