@@ -182,6 +182,9 @@ def quantize_onnx(
             shutil.copyfile(src, pre)
         out = stage / dst.name
         act = q.QuantType.QUInt8 if activation_type == "u8" else q.QuantType.QInt8
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -195,6 +198,8 @@ def quantize_onnx(
         except Exception as exc:  # onnxruntime's quantiser raises many types
             raise ExportError(f"ONNX Runtime cannot quantise {src}: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0][:300]}") from None
+        finally:
+            root.setLevel(level)
         proto = onnx.load(str(out))
         source = onnx.load(str(src), load_external_data=False)
         del proto.metadata_props[:]
