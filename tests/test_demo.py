@@ -27,13 +27,21 @@ def test_demo_quick_runs_every_stage_and_writes_a_report(demo_run):
                                               "report"]
     assert metrics["onnx"]["max_abs_err"] < 1e-4 and metrics["fuse_max_abs_err"] < 1e-4
     assert {"mIoU", "pixel_AUROC", "F1_max"} <= set(metrics["test"])
-    assert {(r["model"], r["backend"]) for r in metrics["speed"]} == {
-        ("training form", "eager"), ("fused", "eager"), ("fused", "onnxruntime")}
+    assert {(r["model"], r["backend"], r["precision"]) for r in metrics["speed"]} == {
+        ("training form", "eager", "fp32"), ("fused", "eager", "fp32"), ("fused", "onnxruntime", "fp32"),
+        ("fused", "eager", "bf16"), ("fused", "onnxruntime", "int8")}
+    # the precision rows of its own segmenter: quality on the held-out defects, agreement with fp32, speed-ups
+    prec = {r["precision"]: r for r in metrics["precision"]}
+    assert list(prec) == ["fp32 eager", "fp32 onnxruntime", "bf16 eager (autocast)", "int8 onnxruntime (QDQ)"]
+    for r in prec.values():
+        assert 0.0 <= float(r["pixel agreement"]) <= 1.0 and r["speed-up b1"].endswith("x")
+        assert set(r) >= {"mIoU", "pixel_AUROC"}
     html = (out / "report.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
     assert len(images) >= 1 + 8  # training curve + one overlay row per defect kind and a good image
     assert "image | ground truth | prediction | defect score" in html
     assert (out / "model.onnx").is_file() and (out / "synthetic" / "manifest.json").is_file()
+    assert (out / "model.int8.onnx").is_file() and "Precision: fp32, bf16, int8" in html
 
 
 def test_report_renders_in_headless_chromium(demo_run, tmp_path):

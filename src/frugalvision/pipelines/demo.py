@@ -113,6 +113,41 @@ def _overlays(predictor: SegmentationPredictor, ds: Any, n_per_kind: int = 1, sc
     return pngs, captions
 
 
+def _bf16_check(model: torch.nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    """The segmenter's held-out metrics under bf16 autocast, and its per-pixel agreement with fp32."""
+    from .model_file import TASK_JOBS, EvalConfig, _Recorder, with_precision
+
+    jobs = TASK_JOBS["segmentation"]
+    ecfg = EvalConfig(device="cpu", progress=False)
+    ref, low = _Recorder(model), _Recorder(with_precision(model, "bf16"))
+    m_ref, m_low = jobs.evaluate(ref, info, ecfg), jobs.evaluate(low, info, ecfg)
+    agree = float((torch.cat(ref.seen) == torch.cat(low.seen)).float().mean())
+    keys = [k for k in ("mIoU", "mIoU_defects", "pixel_AUROC") if k in m_ref]
+    return {"fp32": {k: m_ref[k] for k in keys}, "bf16": {k: m_low[k] for k in keys}, "pixel_agreement": agree}
+
+
+def _precision_rows(rows: list[Any], int8_check: dict[str, Any], bf16_check: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per precision of the fused segmenter: quality, agreement with fp32, speed (from the bench rows)."""
+    def speed(backend: str, precision: str) -> tuple[str, str]:
+        r = next((r for r in rows if r.name == "fused" and r.backend == backend and r.precision == precision), None)
+        return (f"{r.latency_ratio / ref.latency_ratio:.2f}x", f"{r.throughput_ratio / ref.throughput_ratio:.2f}x") \
+            if r is not None else ("—", "—")
+
+    ref = next(r for r in rows if r.name == "fused" and r.backend == "eager" and r.precision == "fp32")
+    out = []
+    for label, backend, precision, metrics, agree in (
+        ("fp32 eager", "eager", "fp32", bf16_check["fp32"], 1.0),
+        ("fp32 onnxruntime", "onnxruntime", "fp32", bf16_check["fp32"], 1.0),
+        ("bf16 eager (autocast)", "eager", "bf16", bf16_check["bf16"], bf16_check["pixel_agreement"]),
+        ("int8 onnxruntime (QDQ)", "onnxruntime", "int8", int8_check["int8"], int8_check["pixel_agreement"]),
+    ):
+        b1, bn = speed(backend, precision)
+        out.append({"precision": label, **{k: round(float(v), 2) for k, v in metrics.items()
+                                           if k in ("mIoU", "mIoU_defects", "pixel_AUROC")},
+                    "pixel agreement": f"{agree:.4f}", "speed-up b1": b1, "speed-up b8": bn})
+    return out
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run every stage; returns the metrics and the paths of the outputs."""
     from timm.utils import reparameterize_model
@@ -121,10 +156,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ..bench import benchmark
     from ..export import export_onnx
     from ..export.onnx import write_onnx_metadata
+    from ..export.quantize import quantize_onnx
     from ..inspect.bundled import build_benchmark
+    from ..weights import MODEL_META
     from .classification import pretrain_backbone
     from .inspection import SegmentConfig, SynthConfig, synthesize, train_segmenter
-    from .model_file import describe_for_onnx
+    from .model_file import TASK_JOBS, ExportConfig, accuracy_check, describe_for_onnx
 
     check_segmenter_name(cfg.segmenter)
     out = Path(cfg.out_dir)
@@ -187,15 +224,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     export = export_onnx(fused, out / "model.onnx", (1, 3, cfg.img_size, cfg.img_size), check=True,
                          output_names=["logits"])
     seg_file = Path(res["output_dir"]) / "model.safetensors"  # its description lets `predict model.onnx` run it
-    write_onnx_metadata(export.path, describe_for_onnx(read_model_info(seg_file), seg_file))
+    seg_info = read_model_info(seg_file)
+    write_onnx_metadata(export.path, describe_for_onnx(seg_info, seg_file))
+    # int8: the same graph quantised (calibrated on its training images), checked on the held-out defects
+    calib = TASK_JOBS["segmentation"].calibration(seg_info, 8 if cfg.quick else 32)  # type: ignore[misc]
+    int8 = quantize_onnx(export.path, out / "model.int8.onnx", calib)
+    int8_desc = {**json.loads(describe_for_onnx(seg_info, seg_file)[MODEL_META]), "precision": "int8"}
+    write_onnx_metadata(int8.path, {MODEL_META: json.dumps(int8_desc, default=str)})
+    precision_check = accuracy_check(fused, seg_info, TASK_JOBS["segmentation"], int8.path,
+                                     ExportConfig(model_file=str(seg_file), precision="int8"))
+    bf16_check = _bf16_check(fused, seg_info)
     done("export", t0)
 
     t0 = time.perf_counter()
     stages.set_description("demo: bench")
     rows, machine = benchmark({"training form": model, "fused": fused}, img_size=cfg.img_size, batch_size=8,
                               repeats=5 if cfg.quick else 20, throughput_repeats=2 if cfg.quick else 5,
-                              warmup=1 if cfg.quick else 3, onnx=True, progress=True)
-    rows = [r for r in rows if not (r.name == "training form" and r.backend == "onnxruntime")]
+                              warmup=1 if cfg.quick else 3, onnx=True, progress=True,
+                              precisions=("fp32", "bf16", "int8"), calibration={"fused": calib})
+    rows = [r for r in rows if not (r.name == "training form" and (r.backend == "onnxruntime" or
+                                                                   r.precision != "fp32"))]
     done("bench", t0)
 
     t0 = time.perf_counter()
@@ -204,10 +252,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                if k in ("mIoU", "mIoU_defects", "pixel_AUROC", "F1_max")]
     per_class = [{"class": k.split("/", 1)[1], "IoU (%)": round(v, 2)} for k, v in metrics.items()
                  if k.startswith("IoU/")]
-    speed = [{"model": r.name, "backend": r.backend, "latency b1 (ms)": round(r.latency_ms, 2),
-              "throughput b8 (img/s)": round(r.throughput, 1), "GFLOPs": round(r.gflops, 3),
-              "of matmul peak": f"{r.peak_fraction:.0%}" if r.peak_fraction else "—",
-              "speed-up b1": f"{r.latency_ratio:.2f}x"} for r in rows]
+    speed = [{"model": r.name, "backend": r.backend, "precision": r.precision,
+              "latency b1 (ms)": round(r.latency_ms, 2), "throughput b8 (img/s)": round(r.throughput, 1),
+              "GFLOPs": round(r.gflops, 3), "of its precision's peak": f"{r.peak_fraction:.0%}" if r.peak_fraction
+              else "—", "speed-up b1": f"{r.latency_ratio:.2f}x"} for r in rows]
+    precision_rows = _precision_rows(rows, precision_check, bf16_check)
     setup = [{"item": "benchmark", "value": str(bench_root.name)},
              {"item": "categories", "value": ", ".join(categories) or "all 5"},
              {"item": "real defective training images", "value": res["real_defects_train"]},
@@ -236,15 +285,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                      f"differs from PyTorch by at most {export.max_abs_err:.2e} on batches "
                      f"{export.checked_batch_sizes}.")
     report.table(speed)
+    report.heading("Precision: fp32, bf16, int8 (held-out real defects)")
+    report.paragraph(f"int8: {int8.summary()}. Agreement: the fraction of test pixels given the same class as fp32. "
+                     "Speed-ups against the fused fp32 eager model, from the table above.")
+    report.table(precision_rows)
     report.heading("Stage times (s)")
     report.table([{k: round(v, 1) for k, v in timings.items()}])
     html_path = report.save(out / "report.html")
     md = [f"# frugalvision demo: few-shot defect segmentation ({cfg.segmenter})", "", f"Machine: {machine.line()}",
           "", "## Quality (%)", "", markdown_table(quality), "", markdown_table(per_class), "", "## Speed", "",
-          markdown_table(speed), ""]
+          markdown_table(speed), "", "## Precision", "", markdown_table(precision_rows), ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     done("report", t0)
-    summary = {"test": metrics, "speed": speed, "setup": setup, "machine": machine.line(), "fuse_max_abs_err": fuse_err,
+    summary = {"test": metrics, "speed": speed, "precision": precision_rows, "setup": setup, "machine": machine.line(),
+               "fuse_max_abs_err": fuse_err,
                "onnx": {"path": str(export.path), "exporter": export.exporter, "max_abs_err": export.max_abs_err},
                "stage_seconds": timings, "total_seconds": time.perf_counter() - t_start,
                "config": config_to_dict(cfg)}
