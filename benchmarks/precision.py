@@ -42,11 +42,14 @@ from frugalvision.pipelines.model_file import (
     _OnnxImageModel,
     _Recorder,
     export_model_file,
+    int8_ops_of,
     with_precision,
 )
 from frugalvision.utils.io import atomic_write_text
 from frugalvision.weights import MODEL_KINDS, load_model_file
 
+ALL_VARIANTS = ["fp32 eager", "bf16 eager", "int8 onnxruntime", "int8 OpenVINO", "bf16 OpenVINO",
+                "int8 ORT, first+last also int8", "int8 ORT, unfused graph"]
 CLASSIFIERS = ["fastervit_0", "efficientmod_xxs", "efficientmod_s", "efficientformerv2_s0", "efficientformerv2_s2",
                "repvgg_a0"]
 
@@ -104,6 +107,16 @@ def accuracy_rows(label: str, model_file: Path, tmp: Path) -> dict:
                 "int8 onnxruntime": lambda: wrap(int8, "onnxruntime"),
                 "int8 OpenVINO": lambda: wrap(int8, "openvino"),
                 "bf16 OpenVINO": lambda: _bf16_openvino(wrap, fp32_onnx)}
+    # ablations of the int8 recipe (onnxruntime): every layer in int8; the unfused (multi-branch) graph
+    all_int8 = tmp / f"{model_file.parent.name}.int8-all.onnx"
+    export_model_file(ExportConfig(model_file=str(model_file), out=str(all_int8), precision="int8",
+                                   keep_first_last=False, accuracy_check=False, overwrite=True))
+    variants["int8 ORT, first+last also int8"] = lambda: wrap(all_int8, "onnxruntime")
+    if "repvgg" in label:
+        unfused = tmp / f"{model_file.parent.name}.int8-unfused.onnx"
+        export_model_file(ExportConfig(model_file=str(model_file), out=str(unfused), precision="int8",
+                                       reparameterize=False, accuracy_check=False, overwrite=True))
+        variants["int8 ORT, unfused graph"] = lambda: wrap(unfused, "onnxruntime")
     out: dict = {"model": label, "task": task, "quantization": exp.get("quantization"), "quantize_s": quant_s,
                  "variants": {}}
     ref_seen = None
@@ -122,6 +135,7 @@ def accuracy_rows(label: str, model_file: Path, tmp: Path) -> dict:
                 and k in ("acc1", "mIoU", "pixel_AUROC", "image_AUROC", "AUPRO", "defect_IoU", "pixel_F1_max")}
         out["variants"][name] = {**keep, "agreement": agree}
         print(f"{label} {name}: {keep} agreement {agree:.4f}", file=sys.stderr, flush=True)
+    out["variants"] = {k: out["variants"].get(k, {}) for k in ALL_VARIANTS}
     return out
 
 
@@ -165,7 +179,7 @@ def main() -> None:
 
     # ---- speed: classifiers at 224 with the official FasterViT-0 first; then each inspection model on its own
     torch.manual_seed(0)
-    groups: list[tuple[str, dict, int, dict]] = []
+    groups: list[tuple[str, dict, int, dict, dict]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fastervit.models.faster_vit import faster_vit_0_224
@@ -177,19 +191,21 @@ def main() -> None:
         model, info = load_model_file(files[n])
         cls_models[n] = reparameterize_model(model.eval())
         calib[n] = TASK_JOBS["classification"].calibration(info, 32)
-    groups.append((f"classifiers, {a.img_size} px (trained on textures)", cls_models, a.img_size, calib))
+    groups.append((f"classifiers, {a.img_size} px (trained on textures)", cls_models, a.img_size, calib, {}))
     if not a.skip_inspection:
         for label in list(files)[len(names):]:
             model, info = load_model_file(files[label])
             task = MODEL_KINDS[info["kind"]].task
             size = int(info["img_size"]) if "img_size" in info else _anomaly_size(info)
             groups.append((label, {label: reparameterize_model(model.eval())}, size,
-                           {label: TASK_JOBS[task].calibration(info, 32)}))
+                           {label: TASK_JOBS[task].calibration(info, 32)},
+                           {label: {"op_types": int8_ops_of(TASK_JOBS[task], info)}}))
     tables, all_rows = [], []
-    for title, models, size, cal in groups:
+    for title, models, size, cal, qopts in groups:
         rows, info = benchmark(models, img_size=size, batch_size=a.batch, threads=a.threads, repeats=a.repeats,
                                throughput_repeats=a.throughput_repeats, warmup=2, onnx=True, openvino=True,
-                               precisions=("fp32", "bf16", "int8"), calibration=cal, memory=False)
+                               precisions=("fp32", "bf16", "int8"), calibration=cal, quantize_options=qopts,
+                               memory=False)
         tables.append(results_to_markdown(rows, info, f"{title}: speed").split("\n", 4)[-1])
         all_rows.append((title, rows, info))
     cmd = " ".join(shlex.quote(c) for c in ["python", *sys.argv])
@@ -211,9 +227,9 @@ def render(accuracy: list[dict], all_rows: list, tables: list[str], cmd: str) ->
     for acc in accuracy:
         metrics = [k for k in acc["variants"]["fp32 eager"] if k != "agreement"]
         for k in metrics:
-            cells = [f"{v.get(k, float('nan')):.2f}" for v in acc["variants"].values()]
+            cells = [f"{v[k]:.2f}" if k in v else "—" for v in acc["variants"].values()]
             lines.append(f"| {acc['model']} | {acc['data']} | {k} | " + " | ".join(cells) + " |")
-        cells = [f"{v['agreement']:.4f}" for v in acc["variants"].values()]
+        cells = [f"{v['agreement']:.4f}" if "agreement" in v else "—" for v in acc["variants"].values()]
         lines.append(f"| {acc['model']} | | agreement | " + " | ".join(cells) + " |")
     lines += ["", "Quantisation: " + "; ".join(f"{a['model']}: {a['quantization']} ({a['quantize_s']:.0f} s)"
                                               for a in accuracy), ""]

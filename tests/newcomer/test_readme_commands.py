@@ -42,6 +42,9 @@ SHORT: dict[str, list[str]] = {
     "frugalvision eval model_file=runs/demo/segmenter/model.safetensors": [],
     "frugalvision predict images/ model_file=runs/demo/segmenter/model.safetensors out=runs/pred": [],
     "frugalvision export model_file=runs/demo/segmenter/model.safetensors out=runs/segmenter.onnx": [],
+    "frugalvision export model_file=runs/demo/segmenter/model.safetensors out=runs/segmenter.int8.onnx "
+    "precision=int8": ["calibration_images=8"],
+    "frugalvision eval model_file=runs/segmenter.int8.onnx": [],
     "frugalvision synth method=procedural per_kind=8 out=runs/synth": ["per_kind=1", "categories=[brick]"],
     "frugalvision segment segmenter=ours:repvgg_a0 synthetic=procedural output_dir=runs/segment": [
         "categories=[brick]", "synthetic_per_kind=1", "epochs=1", "max_steps=2", "eval_every=0",
@@ -70,6 +73,8 @@ SHORT: dict[str, list[str]] = {
     "frugalvision surgery model_file=runs/vit/model.safetensors speedup=1.2 distill_epochs=2 "
     "output_dir=runs/surgery": ["-speedup", "blocks=[blocks.0]", "repeats=2", "distill_epochs=1", "max_steps=1"],
     "frugalvision bench resnet18 efficientmod_xxs --onnx out=runs/bench": [
+        "img_size=64", "batch_size=2", "repeats=2", "throughput_repeats=1", "warmup=1"],
+    "frugalvision bench efficientmod_xxs --onnx precisions=[fp32,bf16,int8] out=runs/bench-precision": [
         "img_size=64", "batch_size=2", "repeats=2", "throughput_repeats=1", "warmup=1"],
     "frugalvision data all": [],
     "frugalvision models fastervit*": [],

@@ -62,6 +62,8 @@ class MachineInfo:
     device: str
     onnxruntime: str | None = None
     matmul_peak_gflops: float | None = None
+    torch_peak_gflops: float | None = None  #: torch.mm's fp32 peak, when the fp32 peak is the best of two runtimes
+    ort_peak_gflops: float | None = None  #: onnxruntime's fp32 MatMul peak, measured in runs with ONNX rows
     bf16_peak_gflops: float | None = None  #: measured like the fp32 peak, with bf16 operands
     int8_peak_gops: float | None = None  #: int8 x int8 -> int32 matmul (``torch._int_mm``), giga-ops per second
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
@@ -74,7 +76,9 @@ class MachineInfo:
         if self.onnxruntime:
             parts.append(f"onnxruntime {self.onnxruntime}")
         if self.matmul_peak_gflops:
-            parts.append(f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s (fp32, measured)")
+            both = (f"; best of torch {self.torch_peak_gflops:.0f} and onnxruntime {self.ort_peak_gflops:.0f}"
+                    if self.ort_peak_gflops and self.torch_peak_gflops else "")
+            parts.append(f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s (fp32, measured{both})")
         if self.bf16_peak_gflops:
             parts.append(f"bf16 peak {self.bf16_peak_gflops:.1f} GFLOP/s")
         if self.int8_peak_gops:
@@ -325,6 +329,7 @@ def benchmark(
     in_chans: int = 3,
     precisions: Sequence[str] = ("fp32",),
     calibration: dict[str, torch.Tensor] | None = None,
+    quantize_options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[BenchResult], MachineInfo]:
     """Benchmark several models side by side in one process, interleaved, with ratios against the first.
 
@@ -352,6 +357,9 @@ def benchmark(
             achieved throughput is reported against the peak of its precision.
         calibration: Per model name, inputs to calibrate the int8 graph on (the model's own data); random inputs
             otherwise, which is fine for timing but says nothing about accuracy.
+        quantize_options: Per model name, keyword arguments of
+            :func:`~frugalvision.export.quantize.quantize_onnx` (e.g. ``op_types``), so the timed graph is the
+            one an export writes.
 
     Returns:
         One :class:`BenchResult` per model and backend, and the machine description.
@@ -374,6 +382,12 @@ def benchmark(
         raise ValueError(f"unknown precision(s) {unknown}: choose from fp32, bf16, int8")
     if "int8" in precisions and not (onnx or openvino):
         raise ValueError("int8 rows run an exported graph: pass onnx=True and/or openvino=True")
+    if onnx and dev.type == "cpu":  # the fp32 peak is what the best runtime here reaches (torch's BLAS may lag)
+        from .ort_profile import ort_matmul_peak_gflops
+
+        info.torch_peak_gflops = info.matmul_peak_gflops
+        info.ort_peak_gflops = ort_matmul_peak_gflops(torch.get_num_threads())
+        info.matmul_peak_gflops = max(info.torch_peak_gflops or 0.0, info.ort_peak_gflops)
     if set(precisions) - {"fp32"}:
         precision_peaks(info, dev)
     named: dict[str, nn.Module] = (
@@ -429,7 +443,8 @@ def benchmark(
                 qpath = tmpdir / f"{len(entries)}.int8.onnx"
                 if "int8" in precisions:
                     calib = (calibration or {}).get(name)
-                    quantize_onnx(path, qpath, calib if calib is not None else xN.cpu()[:8])
+                    quantize_onnx(path, qpath, calib if calib is not None else xN.cpu()[:8],
+                                  **(quantize_options or {}).get(name, {}))
                 if onnx:
                     if "fp32" in precisions:
                         runners.append(("onnxruntime", "fp32", OrtRunner(path, threads=nt, device=dev.type)))
