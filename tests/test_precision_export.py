@@ -40,6 +40,9 @@ def test_int8_export_is_quantised_checked_and_runs(command, tmp_path, mvtec, cap
     assert desc["precision"] == "int8"
     q = desc["quantization"]
     assert q["calibration"] == "minmax" and q["calibration_images"] == 4 and sum(q["quantized_ops"].values()) > 0
+    assert q["first_and_last_in_float"] is True and sum(q["float_ops"].values()) >= 2
+    if command == "patchcore":  # the memory-bank distances stay in float
+        assert set(q["quantized_ops"]) == {"Conv"} and q["float_ops"].get("MatMul", 0) > 0
     check = desc["accuracy_check"]
     assert check == res["accuracy_check"] and check["images"] > 0
     agree = [v for k, v in check.items() if k.endswith("agreement") or k == "score_correlation"]
