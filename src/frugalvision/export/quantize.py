@@ -196,7 +196,8 @@ def quantize_onnx(
         level = root.level
         root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # calibrators print
+            # calibrators print, and leave `<uuid>.data` files in the working folder: run them in the stage
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(stage):
                 warnings.simplefilter("ignore")
                 q.quantize_static(
                     str(pre), str(out), Reader(), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(op_types),
