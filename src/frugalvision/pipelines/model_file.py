@@ -360,8 +360,8 @@ def onnx_runner(path: Path, runtime: str, precision: str = "fp32") -> Callable[.
     return OrtRunner(path)
 
 
-class _OnnxImageModel(torch.nn.Module):
-    """An exported image model (image -> logits) behind the module call the jobs make (onnxruntime or OpenVINO)."""
+class _OnnxModule(torch.nn.Module):
+    """An exported file behind a module call: the runtime follows the file's precision unless one is asked for."""
 
     def __init__(self, path: Path, runtime: str = "auto") -> None:
         super().__init__()
@@ -374,6 +374,10 @@ class _OnnxImageModel(torch.nn.Module):
             info = {}
         self.runtime = _runtime_of(info, runtime)
         self.runner = onnx_runner(path, self.runtime, info.get("precision", "fp32"))
+
+
+class _OnnxImageModel(_OnnxModule):
+    """An exported image model (image -> logits) behind the module call the jobs make (onnxruntime or OpenVINO)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised batch, on the batch's device."""
@@ -381,20 +385,8 @@ class _OnnxImageModel(torch.nn.Module):
         return torch.from_numpy(np.asarray(out)).to(x.device)
 
 
-class _OnnxAnomalyModel(torch.nn.Module):
+class _OnnxAnomalyModel(_OnnxModule):
     """An exported anomaly model behind the PyTorch model's call: ``image -> (pred_score, anomaly_map)``."""
-
-    def __init__(self, path: Path, runtime: str = "auto") -> None:
-        super().__init__()
-        from ..export.onnx import read_onnx_metadata
-
-        self.path = path
-        try:
-            info = json.loads(read_onnx_metadata(path).get(MODEL_META, "{}"))
-        except json.JSONDecodeError:
-            info = {}
-        self.runtime = _runtime_of(info, runtime)
-        self.runner = onnx_runner(path, self.runtime, info.get("precision", "fp32"))
 
     def forward(self, x: torch.Tensor) -> Any:
         """``pred_score`` (B,) and ``anomaly_map`` (B, 1, S, S), as the PyTorch anomaly models return them."""
