@@ -150,7 +150,7 @@ def quantize_onnx(
         raise ConfigError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     if activation_type not in ("u8", "s8"):
         raise ConfigError(f"activation_type must be 'u8' or 's8', got {activation_type!r}")
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # absolute: the calibrators run in the stage folder
     batches = _batches(calibration, max(1, int(batch_size)))
     n_images = sum(len(b) for b in batches)
     if n_images == 0:
