@@ -140,8 +140,12 @@ def test_predict_runs_a_classifier_onnx_file_like_the_model_file(tmp_path, image
     assert res["kind"] == "classifier" and res["backend"] == "onnxruntime" and res["predicted"] == 4
     _same_classes(tmp_path / "pt" / "predictions.csv", tmp_path / "ort" / "predictions.csv")
 
-    # eval and export take the safetensors file; the line names the file the ONNX graph was exported from
-    err = _fails(["eval", f"model_file={onnx}", *SMALL], capsys, 2)
+    # eval runs the exported file too, with the model file's metrics; export takes the safetensors file and the
+    # line names the file the ONNX graph was exported from
+    ev_pt = _run(["eval", f"model_file={path}", *SMALL], capsys)
+    ev_ort = _run(["eval", f"model_file={onnx}", *SMALL], capsys)
+    assert ev_ort["runtime"] == "onnxruntime" and ev_ort["acc1"] == pytest.approx(ev_pt["acc1"])
+    err = _fails(["export", f"model_file={onnx}", f"out={tmp_path / 'again.onnx'}"], capsys, 2)
     assert "ONNX" in err and f"model_file={path}" in err
 
 

@@ -18,9 +18,12 @@ Example:
     >>> d = pathlib.Path(tempfile.mkdtemp())
     >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     >>> _ = export_onnx(m, d / "m.onnx", torch.randn(1, 3, 16, 16), exporter="torchscript")
-    >>> res = quantize_onnx(d / "m.onnx", d / "m.int8.onnx", np.random.rand(8, 3, 16, 16).astype("float32"))
+    >>> calib = np.random.rand(8, 3, 16, 16).astype("float32")
+    >>> res = quantize_onnx(d / "m.onnx", d / "m.int8.onnx", calib, keep_first_last=False)
     >>> res.quantized_ops["Conv"], res.method
     (2, 'minmax')
+    >>> quantize_onnx(d / "m.onnx", d / "m.int8.onnx", calib).float_ops["Conv"]  # stem and head stay in float
+    2
 """
 
 from __future__ import annotations
