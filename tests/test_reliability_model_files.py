@@ -261,9 +261,13 @@ def test_anomaly_train_writes_the_anomalyclip_file_that_fit_takes(tmp_path, mvte
     ort = _run(["predict", str(images), f"model_file={run / 'brick' / 'model.onnx'}", f"out={tmp_path / 'ort'}"],
                capsys)
     assert pt["predicted"] == ort["predicted"] == 4 and ort["backend"] == "onnxruntime"
+    # decisions agree except for a score that sits on the stored threshold (the F1-optimal one is a test score)
+    thr = float(read_model_info(run / "brick" / "model.safetensors").get("image_threshold", 0.0))
     for ra, rb in zip(_csv(tmp_path / "pt" / "predictions.csv"), _csv(tmp_path / "ort" / "predictions.csv"),
                       strict=True):
-        assert abs(float(ra["score"]) - float(rb["score"])) <= 1e-4 and ra["anomalous"] == rb["anomalous"]
+        assert abs(float(ra["score"]) - float(rb["score"])) <= 1e-4
+        if abs(float(ra["score"]) - thr) > 1e-4 * max(1.0, abs(thr)):
+            assert ra["anomalous"] == rb["anomalous"]
 
     # argument errors: one line, exit 2; nothing to train for PatchCore; a folder needs its auxiliary categories
     assert "nothing to train" in _fails(["anomaly", "train", f"out={tmp_path / 'x'}"], capsys, 2)
