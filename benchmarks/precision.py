@@ -42,14 +42,15 @@ from frugalvision.pipelines.model_file import (
     _OnnxImageModel,
     _Recorder,
     export_model_file,
-    int8_ops_of,
+    int8_scope_of,
     with_precision,
 )
 from frugalvision.utils.io import atomic_write_text
 from frugalvision.weights import MODEL_KINDS, load_model_file
 
 ALL_VARIANTS = ["fp32 eager", "bf16 eager", "int8 onnxruntime", "int8 OpenVINO", "bf16 OpenVINO",
-                "int8 ORT, first+last also int8", "int8 ORT, unfused graph"]
+                "int8 ORT, first+last also int8", "int8 ORT, unfused graph",
+                "int8 ORT, whole graph"]
 CLASSIFIERS = ["fastervit_0", "efficientmod_xxs", "efficientmod_s", "efficientformerv2_s0", "efficientformerv2_s2",
                "repvgg_a0"]
 
@@ -112,6 +113,11 @@ def accuracy_rows(label: str, model_file: Path, tmp: Path) -> dict:
     export_model_file(ExportConfig(model_file=str(model_file), out=str(all_int8), precision="int8",
                                    keep_first_last=False, accuracy_check=False, overwrite=True))
     variants["int8 ORT, first+last also int8"] = lambda: wrap(all_int8, "onnxruntime")
+    if int8_scope_of(jobs, info) is not None:  # a kind whose default int8 scope is a submodule: the whole graph
+        whole = tmp / f"{model_file.parent.name}.int8-whole.onnx"
+        export_model_file(ExportConfig(model_file=str(model_file), out=str(whole), precision="int8", int8_scope="all",
+                                       accuracy_check=False, overwrite=True))
+        variants["int8 ORT, whole graph"] = lambda: wrap(whole, "onnxruntime")
     if "repvgg" in label:
         unfused = tmp / f"{model_file.parent.name}.int8-unfused.onnx"
         export_model_file(ExportConfig(model_file=str(model_file), out=str(unfused), precision="int8",
@@ -199,7 +205,8 @@ def main() -> None:
             size = int(info["img_size"]) if "img_size" in info else _anomaly_size(info)
             groups.append((label, {label: reparameterize_model(model.eval())}, size,
                            {label: TASK_JOBS[task].calibration(info, 32)},
-                           {label: {"op_types": int8_ops_of(TASK_JOBS[task], info)}}))
+                           {label: {"op_types": TASK_JOBS[task].int8_ops,
+                                   "scope": int8_scope_of(TASK_JOBS[task], info)}}))
     tables, all_rows = [], []
     for title, models, size, cal, qopts in groups:
         rows, info = benchmark(models, img_size=size, batch_size=a.batch, threads=a.threads, repeats=a.repeats,

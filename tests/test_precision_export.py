@@ -41,8 +41,25 @@ def test_int8_export_is_quantised_checked_and_runs(command, tmp_path, mvtec, cap
     q = desc["quantization"]
     assert q["calibration"] == "minmax" and q["calibration_images"] == 4 and sum(q["quantized_ops"].values()) > 0
     assert q["first_and_last_in_float"] is True and sum(q["float_ops"].values()) >= 2
-    if command == "patchcore":  # the memory-bank distances stay in float
-        assert set(q["quantized_ops"]) == {"Conv"} and q["float_ops"].get("MatMul", 0) > 0
+    if command == "patchcore":  # the backbone only: memory-bank distances and map smoothing stay in float
+        assert q["scope"] == "backbone" and set(q["quantized_ops"]) == {"Conv"} and q["float_ops"].get("MatMul", 0)
+        graph = onnx.load(str(out)).graph
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        int8 = [n.name for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm")
+                and made_by.get(n.input[0]) == "DequantizeLinear"]
+        assert int8 and all(n.startswith("/backbone/") for n in int8), int8
+        # the whole graph on request; a scope that names no submodule is one line naming the submodules
+        _run(["export", f"model_file={model_file}", f"out={tmp_path / 'w.onnx'}", "precision=int8",
+              "calibration_images=4", "int8_scope=all", "accuracy_check=false"], capsys)
+        whole = _description(tmp_path / "w.onnx")["quantization"]
+        assert whole["scope"] == "whole graph" and whole["quantized_ops"].get("MatMul", 0) > 0
+        assert main(["export", f"model_file={model_file}", f"out={tmp_path / 'n.onnx'}", "precision=int8",
+                     "calibration_images=4", "int8_scope=neck"]) != 0
+        err = capsys.readouterr().err
+        assert "int8 scope 'neck' holds no quantisable node" in err and "backbone" in err and "Traceback" not in err
+        assert not (tmp_path / "n.onnx").exists()
+    else:
+        assert q["scope"] == "whole graph"
     check = desc["accuracy_check"]
     assert check == res["accuracy_check"] and check["images"] > 0
     agree = [v for k, v in check.items() if k.endswith("agreement") or k == "score_correlation"]

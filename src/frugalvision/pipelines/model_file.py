@@ -83,6 +83,9 @@ class ExportConfig:
         calibration_images: Images of the training data the int8 ranges are calibrated on.
         keep_first_last: int8: keep the first and last quantisable layers in float (stem and head; usual
             practice, small cost, fewer flipped decisions).
+        int8_scope: int8: quantise only this submodule (dotted name, e.g. ``backbone``); ``auto``: the model
+            kind's default (PatchCore: ``backbone``, whose scoring and map smoothing lose most in int8; every
+            other kind: the whole graph); ``all``: the whole graph.
         accuracy_check: For bf16/int8: evaluate the fp32 model and the exported file on the held-out data (the
             ``eval`` metrics, plus top-1 / per-pixel agreement with fp32) and store the result in the file.
         overwrite: Replace an existing ``out``.
@@ -97,6 +100,7 @@ class ExportConfig:
     calibration: str = "minmax"
     calibration_images: int = 64
     keep_first_last: bool = True
+    int8_scope: str = "auto"
     accuracy_check: bool = True
     overwrite: bool = False
 
@@ -186,7 +190,8 @@ class TaskJobs:
             exported graph behind the same call); ``None``: eval refuses ONNX files and export refuses bf16/int8.
         calibration: ``(info, n) -> (n, C, H, W)`` graph inputs from the model's own training data, for int8
             calibration; ``None``: no int8 export.
-        int8_ops: Operator types an int8 export quantises (or ``info -> types``, when kinds of a task differ).
+        int8_ops: Operator types an int8 export quantises.
+        int8_scope: ``info -> submodule name or None``: what ``int8_scope=auto`` quantises (``None``: everything).
     """
 
     evaluate: Callable[[torch.nn.Module, dict[str, Any], EvalConfig], dict[str, Any]]
@@ -195,7 +200,8 @@ class TaskJobs:
     predict_onnx: Callable[[Path, dict[str, Any], PredictConfig], dict[str, Any]] | None = None
     onnx_module: Callable[[Path, str], torch.nn.Module] | None = None
     calibration: Callable[[dict[str, Any], int], torch.Tensor] | None = None
-    int8_ops: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ("Conv", "MatMul", "Gemm")
+    int8_ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+    int8_scope: Callable[[dict[str, Any]], str | None] | None = None
 
 
 TASK_JOBS: dict[str, TaskJobs] = {}
@@ -485,12 +491,14 @@ def _export_reduced(model: torch.nn.Module, info: dict[str, Any], jobs: TaskJobs
         desc.update(precision=cfg.precision)
         if cfg.precision == "int8":
             calib = jobs.calibration(info, int(cfg.calibration_images))  # type: ignore[misc]
-            q = quantize_onnx(fp32, Path(tmp) / "int8.onnx", calib, method=cfg.calibration,
-                              op_types=int8_ops_of(jobs, info), keep_first_last=cfg.keep_first_last)
+            scope = int8_scope_of(jobs, info, cfg.int8_scope)
+            q = quantize_onnx(fp32, Path(tmp) / "int8.onnx", calib, method=cfg.calibration, op_types=jobs.int8_ops,
+                              keep_first_last=cfg.keep_first_last, scope=scope)
             desc["quantization"] = {"format": "QDQ", "weights": "int8, symmetric, per output channel",
                                     "activations": "uint8, per tensor", "calibration": cfg.calibration,
                                     "calibration_images": q.calibration_images,
-                                    "first_and_last_in_float": cfg.keep_first_last, "calibration_data":
+                                    "first_and_last_in_float": cfg.keep_first_last,
+                                    "scope": scope or "whole graph", "calibration_data":
                                     f"{_data_of(info)} (train split)", "quantized_ops": dict(q.quantized_ops),
                                     "float_ops": dict(q.float_ops)}
             staged = q.path
@@ -510,20 +518,27 @@ def _export_reduced(model: torch.nn.Module, info: dict[str, Any], jobs: TaskJobs
     return res
 
 
-def int8_ops_of(jobs: TaskJobs, info: dict[str, Any]) -> tuple[str, ...]:
-    """The operator types an int8 export of the model described by ``info`` quantises."""
-    return jobs.int8_ops(info) if callable(jobs.int8_ops) else jobs.int8_ops
+def int8_scope_of(jobs: TaskJobs, info: dict[str, Any], scope: str = "auto") -> str | None:
+    """The submodule an int8 export of the model described by ``info`` quantises (``None``: the whole graph).
 
-
-def _anomaly_int8_ops(info: dict[str, Any]) -> tuple[str, ...]:
-    """Operators of an anomaly model's int8 export: PatchCore quantises its convolutions only.
-
-    Measured on PatchCore (brick): every Conv/MatMul in int8 took pixel AUROC from 98.2 to 59.9 %; the cause is the
-    map-smoothing convolution after the scoring (the bank matmul alone in int8 keeps 98.2 %). Convolutions only,
-    with the first and last in float, gives 93.2 %; quantising the backbone's nodes only gives 98.1-98.3 %
-    (not yet the default: it needs node-name selection).
+    Example:
+        >>> int8_scope_of(TASK_JOBS["anomaly"], {"kind": "patchcore"}), int8_scope_of(TASK_JOBS["anomaly"], {}, "all")
+        ('backbone', None)
     """
-    return ("Conv",) if info.get("kind") == "patchcore" else ("Conv", "MatMul", "Gemm")
+    if scope == "auto":
+        return jobs.int8_scope(info) if jobs.int8_scope is not None else None
+    return None if scope in ("all", "", None) else scope
+
+
+def _anomaly_int8_scope(info: dict[str, Any]) -> str | None:
+    """PatchCore's int8 export quantises its backbone only.
+
+    Measured on PatchCore (brick, benchmarks/results/precision.md): every Conv/MatMul in int8 took pixel AUROC
+    from 98.2 to 60.6 %; the cause is the map-smoothing convolution after the scoring (the bank matmul alone in
+    int8 keeps 98.2 %). All convolutions (smoothing included) with the first and last in float: 93.2 %; the
+    backbone only: see the table (the default).
+    """
+    return "backbone" if info.get("kind") == "patchcore" else None
 
 
 def _data_of(info: dict[str, Any]) -> str:
@@ -744,5 +759,5 @@ register_task_jobs("classification", _classification())
 register_task_jobs("segmentation", _segmentation())
 register_task_jobs("anomaly", TaskJobs(_evaluate_anomaly, _predict_anomaly, _export_anomaly, _predict_anomaly_onnx,
                                        onnx_module=_OnnxAnomalyModel, calibration=_anomaly_calibration,
-                                       int8_ops=_anomaly_int8_ops))
+                                       int8_scope=_anomaly_int8_scope))
 register_task_jobs("detection", _detection())
