@@ -3,12 +3,13 @@
 Two tables, one run:
 
 * **Accuracy** (trained models, held-out data): classifiers trained here on the bundled real textures at 224 px
-  (``--epochs`` epochs from scratch, cached), the demo's segmenter (``frugalvision demo``, cached) and a PatchCore
-  model of the bundled ``brick`` category. Each is exported with ``frugalvision export precision=int8`` (QDQ,
+  (``--epochs`` epochs from scratch, cached), the demo's segmenter (``frugalvision demo``, cached), a PatchCore
+  model of the bundled ``brick`` category and a YOLOv6-N trained on deepforest's aerial trees (320 px,
+  ``--detector-budget`` seconds, cached). Each is exported with ``frugalvision export precision=int8`` (QDQ,
   per-channel weights, minmax calibration on 64 images of its own training data) and evaluated in fp32 eager,
   bf16 eager (autocast), int8 onnxruntime and int8 OpenVINO (the same file), and bf16 OpenVINO: the task metric and
   the agreement with fp32 (top-1 for classifiers, per pixel for the segmenter, image-score correlation for
-  PatchCore).
+  PatchCore, box recall at the deployed thresholds for the detector).
 * **Speed** (:func:`frugalvision.bench.benchmark`, interleaved rounds, ratios against the first row of each group):
   fp32 eager, bf16 eager, fp32/int8 onnxruntime, fp32/bf16/int8 OpenVINO, batch 1 latency and batch-N
   throughput, each row's achieved throughput against the measured peak of its precision. The classifier group
@@ -39,8 +40,10 @@ from frugalvision.pipelines.model_file import (
     EvalConfig,
     ExportConfig,
     _OnnxAnomalyModel,
+    _OnnxDetector,
     _OnnxImageModel,
     _Recorder,
+    detection_agreement,
     export_model_file,
     int8_scope_of,
     with_precision,
@@ -89,6 +92,18 @@ def patchcore_model() -> Path:
     return folder / "brick" / "model.safetensors"
 
 
+def trees_detector(budget: float) -> Path:
+    """YOLOv6-N trained on deepforest's aerial trees at 320 px for ``budget`` seconds (cached); its model file."""
+    from frugalvision.pipelines.detection import DetectConfig, run_detect
+
+    folder = cache_dir() / "precision" / f"yolov6_n-trees-b{budget:g}"
+    if not (folder / "model.safetensors").is_file():
+        print(f"training yolov6_n on trees for {budget:g} s", file=sys.stderr, flush=True)
+        run_detect(DetectConfig(action=["train"], data="trees", model="yolov6_n", epochs=100, budget=budget,
+                                out=str(folder), overwrite=True, seed=0, progress=False))
+    return folder / "model.safetensors"
+
+
 def accuracy_rows(label: str, model_file: Path, tmp: Path) -> dict:
     """The task metric per precision/runtime and the agreement with fp32 eager, on the held-out data."""
     model, info = load_model_file(model_file)
@@ -102,7 +117,7 @@ def accuracy_rows(label: str, model_file: Path, tmp: Path) -> dict:
     quant_s = time.perf_counter() - t0
     fp32_onnx = tmp / f"{model_file.parent.name}.fp32.onnx"
     export_model_file(ExportConfig(model_file=str(model_file), out=str(fp32_onnx), overwrite=True))
-    wrap = _OnnxAnomalyModel if task == "anomaly" else _OnnxImageModel
+    wrap = {"anomaly": _OnnxAnomalyModel, "detection": _OnnxDetector}.get(task, _OnnxImageModel)
     ecfg = EvalConfig(model_file=str(model_file), device="cpu", progress=False)
     variants = {"fp32 eager": lambda: model, "bf16 eager": lambda: with_precision(model, "bf16"),
                 "int8 onnxruntime": lambda: wrap(int8, "onnxruntime"),
@@ -129,17 +144,23 @@ def accuracy_rows(label: str, model_file: Path, tmp: Path) -> dict:
     for name, make in variants.items():
         rec = _Recorder(make())
         metrics = jobs.evaluate(rec, info, ecfg)
-        seen = torch.cat(rec.seen)
+        seen = rec.seen if task == "detection" else torch.cat(rec.seen)
         if ref_seen is None:
             ref_seen = seen
-            out["data"], out["images"] = metrics.get("data"), metrics.get("images")
+            out["data"], out["images"] = metrics.get("data") or info.get("data"), metrics.get("images")
+        boxes = {}
         if task == "anomaly":
             agree = float(torch.corrcoef(torch.stack([ref_seen, seen]))[0, 1])
+        elif task == "detection":  # at the deployed thresholds: the share of fp32's detections reproduced
+            boxes = detection_agreement(ref_seen, seen, float(info.get("conf_thres", 0.25)),
+                                        float(info.get("iou_thres", 0.65)))
+            agree = boxes["box_recall"]
         else:
             agree = float((seen == ref_seen).float().mean())
         keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                and k in ("acc1", "mIoU", "pixel_AUROC", "image_AUROC", "AUPRO", "defect_IoU", "pixel_F1_max")}
-        out["variants"][name] = {**keep, "agreement": agree}
+                and k in ("acc1", "mIoU", "pixel_AUROC", "image_AUROC", "AUPRO", "defect_IoU", "pixel_F1_max",
+                          "AP", "AP50")}
+        out["variants"][name] = {**keep, "agreement": agree, **({"boxes": boxes} if boxes else {})}
         print(f"{label} {name}: {keep} agreement {agree:.4f}", file=sys.stderr, flush=True)
     out["variants"] = {k: out["variants"].get(k, {}) for k in ALL_VARIANTS}
     return out
@@ -150,7 +171,7 @@ def _bf16_openvino(wrap, fp32_onnx: Path):
     from frugalvision.export import OpenVinoRunner
 
     m = wrap(fp32_onnx, "onnxruntime")
-    m.runner = OpenVinoRunner(fp32_onnx, precision="bf16")
+    m.runner = OpenVinoRunner(m._graph(fp32_onnx), precision="bf16")  # a detector's graph without its NMS
     m.runtime = "openvino"
     return m
 
@@ -171,6 +192,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(CLASSIFIERS))
     p.add_argument("--img-size", type=int, default=224, help="classifiers' training and benchmark resolution")
     p.add_argument("--skip-inspection", action="store_true", help="classifiers only")
+    p.add_argument("--detector-budget", type=float, default=420.0, help="seconds of YOLOv6-N training on trees")
     p.add_argument("--out", default="benchmarks/results/precision")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -180,6 +202,7 @@ def main() -> None:
     if not a.skip_inspection:
         files["demo segmenter (ours:repvgg_a0, 128 px)"] = demo_segmenter()
         files["PatchCore (brick)"] = patchcore_model()
+        files[f"YOLOv6-N (trees, {a.detector_budget:g} s)"] = trees_detector(a.detector_budget)
     tmp = Path(tempfile.mkdtemp(prefix="fv-precision-"))
     accuracy = [accuracy_rows(label, f, tmp) for label, f in files.items()]
 
@@ -228,11 +251,14 @@ def render(accuracy: list[dict], all_rows: list, tables: list[str], cmd: str) ->
     lines = [result_header("fp32, bf16 and int8 on every model family", info, cmd).rstrip(), ""]
     lines += ["## Accuracy on held-out data (trained models)", "",
               "Agreement with fp32 eager: top-1 (classifiers), per pixel (segmenter), image-score correlation "
-              "(PatchCore). Metric: top-1 % (classifiers), mIoU-style IoU / AUROC % (inspection).", "",
+              "(PatchCore), box recall (detector: the share of fp32's detections at the deployed thresholds, "
+              "conf 0.25 and NMS IoU 0.65, that the variant reproduces with the same class and IoU >= 0.5). "
+              "Metric: top-1 % (classifiers), mIoU-style IoU / AUROC % (inspection), COCO AP % (detector, every "
+              "score above 0.001).", "",
               "| model | data | metric | " + " | ".join(accuracy[0]["variants"]) + " |",
               "|---|---|---|" + "---|" * len(accuracy[0]["variants"])]
     for acc in accuracy:
-        metrics = [k for k in acc["variants"]["fp32 eager"] if k != "agreement"]
+        metrics = [k for k in acc["variants"]["fp32 eager"] if k not in ("agreement", "boxes")]
         for k in metrics:
             cells = [f"{v[k]:.2f}" if k in v else "—" for v in acc["variants"].values()]
             lines.append(f"| {acc['model']} | {acc['data']} | {k} | " + " | ".join(cells) + " |")

@@ -17,10 +17,21 @@ import torch
 from frugalvision.cli import main
 from frugalvision.export.onnx import read_onnx_metadata
 from frugalvision.weights import MODEL_META
-from test_model_files import SMALL, _anomalyclip, _detect, _patchcore, _run, _segment, _surgery, _train, mvtec  # noqa: F401
+from test_model_files import (  # noqa: F401
+    SMALL,
+    _anomalyclip,
+    _detect,
+    _detect_masks,
+    _patchcore,
+    _run,
+    _segment,
+    _surgery,
+    _train,
+    mvtec,
+)
 
 WRITERS = {"train": _train, "surgery": _surgery, "segment": _segment, "patchcore": _patchcore,
-           "anomalyclip": _anomalyclip}
+           "anomalyclip": _anomalyclip, "detect": _detect, "detect masks=true": _detect_masks}
 
 
 def _description(path: Path) -> dict:
@@ -28,11 +39,16 @@ def _description(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("command", list(WRITERS))
-def test_int8_export_is_quantised_checked_and_runs(command, tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+def test_int8_export_is_quantised_checked_and_runs(command, tmp_path, mvtec, capsys, one_thread,  # noqa: F811
+                                                    monkeypatch):
     model_file = WRITERS[command](tmp_path, mvtec, capsys)
     out = tmp_path / "model.int8.onnx"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     res = _run(["export", f"model_file={model_file}", f"out={out}", "precision=int8", "calibration_images=4"],
                capsys)
+    assert not list(cwd.iterdir()), "the quantiser left files in the working folder"
     assert res["precision"] == "int8" and out.is_file()
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0, "no int8 in the graph"
@@ -62,14 +78,15 @@ def test_int8_export_is_quantised_checked_and_runs(command, tmp_path, mvtec, cap
         assert q["scope"] == "whole graph"
     check = desc["accuracy_check"]
     assert check == res["accuracy_check"] and check["images"] > 0
-    agree = [v for k, v in check.items() if k.endswith("agreement") or k == "score_correlation"]
+    agree = [v for k, v in check.items() if k.endswith("agreement") or k in ("score_correlation", "box_recall",
+                                                                              "box_precision")]
     assert agree and all(-1.0 <= a <= 1.0 for a in agree)
     assert set(check["int8"]) == set(check["fp32"]) and check["fp32"]
     # eval of the int8 file reproduces the int8 column of the check; predict runs it
     ev = _run(["eval", f"model_file={out}", *SMALL], capsys)
     assert ev["precision"] == "int8" and ev["runtime"] == "onnxruntime"
     for k, v in check["int8"].items():
-        assert ev[k] == pytest.approx(v, abs=1e-3), k
+        assert ev[k] == pytest.approx(v, abs=1e-3, nan_ok=True), k
     images = sorted((mvtec / "brick" / "test" / "hole").glob("*.png"))[:2]
     pred = _run(["predict", *map(str, images), f"model_file={out}", f"out={tmp_path / 'pred'}", *SMALL], capsys)
     assert pred["predicted"] == 2 and pred["precision"] == "int8"
@@ -102,12 +119,17 @@ def test_bad_precision_options_are_one_line(tmp_path, mvtec, capsys):  # noqa: F
         assert msg in err and "Traceback" not in err, err
 
 
-def test_detectors_are_refused_int8_in_one_line(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
-    model_file = _detect(tmp_path, mvtec, capsys)
-    assert main(["export", f"model_file={model_file}", f"out={tmp_path / 'd.onnx'}", "precision=int8"]) != 0
-    err = capsys.readouterr().err
-    assert "precision=int8 export covers classifiers, segmenters and anomaly models" in err
-    assert not (tmp_path / "d.onnx").exists()
+def test_a_mask_frozen_export_is_its_detector(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
+    model_file = _detect_masks(tmp_path, mvtec, capsys)
+    out = tmp_path / "d.onnx"
+    _run(["export", f"model_file={model_file}", f"out={out}"], capsys)
+    desc = _description(out)
+    assert desc["kind"] == "detector" and desc["source_file"] == str(model_file)
+    # eval of the graph gives the box metrics of the model file (no mask metrics: the graph has no mask head)
+    ev = _run(["eval", f"model_file={out}", *SMALL], capsys)
+    pt = _run(["eval", f"model_file={model_file}", *SMALL], capsys)
+    assert "mask_AP" not in ev and "mask_AP" in pt
+    assert ev["AP50"] == pytest.approx(pt["AP50"], abs=0.5) and ev["runtime"] == "onnxruntime"
 
 
 def test_bf16_eval_of_a_model_file_is_close_to_fp32(tmp_path, mvtec, capsys, one_thread):  # noqa: F811
@@ -163,3 +185,22 @@ def test_with_precision_wraps_for_autocast():
     out = with_precision(lin, "bf16")(x)
     assert out.dtype == torch.float32 and not torch.equal(out, lin(x))  # computed in bf16, returned as fp32
     torch.testing.assert_close(out, lin(x), atol=5e-2, rtol=5e-2)
+
+
+def test_detection_agreement_matches_boxes_by_class_and_overlap():
+    from frugalvision.pipelines.model_file import detection_agreement
+
+    p = torch.zeros(1, 3, 6)  # (x1, y1, x2, y2), two class scores
+    p[0, :, :4] = torch.tensor([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60.0]])
+    p[0, :, 4:] = torch.tensor([[0.9, 0.0], [0.0, 0.8], [0.7, 0.0]])
+    same = detection_agreement(list(p), list(p.clone()))
+    assert same["box_recall"] == same["box_precision"] == same["box_iou"] == 1.0 and same["detections"] == 3
+    q = p.clone()
+    q[0, 0, :4] += 2.0  # overlaps 0.47: not a match at 0.5
+    q[0, 1, 4:] = torch.tensor([0.8, 0.0])  # the right box, the wrong class
+    q[0, 2, :4] += torch.tensor([0.0, 0.0, 1.0, 1.0])  # IoU 100/121
+    moved = detection_agreement(list(p), list(q))
+    assert moved["box_recall"] == moved["box_precision"] == round(1 / 3, 4)
+    assert moved["box_iou"] == pytest.approx(100 / 121, abs=1e-4)
+    none = detection_agreement(list(p), list(torch.zeros_like(p)))
+    assert none["box_recall"] == 0.0 and none["box_precision"] == 1.0 and none["box_iou"] is None

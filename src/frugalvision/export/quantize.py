@@ -199,7 +199,8 @@ def quantize_onnx(
     try:
         pre = stage / "pre.onnx"
         try:
-            with warnings.catch_warnings():
+            # its symbolic shape inference leaves `sym_shape_infer_temp.onnx` + `<uuid>.data` in the working folder
+            with warnings.catch_warnings(), contextlib.chdir(stage):
                 warnings.simplefilter("ignore")
                 q.quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
         except Exception as exc:  # symbolic shape inference fails on some graphs: quantise the graph as exported

@@ -253,7 +253,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         info, jobs = _onnx_description(path, "eval")
         if jobs.onnx_module is None:
             raise ConfigError(f"{path} holds a {info.get('kind')} model; eval runs ONNX files of classifiers, "
-                              f"segmenters and anomaly models only: pass its model file{_hint_for(path)}")
+                              f"segmenters, anomaly models and detectors only: pass its model file{_hint_for(path)}")
         module = jobs.onnx_module(path, _runtime_of(info, cfg.runtime))
         res = jobs.evaluate(module, info, _on_cpu(cfg))
         return {"model_file": str(path), "kind": info["kind"], "precision": info.get("precision", "fp32"),
@@ -379,7 +379,11 @@ class _OnnxModule(torch.nn.Module):
         except json.JSONDecodeError:
             info = {}
         self.runtime = _runtime_of(info, runtime)
-        self.runner = onnx_runner(path, self.runtime, info.get("precision", "fp32"))
+        self.runner = onnx_runner(self._graph(path), self.runtime, info.get("precision", "fp32"))
+
+    def _graph(self, path: Path) -> Path:
+        """The graph the runtime loads (the file itself)."""
+        return path
 
 
 class _OnnxImageModel(_OnnxModule):
@@ -401,6 +405,52 @@ class _OnnxAnomalyModel(_OnnxModule):
         score, amap = self.runner(x.detach().float().cpu().numpy())[:2]
         return SimpleNamespace(pred_score=torch.from_numpy(np.asarray(score)),
                                anomaly_map=torch.from_numpy(np.asarray(amap)))
+
+
+class _OnnxDetector(_OnnxModule):
+    """An exported detector behind the PyTorch detector's call: images in ``[0, 1]`` -> predictions (B, A, 4 + C).
+
+    The runtime loads the file's graph up to the decoded predictions (the file's own NMS, at its stored
+    ``conf_thres``, is left out): the jobs post-process them as they do the PyTorch model's, so COCO evaluation
+    sees every score above 0.001 and ``predict`` tiles large images the same way.
+    """
+
+    def __init__(self, path: Path, runtime: str = "auto") -> None:
+        super().__init__(path, runtime)
+        from ..export.onnx import read_onnx_metadata
+
+        try:
+            classes = json.loads(read_onnx_metadata(path).get(MODEL_META, "{}")).get("classes") or []
+        except json.JSONDecodeError:
+            classes = []
+        self.num_classes = max(1, len(classes))
+
+    def _graph(self, path: Path) -> Path:
+        import tempfile
+
+        from .._deps import require
+
+        onnx = require("onnx", "running an exported detector")
+        proto = onnx.load(str(path))
+        if "pred" not in {o for n in proto.graph.node for o in n.output}:
+            raise ConfigError(f"{path} has no 'pred' tensor: it is not a detector graph of `frugalvision export`; "
+                              "re-export it from its model file")
+        if "pred" not in {v.name for v in proto.graph.value_info}:  # shape inference may stop before it
+            proto.graph.value_info.append(onnx.helper.make_tensor_value_info("pred", onnx.TensorProto.FLOAT, None))
+        try:
+            decode = onnx.utils.Extractor(proto).extract_model([i.name for i in proto.graph.input], ["pred"])
+        except Exception as exc:  # onnx's extractor raises several types
+            raise ConfigError(f"cannot take the predictions out of {path} ({type(exc).__name__}: {exc}); re-export "
+                              "it from its model file") from None
+        self._tmp = tempfile.TemporaryDirectory(prefix="fv-detector-")
+        out = Path(self._tmp.name) / path.name
+        onnx.save(decode, str(out))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded predictions of a batch in ``[0, 1]``, on the batch's device."""
+        out = self.runner(x.detach().float().cpu().numpy())[0]
+        return torch.from_numpy(np.asarray(out)).to(x.device)
 
 
 def _onnx_description(path: Path, command: str) -> tuple[dict[str, Any], TaskJobs]:
@@ -437,8 +487,8 @@ def _predict_onnx(path: Path, cfg: PredictConfig) -> dict[str, Any]:
         kind = info.get("kind")
         jobs = TASK_JOBS.get(MODEL_KINDS[kind].task) if kind in MODEL_KINDS else None
         if jobs is None or jobs.predict_onnx is None:
-            raise ConfigError(f"{path} holds a {kind} model; predict runs ONNX files of classifiers, segmenters and "
-                              f"anomaly models only: pass its safetensors model file{_hint_for(path)}")
+            raise ConfigError(f"{path} holds a {kind} model; predict runs ONNX files of classifiers, segmenters, "
+                              f"anomaly models and detectors only: pass its safetensors model file{_hint_for(path)}")
         runtime = _runtime_of(info, cfg.runtime)
         return {"kind": kind, **jobs.predict_onnx(path, info, cfg), "backend": runtime,
                 "precision": info.get("precision", "fp32")}
@@ -480,9 +530,11 @@ def _export_reduced(model: torch.nn.Module, info: dict[str, Any], jobs: TaskJobs
 
     if jobs.onnx_module is None or (cfg.precision == "int8" and jobs.calibration is None):
         raise ConfigError(f"{cfg.model_file} holds a {info['kind']} model; precision={cfg.precision} export covers "
-                          "classifiers, segmenters and anomaly models (export it with precision=fp32)")
+                          "classifiers, segmenters, anomaly models and detectors (export it with precision=fp32)")
     if cfg.precision == "bf16":
         require("openvino", "bf16 export (OpenVINO runs the bf16 graph)", "openvino")
+    if info["kind"] == "mask_frozen":  # the exported graph is its detector's (boxes): checked as a detector
+        model, info = model.detector, {**info, "kind": "detector"}
     out = Path(cfg.out)
     with tempfile.TemporaryDirectory(prefix="fv-export-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
@@ -562,7 +614,9 @@ class _Recorder(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         """The wrapped model's output."""
         out = self.inner(x)
-        if isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Tensor) and out.ndim == 3:  # a detector's predictions (B, A, 4 + C)
+            self.seen.extend(out.detach().float().cpu())
+        elif isinstance(out, torch.Tensor):
             self.seen.append(out.detach().float().argmax(1).cpu())
         else:
             self.seen.append(out.pred_score.detach().float().reshape(-1).cpu())
@@ -591,23 +645,73 @@ def accuracy_check(model: torch.nn.Module, info: dict[str, Any], jobs: TaskJobs,
     ref, exp = _Recorder(model), _Recorder(jobs.onnx_module(path, "auto"))  # type: ignore[misc]
     m_ref = jobs.evaluate(ref, info, ecfg)
     m_exp = jobs.evaluate(exp, info, replace(ecfg))
-    a, b = torch.cat(ref.seen), torch.cat(exp.seen)
+    task = MODEL_KINDS[info["kind"]].task
+    a, b = (torch.cat(r.seen) if task != "detection" else r.seen for r in (ref, exp))
     numeric = {k: v for k, v in m_ref.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-               and k not in ("images", "ms_per_image", "loss", "threshold")}
-    out: dict[str, Any] = {"data": m_ref.get("data"), "images": m_ref.get("images"),
+               and k not in ("images", "ms_per_image", "loss", "threshold", "boxes") and not k.endswith("_seconds")}
+    out: dict[str, Any] = {"data": m_ref.get("data") or ecfg.data or info.get("data"), "images": m_ref.get("images"),
                            "fp32": {k: round(float(v), 4) for k, v in numeric.items()},
                            cfg.precision: {k: round(float(m_exp[k]), 4) for k in numeric if k in m_exp},
                            "runtime": exp.runtime}
-    task = MODEL_KINDS[info["kind"]].task
     if task == "anomaly":
         out["score_correlation"] = round(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 4)
         if "image_threshold" in info:
             t = float(info["image_threshold"])
             out["decision_agreement"] = round(float(((a >= t) == (b >= t)).float().mean()), 4)
+    elif task == "detection":
+        out.update(detection_agreement(a, b, float(info.get("conf_thres", 0.25)), float(info.get("iou_thres", 0.65))))
     else:
         out["top1_agreement" if task == "classification" else "pixel_agreement"] = round(
             float((a == b).float().mean()), 4)
     return out
+
+
+def detection_agreement(ref: list[torch.Tensor], got: list[torch.Tensor], conf_thres: float = 0.25,
+                        iou_thres: float = 0.65, match_iou: float = 0.5) -> dict[str, float]:
+    """How far two detectors' detections agree, image by image, at the deployed thresholds.
+
+    Each image's predictions ``(A, 4 + C)`` are post-processed as ``predict`` does; a detection of ``got`` matches
+    an unmatched one of ``ref`` of the same class with IoU >= ``match_iou`` (greedy, by score).
+
+    Returns:
+        ``box_recall`` (share of ``ref``'s detections that ``got`` reproduces), ``box_precision`` (share of
+        ``got``'s detections that match one of ``ref``), ``box_iou`` (mean IoU of the matches; ``None``
+        without one) and the counts.
+
+    Example:
+        >>> p = torch.zeros(1, 3, 5)
+        >>> p[0, :, :4] = torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 1, 1.0]])
+        >>> p[0, :, 4] = torch.tensor([0.9, 0.8, 0.1])
+        >>> q = p.clone()
+        >>> q[0, 1, 4] = 0.1  # the second box drops below the threshold
+        >>> detection_agreement(list(p), list(q))["box_recall"]
+        0.5
+    """
+    from torchvision.ops import box_iou
+
+    from ..detect.postprocess import postprocess
+
+    n_ref = n_got = matched = 0
+    ious: list[float] = []
+    for r, g in zip(ref, got, strict=True):
+        dr, dg = (postprocess(x[None], conf_thres=conf_thres, iou_thres=iou_thres)[0] for x in (r, g))
+        n_ref, n_got = n_ref + len(dr["boxes"]), n_got + len(dg["boxes"])
+        if not len(dr["boxes"]) or not len(dg["boxes"]):
+            continue
+        iou = box_iou(dg["boxes"], dr["boxes"])
+        iou[dg["labels"][:, None] != dr["labels"][None]] = 0.0
+        free = torch.ones(len(dr["boxes"]), dtype=torch.bool)
+        for i in dg["scores"].argsort(descending=True).tolist():
+            cand = torch.where(free, iou[i], torch.zeros_like(iou[i]))
+            j = int(cand.argmax())
+            if cand[j] >= match_iou:
+                free[j] = False
+                matched += 1
+                ious.append(float(cand[j]))
+    return {"box_recall": round(matched / n_ref, 4) if n_ref else 1.0,
+            "box_precision": round(matched / n_got, 4) if n_got else 1.0,
+            "box_iou": round(sum(ious) / len(ious), 4) if ious else None,
+            "detections_fp32": n_ref, "detections": n_got}
 
 
 # --------------------------------------------------------------------------------------------- the tasks
@@ -660,6 +764,18 @@ def _anomaly_calibration(info: dict[str, Any], n: int) -> torch.Tensor:
         raise DataError(f"no training images of category {category} for int8 calibration")
     size = anomaly_spec(info).img_size
     return torch.cat([preprocess([read_rgb(train[i].image)], size) for i in _spread(len(train), n)])
+
+
+def _detection_calibration(info: dict[str, Any], n: int) -> torch.Tensor:
+    """``n`` training images (tiles) of a detector's data, letterboxed in ``[0, 1]`` as at evaluation."""
+    from ..data.detection import DetectionDataset
+    from .detection import detect_data
+
+    size = int(info["img_size"])
+    train, _ = detect_data(str(info["data"]), info.get("test_data"), info.get("split", 0.7),
+                           int(info.get("tile", size)), int(info.get("overlap", 64)))
+    ds = DetectionDataset(train, img_size=size, train=False)
+    return torch.stack([ds[i][0] for i in _spread(len(ds), n)])
 
 
 def _export_image_model(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
@@ -745,14 +861,29 @@ def _predict_anomaly_onnx(path: Path, info: dict[str, Any], cfg: PredictConfig) 
 
 
 def _detection() -> TaskJobs:
-    from .detection import evaluate_detector_file, export_detector_file, predict_detector
+    from .detection import evaluate_detector_file, predict_detector
 
     return TaskJobs(
         evaluate=lambda m, i, c: evaluate_detector_file(m, i, None, c.device, c.progress, data=c.data),
         predict=lambda m, i, c: predict_detector(m, i, c.images, c.out, c.overwrite, None, None, None, c.device,
                                                  c.progress),
-        export=lambda m, i, c: export_detector_file(m, i, Path(c.out), c.overwrite),
+        export=_export_detector,
+        predict_onnx=lambda p, i, c: predict_detector(_OnnxDetector(p, c.runtime), i, c.images, c.out, c.overwrite,
+                                                      None, None, None, "cpu", c.progress),
+        onnx_module=_OnnxDetector,
+        calibration=_detection_calibration,
     )
+
+
+def _export_detector(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
+    """A detector (or Mask Frozen's detector): one graph with NMS, plus the description ``predict`` reads."""
+    from ..export.onnx import write_onnx_metadata
+    from .detection import export_detector_file
+
+    res = export_detector_file(model, info, Path(cfg.out), cfg.overwrite)
+    desc = {**info, "kind": "detector"} if info["kind"] == "mask_frozen" else info  # the graph holds the boxes
+    write_onnx_metadata(Path(res["path"]), describe_for_onnx(desc, cfg.model_file))
+    return res
 
 
 register_task_jobs("classification", _classification())
