@@ -45,6 +45,7 @@ SHORT: dict[str, list[str]] = {
     "frugalvision export model_file=runs/demo/segmenter/model.safetensors out=runs/segmenter.int8.onnx "
     "precision=int8": ["calibration_images=8"],
     "frugalvision eval model_file=runs/segmenter.int8.onnx": [],
+    "frugalvision eval model_file=runs/demo/segmenter/model.safetensors precision=bf16": [],
     "frugalvision synth method=procedural per_kind=8 out=runs/synth": ["per_kind=1", "categories=[brick]"],
     "frugalvision segment segmenter=ours:repvgg_a0 synthetic=procedural output_dir=runs/segment": [
         "categories=[brick]", "synthetic_per_kind=1", "epochs=1", "max_steps=2", "eval_every=0",
