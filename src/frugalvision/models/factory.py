@@ -100,7 +100,7 @@ def check_input_size(model: nn.Module, name: str, img_size: int | tuple[int, int
         >>> check_input_size(create_model("vit_tiny_patch16_224", img_size=40), "vit_tiny_patch16_224", 40)
         Traceback (most recent call last):
         ...
-        frugalvision.errors.ConfigError: vit_tiny_patch16_224 cannot take img_size=40: it is not a multiple of ...
+        frugalvision.errors.ConfigError: vit_tiny_patch16_224 cannot take img_size=40: sizes must be multiples of ...
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     pe = getattr(model, "patch_embed", None)
@@ -108,10 +108,12 @@ def check_input_size(model: nn.Module, name: str, img_size: int | tuple[int, int
     if patch and not getattr(pe, "dynamic_img_pad", False):  # a strided patch conv floors: the border is dropped
         ph, pw = (patch[0], patch[-1]) if isinstance(patch, tuple | list) else (int(patch), int(patch))
         if h % ph or w % pw:
-            lo, hi = (max(ph, h // ph * ph), -(-h // ph) * ph) if h % ph else (max(pw, w // pw * pw), -(-w // pw) * pw)
-            raise ConfigError(f"{name} cannot take img_size={img_size}: it is not a multiple of the patch size "
-                              f"{ph}x{pw}, so the patch embedding would silently drop the last {h % ph} pixel rows "
-                              f"and {w % pw} columns; use {lo} or {hi}")
+            p, n = (ph, h) if h % ph else (pw, w)
+            near = sorted({max(p, n // p * p), -(-n // p) * p})
+            size = f"{ph}" if ph == pw else f"{ph}x{pw}"
+            raise ConfigError(f"{name} cannot take img_size={img_size}: sizes must be multiples of its patch size "
+                              f"{size} (the patch embedding would silently drop the last {h % ph} pixel rows and "
+                              f"{w % pw} columns); nearest that work: {' or '.join(map(str, near))}")
     was_training = model.training
     model.eval()
     try:
