@@ -1,0 +1,221 @@
+"""SLiMe on a tiny, randomly initialised Stable Diffusion with SD-2.1's module layout."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from frugalvision.errors import CheckpointError, ConfigError, DataError
+from frugalvision.inspect.slime import (
+    AttentionRecorder,
+    Slime,
+    SlimeConfig,
+    StableDiffusionBackbone,
+    attention_losses,
+    class_weights,
+    crop_part_maps,
+    default_layers,
+    mean_iou,
+    tiny_stable_diffusion,
+)
+
+# The official default list (src/arguments.py, --attention_layers_to_use), in its bracket notation.
+OFFICIAL = [
+    "up_blocks[1].attentions[0].transformer_blocks[0].attn2",
+    "up_blocks[1].attentions[1].transformer_blocks[0].attn2",
+    "up_blocks[1].attentions[2].transformer_blocks[0].attn2",
+    "up_blocks[2].attentions[0].transformer_blocks[0].attn2",
+    "up_blocks[2].attentions[1].transformer_blocks[0].attn2",
+    "up_blocks[3].attentions[0].transformer_blocks[0].attn1",
+    "up_blocks[3].attentions[1].transformer_blocks[0].attn1",
+    "up_blocks[3].attentions[2].transformer_blocks[0].attn1",
+]
+
+
+@pytest.fixture(scope="module")
+def sd() -> StableDiffusionBackbone:
+    torch.set_num_threads(2)
+    return tiny_stable_diffusion(seed=0)
+
+
+def _square(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bright square on a dark textured background and its mask: the part is visibly distinct."""
+    g = torch.Generator().manual_seed(1)
+    img = 0.15 + 0.1 * torch.rand(3, size, size, generator=g)
+    mask = torch.zeros(size, size, dtype=torch.long)
+    mask[size // 4: size * 3 // 4, size // 4: size * 3 // 4] = 1
+    img[:, mask.bool()] = 0.9
+    return img, mask
+
+
+def test_default_layers_are_the_official_ones_on_sd21_layout(sd):
+    cross, self_ = default_layers(sd.unet)
+    official = [re.sub(r"\[(\d+)\]", r".\1", name) for name in OFFICIAL]
+    assert [*cross, *self_] == official
+
+
+def test_default_layers_rule_on_a_shallower_unet():
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16),
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    cross, self_ = default_layers(unet)
+    # two attention up blocks of two attentions each: self from the last, cross from the first minus its last
+    assert cross == ("up_blocks.1.attentions.0.transformer_blocks.0.attn2",)
+    assert self_ == tuple(f"up_blocks.2.attentions.{j}.transformer_blocks.0.attn1" for j in range(2))
+    with pytest.raises(ConfigError, match="no up block with attention"):
+        default_layers(diffusers.UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                                             down_block_types=("DownBlock2D",) * 2,
+                                             up_block_types=("UpBlock2D",) * 2))
+
+
+def test_recorder_keeps_the_unet_output_and_restores_its_processors(sd):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    states = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))
+    before = {k: type(v) for k, v in sd.unet.attn_processors.items()}
+    with torch.no_grad():
+        ref = sd.unet(x, 50, encoder_hidden_states=states).sample
+        cross, self_ = default_layers(sd.unet)
+        with AttentionRecorder(sd.unet, [*cross, *self_]) as rec:
+            out = sd.unet(x, 50, encoder_hidden_states=states).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert {k: type(v) for k, v in sd.unet.attn_processors.items()} == before
+    assert set(rec.maps) == {*cross, *self_}
+    c = rec.maps[cross[0]]  # (batch, heads, queries, tokens): up_blocks.1 runs at 4x4 on a 16x16 latent
+    assert c.shape[0] == 2 and c.shape[-1] == 16 and c.shape[2] == 16
+    s = rec.maps[self_[0]]
+    assert s.shape[-1] == s.shape[-2] == 256
+    with pytest.raises(ConfigError, match="no attention module"):
+        AttentionRecorder(sd.unet, ["up_blocks.9.attentions.0.transformer_blocks.0.attn1"])
+
+
+def _identity_self_attention(m: int) -> torch.Tensor:
+    """``(m*m, m, m)`` self-attention in which every position attends only to itself."""
+    return torch.eye(m * m).reshape(m * m, m, m)
+
+
+def test_attention_losses_vanish_on_a_perfect_fit_and_grow_otherwise():
+    m = 8
+    mask = torch.zeros(m, m, dtype=torch.long)
+    mask[2:6, 3:7] = 1
+    mask[0, :] = 2
+    sa = _identity_self_attention(m)
+    right = 30.0 * torch.nn.functional.one_hot(mask, 3).permute(2, 0, 1).float()
+    ce, sa_loss = attention_losses(right, sa, mask)
+    assert float(ce) < 1e-6 and float(sa_loss) < 1e-6
+    wrong = right.roll(1, dims=0)  # every pixel's logits point at another class
+    ce, sa_loss = attention_losses(wrong, sa, mask)
+    assert float(ce) > 10 and float(sa_loss) == pytest.approx(3 * 2 / 3, rel=1e-4)  # two wrong entries of three
+    torch.testing.assert_close(class_weights(mask, 3), torch.tensor([1.0, 24 / 16, 24 / 8]))
+
+
+def test_crop_part_maps_keep_confident_parts_and_follow_self_attention():
+    m = 8
+    region = torch.zeros(m, m, dtype=torch.bool)
+    region[2:6, 2:6] = True
+    part = torch.where(region, 0.7, 0.05).flatten()
+    cross = torch.stack([1 - part - 0.05, part, torch.full_like(part, 0.05)])  # part 2 never reaches 0.2
+    kept, maps = crop_part_maps(cross, _identity_self_attention(m), 0.2, (16, 16))
+    assert kept == [0, 1]
+    labels = torch.stack(maps).argmax(0)
+    big = torch.nn.functional.interpolate(region[None, None].float(), size=16, mode="nearest")[0, 0].bool()
+    assert (labels.bool() == big).float().mean() > 0.95
+    assert float(maps[1].max()) == pytest.approx(0.7, abs=1e-5) and float(maps[1].min()) == pytest.approx(0.05)
+    assert crop_part_maps(cross * 0.1, _identity_self_attention(m), 0.2, (16, 16)) == ([], [])
+
+
+def test_gradient_steps_lower_the_loss_and_fit_moves_only_the_part_embeddings(sd):
+    img, mask = _square()
+    slime = Slime(sd, SlimeConfig(num_parts=2, epochs=3, train_mask_size=16, seed=0))
+    x = torch.nn.functional.interpolate(img[None], size=sd.image_size)
+    small = mask[::2, ::2].contiguous()
+    with AttentionRecorder(sd.unet, [*slime.cross_layers, *slime.self_layers]) as rec:
+        def loss() -> torch.Tensor:  # the same timestep and noise every time
+            return slime.losses(x, small, 50, torch.Generator().manual_seed(0), rec)["loss"]
+
+        opt = torch.optim.Adam([slime.part_embeddings], lr=0.1)
+        before = float(loss().detach())
+        for _ in range(5):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+        assert float(loss().detach()) < before - 1e-3
+    unet_before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    start = slime.part_embeddings.detach().clone()
+    history = slime.fit([img], [mask], progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert {"loss", "cross_entropy", "self_attention", "noise", "seconds"} <= set(history[0])
+    assert not torch.equal(slime.part_embeddings.detach(), start)
+    for k, v in sd.unet.state_dict().items():
+        assert torch.equal(v, unet_before[k]), k
+    assert slime.predict(img).shape == (32, 32)
+
+
+def test_validation_keeps_the_best_embeddings(sd):
+    img, mask = _square()
+    slime = Slime(sd, SlimeConfig(num_parts=2, epochs=3, train_mask_size=16, seed=0))
+    history = slime.fit([img], [mask], val_images=[img], val_masks=[mask], progress=False)
+    best = max(h["val_miou"] for h in history)
+    assert mean_iou(slime.predict(img), mask, 2) == pytest.approx(best)
+
+
+def test_save_and_load_give_the_same_masks(sd, tmp_path):
+    img, mask = _square()
+    slime = Slime(sd, SlimeConfig(num_parts=3, epochs=2, train_mask_size=16), part_names=["bg", "a", "b"])
+    mask3 = mask.clone()
+    mask3[:, :8] = 2
+    slime.fit([img], [mask3], progress=False)
+    path = slime.save(tmp_path / "parts.safetensors")
+    with pytest.raises(ConfigError, match="overwrite"):
+        slime.save(path)
+    again = Slime.load(path, sd)
+    assert again.part_names == ["bg", "a", "b"]
+    assert torch.equal(again.predict(img), slime.predict(img))
+    assert torch.equal(again.part_embeddings, slime.part_embeddings)
+
+
+def test_a_real_format_folder_loads_and_a_broken_one_is_refused(sd, tmp_path):
+    loaded = tiny_stable_diffusion(seed=0, folder=tmp_path / "sd")
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    states = loaded.prompt_states(["part part"])
+    torch.testing.assert_close(states, sd.prompt_states(["part part"]))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unet(x, 10, encoder_hidden_states=states).sample,
+                                   sd.unet(x, 10, encoder_hidden_states=states).sample)
+    assert loaded.image_size == 32
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(CheckpointError, match="lacks vae/, text_encoder/"):
+        StableDiffusionBackbone.from_pretrained(tmp_path / "broken")
+
+
+@pytest.mark.parametrize("mask,match", [
+    (torch.zeros(20, 32, dtype=torch.long), "mask is \\(20, 32\\) but its image is \\(32, 32\\)"),
+    (torch.full((32, 32), 3), "labels \\[3\\] but num_parts=2"),
+    (torch.zeros(32, 32, dtype=torch.long), "all background"),
+    (torch.full((32, 32), 0.5), "non-integer"),
+])
+def test_bad_masks_are_one_clear_error(sd, mask, match):
+    img, _ = _square()
+    slime = Slime(sd, SlimeConfig(num_parts=2, epochs=1, train_mask_size=16))
+    with pytest.raises(DataError, match=match):
+        slime.fit([img], [mask], progress=False)
+
+
+def test_bad_settings_are_refused(sd, tmp_path):
+    with pytest.raises(ConfigError, match="at least one part"):
+        SlimeConfig(num_parts=1)
+    with pytest.raises(ConfigError, match="1000-step"):
+        SlimeConfig(train_t=(100, 5))
+    with pytest.raises(ConfigError, match="unknown SLiMe settings"):
+        SlimeConfig.from_dict({"num_parts": 2, "lr_typo": 1})
+    with pytest.raises(CheckpointError, match="not a SLiMe"):
+        from frugalvision.weights import write_weights
+
+        Slime.load(write_weights(tmp_path / "w.safetensors", {"x": torch.zeros(1)}), sd)
