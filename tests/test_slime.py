@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +221,60 @@ def test_bad_settings_are_refused(sd, tmp_path):
         from frugalvision.weights import write_weights
 
         Slime.load(write_weights(tmp_path / "w.safetensors", {"x": torch.zeros(1)}), sd)
+
+
+# ------------------------------------------------------------------------------------------- the command
+def _write_pair(folder, name: str, size: int = 32):
+    from PIL import Image
+
+    img, mask = _square(size)
+    ip, mp = folder / f"{name}.png", folder / f"{name}_mask.png"
+    Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(ip)
+    Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(mp)  # an MVTec-style 0/255 mask
+    return ip, mp
+
+
+def test_cli_fit_then_predict_writes_masks_and_overlays(tmp_path, capsys):
+    from frugalvision.cli import main
+
+    ip, mp = _write_pair(tmp_path, "a")
+    emb = tmp_path / "parts.safetensors"
+    args = ["slime", "fit", str(ip), str(mp), "backbone=tiny", f"embeddings={emb}", "epochs=2",
+            "train_mask_size=16", "parts=background,defect", "progress=false"]
+    assert main(args) == 0
+    assert emb.is_file() and json.loads(capsys.readouterr().out)["parts"] == ["background", "defect"]
+    assert main(args) == 2 and "overwrite=true" in capsys.readouterr().err  # never replaced silently
+    out = tmp_path / "pred"
+    pred = ["slime", "predict", str(ip), f"embeddings={emb}", f"out={out}", "progress=false"]
+    assert main(pred) == 0
+    from PIL import Image
+
+    labels = np.asarray(Image.open(out / "a_mask.png"))
+    assert labels.shape == (32, 32) and labels.max() <= 1
+    assert (out / "a_overlay.png").is_file() and (out / "predictions.json").is_file()
+    assert main(pred) == 2 and "already exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["fit", "backbone=tiny"], "IMAGE MASK pairs"),
+    (["fit", "IMG", "MASK", "backbone=/nonexistent-sd"], "not a folder"),
+    (["fit", "IMG", "BIGMASK", "backbone=tiny"], "mask .* is 16x16 but image .* is 32x32"),
+    (["fit", "IMG", "EMPTY", "backbone=tiny"], "all background"),
+    (["fit", "IMG", "MASK"], "needs backbone="),
+    (["predict", "IMG", "embeddings=/nonexistent.safetensors"], "does not exist"),
+    (["segment"], "needs an action"),
+])
+def test_cli_bad_input_is_one_clear_error(tmp_path, capsys, extra, match):
+    from PIL import Image
+
+    from frugalvision.cli import main
+
+    ip, mp = _write_pair(tmp_path, "a")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
+    subs = {"IMG": str(ip), "MASK": str(mp), "BIGMASK": str(tmp_path / "big.png"), "EMPTY": str(tmp_path / "empty.png")}
+    argv = ["slime", *[subs.get(a, a) for a in extra], f"embeddings={tmp_path / 'e.safetensors'}", "progress=false"]
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert "Traceback" not in err

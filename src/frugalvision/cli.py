@@ -202,6 +202,7 @@ def _commands() -> list[_Command]:
     from .pipelines.info import DataConfig, InfoConfig, ModelsConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
     from .pipelines.model_file import EvalConfig, ExportConfig, PredictConfig
+    from .pipelines.slime import SlimeJobConfig
     from .pipelines.surgery import SurgeryConfig
     from .pipelines.svg import SVGConfig
     from .pipelines.vlm import AskConfig, ChatConfig, VLMConfig
@@ -240,6 +241,8 @@ def _commands() -> list[_Command]:
         _Command("info", "versions, hardware and cache location", InfoConfig, _json_job("info", "describe")),
         _Command("surgery", "replace a ViT's costliest attention mixers to meet a latency budget, then distil",
                  SurgeryConfig, _run_surgery),
+        _Command("slime", "one-shot segmentation from diffusion attention (SLiMe): fit IMAGE MASK... | predict IMAGES",
+                 SlimeJobConfig, _json_job("slime", "run_slime", status="predicted"), positional="action"),
         _Command("svg", "images as compact SVG text for language models (+ renderings, fidelity CSV)", SVGConfig,
                  _json_job("svg", "run_svg", status="written"), positional="images"),
     ]

@@ -592,7 +592,7 @@ def _as_image(img: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
             img = np.repeat(img[..., None], 3, -1)
         if img.ndim != 3 or img.shape[-1] not in (3, 4):
             raise DataError(f"{what}: expected an (H, W, 3) image, got shape {img.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(img[..., :3])).permute(2, 0, 1)
+        t = torch.from_numpy(np.array(img[..., :3], copy=True)).permute(2, 0, 1)
         return t.float() / 255 if img.dtype == np.uint8 else t.float()
     if img.ndim != 3 or img.shape[0] != 3:
         raise DataError(f"{what}: expected a (3, H, W) tensor in [0, 1], got shape {tuple(img.shape)}")
@@ -600,7 +600,7 @@ def _as_image(img: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
 
 
 def _as_mask(mask: torch.Tensor | np.ndarray, shape: tuple[int, int], num_parts: int, what: str) -> torch.Tensor:
-    m = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask)
+    m = torch.as_tensor(np.array(mask, copy=True) if isinstance(mask, np.ndarray) else mask)
     if m.shape != shape:
         raise DataError(f"{what}: the mask is {tuple(m.shape)} but its image is {shape}; masks must be (H, W) "
                         "label images of the same size as their image")
