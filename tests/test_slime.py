@@ -215,6 +215,10 @@ def test_bad_settings_are_refused(sd, tmp_path):
         SlimeConfig(num_parts=1)
     with pytest.raises(ConfigError, match="1000-step"):
         SlimeConfig(train_t=(100, 5))
+    with pytest.raises(ConfigError, match="choose official or balanced"):
+        SlimeConfig(class_weighting="equal")
+    with pytest.raises(ConfigError, match="choose all"):
+        SlimeConfig(test_softmax="none")
     with pytest.raises(ConfigError, match="unknown SLiMe settings"):
         SlimeConfig.from_dict({"num_parts": 2, "lr_typo": 1})
     with pytest.raises(CheckpointError, match="not a SLiMe"):

@@ -97,6 +97,10 @@ class SlimeConfig:
         sd_loss_coef: Weight of the noise-prediction term.
         guidance_scale: Classifier-free guidance scale inside the noise-prediction term.
         patch_threshold: A part is kept in a crop only where its cross-attention peak reaches this.
+        test_softmax: ``all`` (official): inference softmaxes the cross-attention over every token of the prompt;
+            ``parts``: over the ``K`` part tokens only, as the training loss does (for text encoders whose start
+            token is no attention sink, e.g. MiniLM, where ``all`` leaves every part below the threshold).
+        class_weighting: ``official`` or ``balanced`` cross-entropy weights (see :func:`class_weights`).
         crop_fraction: Inference crop side as a fraction of the image side (official: 400 / 512).
         crops_per_side: Inference crops per side (official: 2, so 4 crops).
         min_crop_ratio: Training crops keep 0.8 to 1 of the side (official ``--min_crop_ratio``).
@@ -118,6 +122,8 @@ class SlimeConfig:
     sd_loss_coef: float = 0.005
     guidance_scale: float = 100.0
     patch_threshold: float = 0.2
+    test_softmax: str = "all"
+    class_weighting: str = "official"
     crop_fraction: float = 400 / 512
     crops_per_side: int = 2
     min_crop_ratio: float = 0.8
@@ -136,6 +142,10 @@ class SlimeConfig:
         if not 0 < self.crop_fraction <= 1 or self.crops_per_side < 1:
             raise ConfigError(f"crop_fraction={self.crop_fraction} must be in (0, 1] and crops_per_side="
                               f"{self.crops_per_side} at least 1")
+        if self.class_weighting not in ("official", "balanced"):
+            raise ConfigError(f"class_weighting={self.class_weighting!r}: choose official or balanced")
+        if self.test_softmax not in ("all", "parts"):
+            raise ConfigError(f"test_softmax={self.test_softmax!r}: choose all (official) or parts")
         if self.epochs < 0 or self.train_mask_size < 1:
             raise ConfigError(f"epochs={self.epochs} and train_mask_size={self.train_mask_size} must be positive")
         self.train_t = (int(lo), int(hi))
@@ -489,34 +499,46 @@ def self_maps(scores: dict[str, torch.Tensor], layers: Sequence[str], size: int)
     return torch.stack(out).mean(0)
 
 
-def class_weights(mask: torch.Tensor, num_parts: int) -> torch.Tensor:
-    """The official cross-entropy weights: 1 for the background, ``(all part pixels) / (its pixels)`` per part.
+def class_weights(mask: torch.Tensor, num_parts: int, balanced: bool = False) -> torch.Tensor:
+    """Cross-entropy weights per class, the official ones or balanced ones.
+
+    Official: 1 for the background, ``(all part pixels) / (its pixels)`` per part, so the parts are balanced among
+    themselves but not against the background. ``balanced``: every present class,
+    background included, weighted by ``(all pixels) / (classes present * its pixels)`` (for parts as small as
+    defects, where the official weights let "all background" win).
 
     Example:
         >>> m = torch.zeros(10, 10, dtype=torch.long); m[:1, :] = 1; m[1:4, :] = 2
         >>> class_weights(m, 4).tolist()  # 10 and 30 part pixels; part 3 is absent
         [1.0, 4.0, 1.3333333730697632, 0.0]
+        >>> [round(w, 3) for w in class_weights(m, 4, balanced=True).tolist()]
+        [0.556, 3.333, 1.111, 0.0]
     """
     counts = torch.bincount(mask.flatten(), minlength=num_parts).float()
+    if balanced:
+        present = (counts > 0).sum()
+        return torch.where(counts > 0, counts.sum() / (present * counts.clamp_min(1)), torch.zeros_like(counts))
     counts[0] = 0
     weights = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
     weights[0] = 1
     return weights
 
 
-def attention_losses(logits: torch.Tensor, sa: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_losses(logits: torch.Tensor, sa: torch.Tensor, mask: torch.Tensor, balanced: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """SLiMe's two attention terms for one image.
 
     Args:
         logits: ``(K, m, m)`` cross-attention scores of the ``K`` tokens (not softmaxed).
         sa: ``(N, m, m)`` self-attention maps (:func:`self_maps`), ``N`` a square number of key positions.
         mask: ``(m, m)`` labels.
+        balanced: Weight the cross-entropy by :func:`class_weights` ``balanced`` instead of the official weights.
 
     Returns:
         ``(weighted cross-entropy, K * MSE(self-attention propagated cross-attention, one-hot mask))``.
     """
     k = logits.shape[0]
-    ce = F.cross_entropy(logits[None], mask[None], weight=class_weights(mask, k))
+    ce = F.cross_entropy(logits[None], mask[None], weight=class_weights(mask, k, balanced))
     side = _side(sa.shape[0], "self-attention")
     probs = F.interpolate(logits.softmax(0)[None], size=side, mode="bilinear")[0].flatten(1)
     propagated = torch.einsum("kn,nhw->khw", probs, sa)
@@ -683,7 +705,8 @@ class Slime(nn.Module):
         cfg, k = self.config, self.config.num_parts
         scores, sd_loss = self._run(image, t, gen, with_uncond=True, rec=rec)
         logits = cross_maps(scores, self.cross_layers, k, mask.shape[-1], softmax_all=False)
-        ce, sa_loss = attention_losses(logits, self_maps(scores, self.self_layers, mask.shape[-1]), mask)
+        ce, sa_loss = attention_losses(logits, self_maps(scores, self.self_layers, mask.shape[-1]), mask,
+                                       balanced=cfg.class_weighting == "balanced")
         total = ce + cfg.self_attention_loss_coef * sa_loss + cfg.sd_loss_coef * sd_loss
         return {"loss": total, "cross_entropy": ce, "self_attention": sa_loss, "noise": sd_loss}
 
@@ -813,7 +836,10 @@ class Slime(nn.Module):
                 scores, _ = self._run(patch, cfg.test_t, gen, with_uncond=False, rec=rec)
                 sa = self_maps(scores, self.self_layers, cfg.train_mask_size)
                 side = _side(sa.shape[0], self.self_layers[0])
-                cross = cross_maps(scores, self.cross_layers, k, side, softmax_all=True).flatten(1)
+                if cfg.test_softmax == "all":
+                    cross = cross_maps(scores, self.cross_layers, k, side, softmax_all=True).flatten(1)
+                else:
+                    cross = cross_maps(scores, self.cross_layers, k, side, softmax_all=False).softmax(0).flatten(1)
                 for part, m in zip(*crop_part_maps(cross, sa, cfg.patch_threshold, (y1 - y0, x1 - x0)),
                                    strict=True):
                     acc[part, y0:y1, x0:x1] += m
