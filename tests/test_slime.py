@@ -244,12 +244,12 @@ def test_cli_fit_then_predict_writes_masks_and_overlays(tmp_path, capsys):
     ip, mp = _write_pair(tmp_path, "a")
     emb = tmp_path / "parts.safetensors"
     args = ["slime", "fit", str(ip), str(mp), "backbone=tiny", f"embeddings={emb}", "epochs=2",
-            "train_mask_size=16", "parts=background,defect", "progress=false"]
+            "train_mask_size=16", "parts=background,defect", "class_weighting=balanced", "progress=false"]
     assert main(args) == 0
     assert emb.is_file() and json.loads(capsys.readouterr().out)["parts"] == ["background", "defect"]
     assert main(args) == 2 and "overwrite=true" in capsys.readouterr().err  # never replaced silently
     out = tmp_path / "pred"
-    pred = ["slime", "predict", str(ip), f"embeddings={emb}", f"out={out}", "progress=false"]
+    pred = ["slime", "predict", str(ip), f"embeddings={emb}", f"out={out}", "test_softmax=parts", "progress=false"]
     assert main(pred) == 0
     from PIL import Image
 
@@ -267,6 +267,7 @@ def test_cli_fit_then_predict_writes_masks_and_overlays(tmp_path, capsys):
     (["fit", "IMG", "MASK"], "needs backbone="),
     (["predict", "IMG", "embeddings=/nonexistent.safetensors"], "does not exist"),
     (["segment"], "needs an action"),
+    (["fit", "IMG", "MASK", "backbone=tiny", "class_weighting=equal"], "choose official or balanced"),
 ])
 def test_cli_bad_input_is_one_clear_error(tmp_path, capsys, extra, match):
     from PIL import Image

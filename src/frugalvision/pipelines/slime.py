@@ -51,6 +51,10 @@ class SlimeJobConfig:
         lr: Adam's learning rate on the embeddings (official: 0.1).
         train_mask_size: Attention map size in the losses (official: 64).
         patch_threshold: A part is kept in a crop only where its attention peak reaches this (official: 0.2).
+        class_weighting: ``official`` cross-entropy weights or ``balanced`` ones (background included; for parts
+            as small as defects, see docs/slime.md).
+        test_softmax: ``all`` (official: inference softmax over every prompt token) or ``parts`` (over the part
+            tokens only, as in the loss; for text encoders whose start token is no attention sink).
         seed: Seed of the augmentation, timesteps and noise (and of ``pretrain``'s data and initialisation).
         run: ``pretrain``'s run folder (checkpoints, ``history.json``, ``model.safetensors``).
         steps: ``pretrain``'s optimisation steps.
@@ -74,6 +78,8 @@ class SlimeJobConfig:
     lr: float = 0.1
     train_mask_size: int = 64
     patch_threshold: float = 0.2
+    class_weighting: str = "official"
+    test_softmax: str = "all"
     seed: int = 0
     run: str = "runs/slime/backbone"
     steps: int = 3000
@@ -181,7 +187,8 @@ def _fit(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     val_images, val_masks = _read_pairs(val_pairs, k) if val_pairs else ([], [])
     backbone = _backbone(cfg.backbone)
     scfg = SlimeConfig(num_parts=k, epochs=cfg.epochs, lr=cfg.lr, train_mask_size=cfg.train_mask_size,
-                       patch_threshold=cfg.patch_threshold, seed=cfg.seed, device=cfg.device)
+                       patch_threshold=cfg.patch_threshold, seed=cfg.seed, device=cfg.device,
+                       class_weighting=cfg.class_weighting, test_softmax=cfg.test_softmax)
     slime = Slime(backbone, scfg, cfg.parts)
     t0 = time.perf_counter()
     history = slime.fit(images, masks, val_images, val_masks, progress=cfg.progress)
@@ -224,7 +231,8 @@ def _predict(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     spec = cfg.backbone or info.get("backbone_spec")
     if not spec:
         raise ConfigError(f"{emb} does not say which backbone it was fitted on; pass backbone=")
-    slime = Slime.load(emb, _backbone(spec), patch_threshold=cfg.patch_threshold, device=cfg.device)
+    slime = Slime.load(emb, _backbone(spec), patch_threshold=cfg.patch_threshold, device=cfg.device,
+                       test_softmax=cfg.test_softmax)
     from tqdm.auto import tqdm
 
     rows = []
@@ -295,6 +303,10 @@ def run_slime(cfg: SlimeJobConfig) -> dict[str, Any]:
     check_number("lr", cfg.lr, 0, low_open=True)
     check_number("train_mask_size", cfg.train_mask_size, 4)
     check_number("patch_threshold", cfg.patch_threshold, 0, 1)
+    if cfg.class_weighting not in ("official", "balanced"):
+        raise ConfigError(f"class_weighting={cfg.class_weighting!r}: choose official or balanced")
+    if cfg.test_softmax not in ("all", "parts"):
+        raise ConfigError(f"test_softmax={cfg.test_softmax!r}: choose all (official) or parts")
     if cfg.parts is not None and len(cfg.parts) < 2:
         raise ConfigError(f"parts={cfg.parts}: name the background and at least one part (background,crack)")
     require_all([("diffusers", "slime", "slime"), ("transformers", "slime (the text encoder)", "slime")])
