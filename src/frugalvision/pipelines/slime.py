@@ -82,7 +82,7 @@ class SlimeJobConfig:
     test_softmax: str = "all"
     seed: int = 0
     run: str = "runs/slime/backbone"
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 16
     samples: int = 4000
     image_size: int = 64
