@@ -121,8 +121,47 @@ def score(preds: list[np.ndarray], gts: list[np.ndarray]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ methods
+def auroc(score_map: np.ndarray, label: np.ndarray) -> float:
+    """Pixel AUROC of a score map against a binary mask (ranks, ties averaged); NaN without both classes."""
+    from scipy.stats import rankdata
+
+    pos = label.ravel().astype(bool)
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    if not n_pos or not n_neg:
+        return float("nan")
+    r = rankdata(score_map.ravel())
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def attention_probability(slime: Slime, image: np.ndarray, seed: int) -> np.ndarray:
+    """The part's probability as the training loss sees it: raw cross-attention of the K tokens at ``test_t`` on the
+    whole image, softmaxed over the parts, resized to the image (no crops, no threshold, no refinement)."""
+    from frugalvision.inspect.slime import AttentionRecorder, cross_maps
+
+    s = slime.backbone.image_size
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
+    x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+    gen = torch.Generator().manual_seed(seed)
+    with AttentionRecorder(slime.backbone.unet, slime.cross_layers) as rec:
+        scores, _ = slime._run(x, slime.config.test_t, gen, with_uncond=False, rec=rec)
+    p = cross_maps(scores, slime.cross_layers, slime.config.num_parts, s, softmax_all=False).softmax(0)[1]
+    return torch.nn.functional.interpolate(p[None, None], size=image.shape[:2], mode="bilinear")[0, 0].numpy()
+
+
+def best_threshold(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[float, float]:
+    """(pooled IoU, threshold) of the threshold on ``maps`` with the best IoU against ``masks``."""
+    values = np.concatenate([m.ravel() for m in maps])
+    best = (-1.0, 0.0)
+    for q in np.linspace(0.5, 0.999, 120):
+        thr = float(np.quantile(values, q))
+        best = max(best, (score([m > thr for m in maps], masks)["part_iou"], thr))
+    return best
+
+
 def run_slime(backbone: Any, train: Data, test: Data, seed: int, epochs: int, **overrides: Any) -> dict[str, Any]:
-    """Fit once; score the official inference (softmax over every prompt token) and the softmax over part tokens."""
+    """Fit once; score the official inference (softmax over every prompt token), the softmax over the part tokens,
+    and the part's attention probability thresholded where the IoU on the annotated tiles is best."""
     cfg = SlimeConfig(num_parts=2, epochs=epochs, train_mask_size=32, seed=seed, device="cpu", **overrides)
     slime = Slime(backbone, cfg)
     t0 = time.perf_counter()
@@ -137,6 +176,16 @@ def run_slime(backbone: Any, train: Data, test: Data, seed: int, epochs: int, **
         own = score([slime.predict(img, seed=seed).numpy() for img in train[0]], train[1])
         res = {**score(preds, test[1]), "train_part_iou": own["part_iou"], "predict_s": pred_s}
         out.update(res if mode == "all" else {f"parts_{k}": v for k, v in res.items()})
+    own_maps = [attention_probability(slime, img, seed) for img in train[0]]
+    t1 = time.perf_counter()
+    test_maps = [attention_probability(slime, img, seed) for img in test[0]]
+    pred_s = (time.perf_counter() - t1) / len(test[0])
+    own_iou, thr = best_threshold(own_maps, train[1])
+    res = {**score([m > thr for m in test_maps], test[1]), "train_part_iou": own_iou, "predict_s": pred_s,
+           "threshold": thr, "auroc": float(np.nanmean([auroc(m, g) for m, g in zip(test_maps, test[1], strict=True)])),
+           "train_auroc": float(np.nanmean([auroc(m, g) for m, g in zip(own_maps, train[1], strict=True)])),
+           "max_prob": float(np.mean([m.max() for m in test_maps]))}
+    out.update({f"thr_{k}": v for k, v in res.items()})
     return out
 
 
@@ -223,17 +272,13 @@ def patchcore_maps(category: str, images: list[np.ndarray]) -> tuple[list[np.nda
 def run_patchcore(category: str, train: Data, test: Data) -> dict[str, Any]:
     """PatchCore's map thresholded at the value with the best pooled IoU on the annotated tiles."""
     train_maps, fit_s = patchcore_maps(category, train[0])
-    values = np.concatenate([m.ravel() for m in train_maps])
-    best = (-1.0, 0.0)
-    for q in np.linspace(0.5, 0.999, 120):
-        thr = float(np.quantile(values, q))
-        iou = score([m > thr for m in train_maps], train[1])["part_iou"]
-        best = max(best, (iou, thr))
+    own_iou, thr = best_threshold(train_maps, train[1])
     t1 = time.perf_counter()
     test_maps, _ = patchcore_maps(category, test[0])
     pred_s = (time.perf_counter() - t1) / len(test[0])
-    return {**score([m > best[1] for m in test_maps], test[1]), "train_part_iou": best[0], "fit_s": fit_s,
-            "predict_s": pred_s, "threshold": best[1]}
+    return {**score([m > thr for m in test_maps], test[1]), "train_part_iou": own_iou, "fit_s": fit_s,
+            "predict_s": pred_s, "threshold": thr,
+            "auroc": float(np.nanmean([auroc(m, g) for m, g in zip(test_maps, test[1], strict=True)]))}
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -337,12 +382,21 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _expand(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """A SLiMe row as two table rows: official inference and softmax over the part tokens."""
+    """A SLiMe row as three table rows: official inference, softmax over the part tokens, thresholded attention."""
     if "parts_part_iou" not in r:
         return [r]
-    parts = {k[len("parts_"):]: v for k, v in r.items() if k.startswith("parts_")}
-    return [dict(r, method=f"{r['method']} (official inference)"),
-            dict(r, **parts, method=f"{r['method']} (softmax over part tokens)")]
+    out = [dict(r, method=f"{r['method']} (official inference)")]
+    for prefix, name in (("parts_", "softmax over part tokens"), ("thr_", "attention thresholded on annotated")):
+        sub = {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
+        if sub:
+            out.append(dict({k: v for k, v in r.items() if k not in ("auroc",)}, **sub,
+                            method=f"{r['method']} ({name})"))
+    return out
+
+
+def _auc(rs: list[dict[str, Any]]) -> str:
+    vals = [r["auroc"] for r in rs if r.get("auroc") is not None]
+    return f"{np.mean(vals):.3f}" if vals else "-"
 
 
 def _cell(rs: list[dict[str, Any]], key: str) -> str:
@@ -372,30 +426,34 @@ def write_tables(rows: list[dict[str, Any]], out: Path, a: argparse.Namespace, i
     main_rows = [e for r in rows if r["setting"] in ("defects", "mortar") for e in _expand(r)]
     if main_rows:
         lines += ["## Defects (bundled benchmark: 21 test tiles per category) and bricks vs mortar (8 test tiles)", "",
-                  "| setting | shots | method | part IoU % | mIoU % | own IoU % | predicted part % of pixels | fit s | "
-                  "predict s/img | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| setting | shots | method | part IoU % | mIoU % | own IoU % | predicted part % of pixels | "
+                  "map AUROC | fit s | predict s/img | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in main_rows:
             groups.setdefault((r["setting"], r["category"], r["shots"], r["method"]), []).append(r)
         for (setting, cat, k, method), rs in groups.items():
             pred = f"{np.mean([r['predict_s'] for r in rs]):.2f}" if "predict_s" in rs[0] else "-"
             lines.append(f"| {setting} {cat} | {k or '-'} | {method} | {_cell(rs, 'part_iou')} | {_cell(rs, 'miou')} "
-                         f"| {_cell(rs, 'train_part_iou')} | {_cell(rs, 'predicted_part_pct')} | {_cell(rs, 'fit_s')} "
+                         f"| {_cell(rs, 'train_part_iou')} | {_cell(rs, 'predicted_part_pct')} | {_auc(rs)} | "
+                         f"{_cell(rs, 'fit_s')} "
                          f"| {pred} | {len(rs) if k else '-'} |")
     abl = [r for r in rows if r.get("arm")]
     if abl:
         cat = abl[0]["category"]
         lines += ["", f"## Ablation: 1-shot defects on {cat}, SLiMe on the pretrained backbone", "",
-                  "| arm | part IoU % (official inference) | part IoU % (part softmax) | mIoU % (part softmax) | "
-                  "own IoU % (part softmax) | predicted part % (part softmax) | cross-entropy first -> last epoch | "
-                  "seeds |", "|---|---|---|---|---|---|---|---|"]
+                  "| arm | part IoU %: official inference | part softmax | attention thresholded | own IoU %: "
+                  "part softmax | attention thresholded | test map AUROC | own map AUROC | mean peak part probability "
+                  "| cross-entropy first -> last epoch | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in ABLATION:
             rs = [r for r in abl if r["arm"] == name]
             if rs:
                 ce = f"{np.mean([r['ce_first'] for r in rs]):.3f} -> {np.mean([r['ce_last'] for r in rs]):.3f}"
                 lines.append(f"| {name} | {_cell(rs, 'part_iou')} | {_cell(rs, 'parts_part_iou')} | "
-                             f"{_cell(rs, 'parts_miou')} | {_cell(rs, 'parts_train_part_iou')} | "
-                             f"{_cell(rs, 'parts_predicted_part_pct')} | {ce} | {len(rs)} |")
+                             f"{_cell(rs, 'thr_part_iou')} | {_cell(rs, 'parts_train_part_iou')} | "
+                             f"{_cell(rs, 'thr_train_part_iou')} | "
+                             f"{_auc([{'auroc': r.get('thr_auroc')} for r in rs])} | "
+                             f"{_auc([{'auroc': r.get('thr_train_auroc')} for r in rs])} | "
+                             f"{_auc([{'auroc': r.get('thr_max_prob')} for r in rs])} | {ce} | {len(rs)} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
