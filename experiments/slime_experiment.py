@@ -133,20 +133,10 @@ def auroc(score_map: np.ndarray, label: np.ndarray) -> float:
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-@torch.no_grad()
 def attention_probability(slime: Slime, image: np.ndarray, seed: int) -> np.ndarray:
-    """The part's probability as the training loss sees it: raw cross-attention of the K tokens at ``test_t`` on the
-    whole image, softmaxed over the parts, resized to the image (no crops, no threshold, no refinement)."""
-    from frugalvision.inspect.slime import AttentionRecorder, cross_maps
-
-    s = slime.backbone.image_size
-    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255
-    x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-    gen = torch.Generator().manual_seed(seed)
-    with AttentionRecorder(slime.backbone.unet, slime.cross_layers) as rec:
-        scores, _ = slime._run(x, slime.config.test_t, gen, with_uncond=False, rec=rec)
-    p = cross_maps(scores, slime.cross_layers, slime.config.num_parts, s, softmax_all=False).softmax(0)[1]
-    return torch.nn.functional.interpolate(p[None, None], size=image.shape[:2], mode="bilinear")[0, 0].numpy()
+    """The part's probability as the training loss sees it (:meth:`Slime.part_probabilities`; what
+    ``inference=calibrated`` thresholds)."""
+    return slime.part_probabilities(image, seed)[1].numpy()
 
 
 def best_threshold(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[float, float]:
@@ -411,9 +401,10 @@ def write_tables(rows: list[dict[str, Any]], out: Path, a: argparse.Namespace, i
              f"{info.get('final_train_loss'):.4f}, {sum(p.numel() for p in pre.unet.parameters()) / 1e6:.1f} M "
              f"parameters, {pre.image_size} px).",
              f"SLiMe: official losses, train_mask_size 32, {a.epochs} epochs for 1-shot, {a.epochs10} for 10-shot; "
-             f"cross-attention {list(cross)}, self-attention {list(self_)}. Each fit is scored twice: official "
-             "inference (softmax over every prompt token, parts kept where their peak >= 0.2) and the softmax over "
-             "the part tokens only (test_softmax=parts).",
+             f"cross-attention {list(cross)}, self-attention {list(self_)}. Each fit is scored three ways: "
+             "official inference (softmax over every prompt token, parts kept where their peak >= 0.2), the softmax "
+             "over the part tokens only (test_softmax=parts), and the part's attention probability thresholded where "
+             "the IoU on the annotated tiles is best (what inference=calibrated does).",
              "Supervised segmenter: frozen texture-pretrained RepVGG-A0 + decoder, ~200 steps of batch 16 on the "
              "annotated tiles only (flips, quarter turns, colour jitter of the segment recipe).",
              "PatchCore: RepVGG-A0 (same texture pretraining) on the category's 60 defect-free training tiles; "

@@ -183,6 +183,34 @@ def test_save_and_load_give_the_same_masks(sd, tmp_path):
     assert torch.equal(again.part_embeddings, slime.part_embeddings)
 
 
+def test_calibrated_inference_takes_the_threshold_with_the_best_iou(sd, monkeypatch):
+    img, mask = _square()
+    slime = Slime(sd, SlimeConfig(num_parts=2, epochs=0, train_mask_size=16, inference="calibrated"))
+    p1 = torch.full((32, 32), 0.1)
+    p1[mask == 1] = 0.3  # the part: 0.3, below the argmax's 0.5
+    p1[:4, :4] = 0.2  # a distractor that a lower threshold would take in
+    monkeypatch.setattr(slime, "part_probabilities", lambda image, seed=None: torch.stack([1 - p1, p1]))
+    thr = slime.calibrate([img], [mask])
+    assert 0.2 <= float(thr[0]) < 0.3
+    assert torch.equal(slime.predict(img), mask)  # the official-style argmax would give all background
+    assert not (torch.stack([1 - p1, p1]).argmax(0) == 1).any()
+
+
+def test_calibrated_fit_keeps_its_thresholds_through_save_and_load(sd, tmp_path):
+    img, mask = _square()
+    slime = Slime(sd, SlimeConfig(num_parts=2, epochs=1, train_mask_size=16, inference="calibrated"))
+    probs = slime.part_probabilities(img)
+    assert probs.shape == (2, 32, 32)
+    torch.testing.assert_close(probs.sum(0), torch.ones(32, 32))
+    slime.fit([img], [mask], progress=False)
+    thr = float(slime.part_thresholds[0])
+    p1 = slime.part_probabilities(img)[1]
+    assert thr != 0.5 and float(p1.min()) <= thr <= float(p1.max())
+    again = Slime.load(slime.save(tmp_path / "parts.safetensors"), sd)
+    assert again.config.inference == "calibrated" and float(again.part_thresholds[0]) == thr
+    assert torch.equal(again.predict(img), (p1 > thr).long())
+
+
 def test_a_real_format_folder_loads_and_a_broken_one_is_refused(sd, tmp_path):
     loaded = tiny_stable_diffusion(seed=0, folder=tmp_path / "sd")
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -219,6 +247,8 @@ def test_bad_settings_are_refused(sd, tmp_path):
         SlimeConfig(class_weighting="equal")
     with pytest.raises(ConfigError, match="choose all"):
         SlimeConfig(test_softmax="none")
+    with pytest.raises(ConfigError, match="choose official or calibrated"):
+        SlimeConfig(inference="argmax")
     with pytest.raises(ConfigError, match="unknown SLiMe settings"):
         SlimeConfig.from_dict({"num_parts": 2, "lr_typo": 1})
     with pytest.raises(CheckpointError, match="not a SLiMe"):
@@ -259,6 +289,23 @@ def test_cli_fit_then_predict_writes_masks_and_overlays(tmp_path, capsys):
     assert main(pred) == 2 and "already exist" in capsys.readouterr().err
 
 
+def test_cli_calibrated_fit_is_what_predict_uses(tmp_path, capsys):
+    from PIL import Image
+
+    from frugalvision.cli import main
+    from frugalvision.pipelines.common import read_rgb
+
+    ip, mp = _write_pair(tmp_path, "a")
+    emb = tmp_path / "parts.safetensors"
+    assert main(["slime", "fit", str(ip), str(mp), "backbone=tiny", f"embeddings={emb}", "epochs=1",
+                 "train_mask_size=16", "inference=calibrated", "progress=false"]) == 0
+    slime = Slime.load(emb, tiny_stable_diffusion(seed=0))
+    assert slime.config.inference == "calibrated" and float(slime.part_thresholds[0]) != 0.5
+    assert main(["slime", "predict", str(ip), f"embeddings={emb}", f"out={tmp_path / 'p'}", "progress=false"]) == 0
+    labels = np.asarray(Image.open(tmp_path / "p" / "a_mask.png"))
+    assert np.array_equal(labels, slime.predict(read_rgb(ip)).numpy())
+
+
 @pytest.mark.parametrize("extra,match", [
     (["fit", "backbone=tiny"], "IMAGE MASK pairs"),
     (["fit", "IMG", "MASK", "backbone=/nonexistent-sd"], "no such folder or file"),
@@ -268,6 +315,7 @@ def test_cli_fit_then_predict_writes_masks_and_overlays(tmp_path, capsys):
     (["predict", "IMG", "embeddings=/nonexistent.safetensors"], "does not exist"),
     (["segment"], "needs an action"),
     (["fit", "IMG", "MASK", "backbone=tiny", "class_weighting=equal"], "choose official or balanced"),
+    (["fit", "IMG", "MASK", "backbone=tiny", "inference=argmax"], "choose official or calibrated"),
 ])
 def test_cli_bad_input_is_one_clear_error(tmp_path, capsys, extra, match):
     from PIL import Image

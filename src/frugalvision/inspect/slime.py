@@ -101,6 +101,10 @@ class SlimeConfig:
             ``parts``: over the ``K`` part tokens only, as the training loss does (for text encoders whose start
             token is no attention sink, e.g. MiniLM, where ``all`` leaves every part below the threshold).
         class_weighting: ``official`` or ``balanced`` cross-entropy weights (see :func:`class_weights`).
+        inference: ``official`` (crops, peak threshold, self-attention refinement, argmax) or ``calibrated``
+            (not in the paper): each part's attention probability (:meth:`Slime.part_probabilities`) against a
+            threshold that :meth:`Slime.calibrate` picks on the annotated images at the end of :meth:`Slime.fit`
+            (best IoU there). For parts too small to win the argmax, such as defects (docs/slime.md).
         crop_fraction: Inference crop side as a fraction of the image side (official: 400 / 512).
         crops_per_side: Inference crops per side (official: 2, so 4 crops).
         min_crop_ratio: Training crops keep 0.8 to 1 of the side (official ``--min_crop_ratio``).
@@ -124,6 +128,7 @@ class SlimeConfig:
     patch_threshold: float = 0.2
     test_softmax: str = "all"
     class_weighting: str = "official"
+    inference: str = "official"
     crop_fraction: float = 400 / 512
     crops_per_side: int = 2
     min_crop_ratio: float = 0.8
@@ -146,6 +151,8 @@ class SlimeConfig:
             raise ConfigError(f"class_weighting={self.class_weighting!r}: choose official or balanced")
         if self.test_softmax not in ("all", "parts"):
             raise ConfigError(f"test_softmax={self.test_softmax!r}: choose all (official) or parts")
+        if self.inference not in ("official", "calibrated"):
+            raise ConfigError(f"inference={self.inference!r}: choose official or calibrated")
         if self.epochs < 0 or self.train_mask_size < 1:
             raise ConfigError(f"epochs={self.epochs} and train_mask_size={self.train_mask_size} must be positive")
         self.train_t = (int(lo), int(hi))
@@ -666,6 +673,8 @@ class Slime(nn.Module):
         self.register_buffer("text_states", text, persistent=False)
         self.register_buffer("null_states", backbone.prompt_states([""]).float(), persistent=False)
         self.part_embeddings = nn.Parameter(text[:, 1:k].clone())
+        # inference=calibrated: each part's probability threshold, set by calibrate()
+        self.register_buffer("part_thresholds", torch.full((k - 1,), 0.5))
 
     # ---------------------------------------------------------------- pieces
     def states(self) -> torch.Tensor:
@@ -816,13 +825,65 @@ class Slime(nn.Module):
         if val:
             with torch.no_grad():
                 self.part_embeddings.copy_(best_state)
+        if cfg.inference == "calibrated":
+            self.calibrate([img for img, _ in data + val], [m for _, m in data + val])
         return history
+
+    @torch.no_grad()
+    def part_probabilities(self, image: torch.Tensor | np.ndarray, seed: int | None = None) -> torch.Tensor:
+        """``(K, H, W)`` part probabilities of one image, as the training loss sees them.
+
+        The cross-attention of the ``K`` tokens at ``test_t`` on the whole image, softmaxed over them (no crops, no
+        refinement), resized to the image.
+        """
+        cfg, s = self.config, self.backbone.image_size
+        img = _as_image(image, "image")
+        x = F.interpolate(img[None], size=(s, s), mode="bilinear", antialias=True).to(self.device)
+        gen = torch.Generator(self.device).manual_seed(cfg.seed if seed is None else seed)
+        with AttentionRecorder(self.backbone.unet, self.cross_layers) as rec:
+            scores, _ = self._run(x, cfg.test_t, gen, with_uncond=False, rec=rec)
+        p = cross_maps(scores, self.cross_layers, cfg.num_parts, s, softmax_all=False).softmax(0)
+        return F.interpolate(p[None], size=tuple(img.shape[-2:]), mode="bilinear")[0].cpu()
+
+    @torch.no_grad()
+    def calibrate(self, images: Sequence[torch.Tensor | np.ndarray], masks: Sequence[torch.Tensor | np.ndarray],
+                  quantiles: int = 120) -> torch.Tensor:
+        """Pick each part's probability threshold with the best IoU on annotated images (``inference=calibrated``).
+
+        Candidates are quantiles 0.5-0.999 of the part's probabilities over all pixels of ``images``; the IoU is
+        pooled over the images. Returns (and keeps) the ``K-1`` thresholds.
+        """
+        k = self.config.num_parts
+        probs = [self.part_probabilities(img) for img in images]
+        labels = [_as_mask(m, tuple(p.shape[-2:]), k, f"calibration mask {i}") for i, (m, p) in
+                  enumerate(zip(masks, probs, strict=True))]
+        for part in range(1, k):
+            values = torch.cat([p[part].flatten() for p in probs])
+            gt = [lab == part for lab in labels]
+            if not any(bool(g.any()) for g in gt):
+                continue  # a part absent from these images keeps its threshold
+            best = (-1.0, float(self.part_thresholds[part - 1]))
+            for q in torch.linspace(0.5, 0.999, quantiles).tolist():
+                thr = float(torch.quantile(values[:: max(1, values.numel() // 1_000_000)], q))
+                inter = sum(int(((p[part] > thr) & g).sum()) for p, g in zip(probs, gt, strict=True))
+                union = sum(int(((p[part] > thr) | g).sum()) for p, g in zip(probs, gt, strict=True))
+                best = max(best, (inter / max(union, 1), thr))
+            self.part_thresholds[part - 1] = best[1]
+        return self.part_thresholds.clone()
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
     def predict_maps(self, image: torch.Tensor | np.ndarray, seed: int | None = None) -> torch.Tensor:
-        """``(K, H, W)`` part scores of one image at its own size (the argmax is :meth:`predict`)."""
+        """``(K, H, W)`` part scores of one image at its own size (the argmax is :meth:`predict`).
+
+        With ``inference=calibrated`` a part's score is its probability over its threshold and the background's is
+        1: a pixel takes the part furthest above its threshold, the background where none is above.
+        """
         cfg, k, s = self.config, self.config.num_parts, self.backbone.image_size
+        if cfg.inference == "calibrated":
+            p = self.part_probabilities(image, seed)
+            ratio = p[1:] / self.part_thresholds.cpu().clamp_min(1e-8)[:, None, None]
+            return torch.cat([torch.ones_like(p[:1]), ratio])
         img = _as_image(image, "image")
         h, w = img.shape[-2:]
         full = F.interpolate(img[None], size=(s, s), mode="bilinear", antialias=True).to(self.device)
@@ -862,7 +923,8 @@ class Slime(nn.Module):
         info = {"kind": "slime", "config": asdict(self.config), "part_names": self.part_names,
                 "cross_layers": self.cross_layers, "self_layers": self.self_layers,
                 "backbone": self.backbone.describe(), **(extra or {})}
-        write_weights(path, {"part_embeddings": self.part_embeddings.detach().cpu().contiguous()},
+        write_weights(path, {"part_embeddings": self.part_embeddings.detach().cpu().contiguous(),
+                             "part_thresholds": self.part_thresholds.detach().cpu().contiguous()},
                       metadata={MODEL_META: json.dumps(info)})
         return path
 
@@ -887,5 +949,7 @@ class Slime(nn.Module):
                                   f"{tuple(slime.part_embeddings.shape)} (saved for {info['backbone']})")
         with torch.no_grad():
             slime.part_embeddings.copy_(emb)
+            if "part_thresholds" in tensors:  # files written before inference=calibrated existed have none
+                slime.part_thresholds.copy_(tensors["part_thresholds"])
         return slime
 

@@ -53,6 +53,9 @@ class SlimeJobConfig:
         patch_threshold: A part is kept in a crop only where its attention peak reaches this (official: 0.2).
         class_weighting: ``official`` cross-entropy weights or ``balanced`` ones (background included; for parts
             as small as defects, see docs/slime.md).
+        inference: ``official`` (``fit``'s default) or ``calibrated`` (not in the paper: each part's attention
+            probability against a threshold picked on the annotated images at the end of ``fit``; for small parts
+            such as defects). ``predict`` uses what the embeddings were fitted with unless given.
         test_softmax: ``all`` (official: inference softmax over every prompt token) or ``parts`` (over the part
             tokens only, as in the loss; for text encoders whose start token is no attention sink).
         seed: Seed of the augmentation, timesteps and noise (and of ``pretrain``'s data and initialisation).
@@ -80,6 +83,7 @@ class SlimeJobConfig:
     patch_threshold: float = 0.2
     class_weighting: str = "official"
     test_softmax: str = "all"
+    inference: str | None = None
     seed: int = 0
     run: str = "runs/slime/backbone"
     steps: int = 1000
@@ -188,7 +192,8 @@ def _fit(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     backbone = _backbone(cfg.backbone)
     scfg = SlimeConfig(num_parts=k, epochs=cfg.epochs, lr=cfg.lr, train_mask_size=cfg.train_mask_size,
                        patch_threshold=cfg.patch_threshold, seed=cfg.seed, device=cfg.device,
-                       class_weighting=cfg.class_weighting, test_softmax=cfg.test_softmax)
+                       class_weighting=cfg.class_weighting, test_softmax=cfg.test_softmax,
+                       inference=cfg.inference or "official")
     slime = Slime(backbone, scfg, cfg.parts)
     t0 = time.perf_counter()
     history = slime.fit(images, masks, val_images, val_masks, progress=cfg.progress)
@@ -231,8 +236,9 @@ def _predict(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     spec = cfg.backbone or info.get("backbone_spec")
     if not spec:
         raise ConfigError(f"{emb} does not say which backbone it was fitted on; pass backbone=")
+    over = {"inference": cfg.inference} if cfg.inference else {}
     slime = Slime.load(emb, _backbone(spec), patch_threshold=cfg.patch_threshold, device=cfg.device,
-                       test_softmax=cfg.test_softmax)
+                       test_softmax=cfg.test_softmax, **over)
     from tqdm.auto import tqdm
 
     rows = []
@@ -307,6 +313,8 @@ def run_slime(cfg: SlimeJobConfig) -> dict[str, Any]:
         raise ConfigError(f"class_weighting={cfg.class_weighting!r}: choose official or balanced")
     if cfg.test_softmax not in ("all", "parts"):
         raise ConfigError(f"test_softmax={cfg.test_softmax!r}: choose all (official) or parts")
+    if cfg.inference not in (None, "official", "calibrated"):
+        raise ConfigError(f"inference={cfg.inference!r}: choose official or calibrated")
     if cfg.parts is not None and len(cfg.parts) < 2:
         raise ConfigError(f"parts={cfg.parts}: name the background and at least one part (background,crack)")
     require_all([("diffusers", "slime", "slime"), ("transformers", "slime (the text encoder)", "slime")])
