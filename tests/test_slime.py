@@ -304,6 +304,13 @@ def test_cli_calibrated_fit_is_what_predict_uses(tmp_path, capsys):
     assert main(["slime", "predict", str(ip), f"embeddings={emb}", f"out={tmp_path / 'p'}", "progress=false"]) == 0
     labels = np.asarray(Image.open(tmp_path / "p" / "a_mask.png"))
     assert np.array_equal(labels, slime.predict(read_rgb(ip)).numpy())
+    official = tmp_path / "official.safetensors"
+    assert main(["slime", "fit", str(ip), str(mp), "backbone=tiny", f"embeddings={official}", "epochs=1",
+                 "train_mask_size=16", "progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["slime", "predict", str(ip), f"embeddings={official}", f"out={tmp_path / 'q'}",
+                 "inference=calibrated", "progress=false"]) == 2
+    assert "fitted without inference=calibrated" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,match", [

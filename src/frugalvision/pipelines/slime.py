@@ -236,6 +236,9 @@ def _predict(cfg: SlimeJobConfig, rest: list[str]) -> dict[str, Any]:
     spec = cfg.backbone or info.get("backbone_spec")
     if not spec:
         raise ConfigError(f"{emb} does not say which backbone it was fitted on; pass backbone=")
+    if cfg.inference == "calibrated" and info.get("config", {}).get("inference") != "calibrated":
+        raise ConfigError(f"{emb} was fitted without inference=calibrated, so it holds no calibrated thresholds; "
+                          "fit again with inference=calibrated, or predict with inference=official")
     over = {"inference": cfg.inference} if cfg.inference else {}
     slime = Slime.load(emb, _backbone(spec), patch_threshold=cfg.patch_threshold, device=cfg.device,
                        test_softmax=cfg.test_softmax, **over)
