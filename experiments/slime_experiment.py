@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from frugalvision.bench.core import result_header
+from frugalvision.inspect.anomaly.metrics import pixel_auroc
 from frugalvision.inspect.bundled import load_benchmark
 from frugalvision.inspect.slime import Slime, SlimeConfig, default_layers
 from frugalvision.inspect.text_diffusion import MiniLMStates, TextDiffusion, TextDiffusionBackbone, load_text_diffusion
@@ -121,16 +122,9 @@ def score(preds: list[np.ndarray], gts: list[np.ndarray]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def auroc(score_map: np.ndarray, label: np.ndarray) -> float:
-    """Pixel AUROC of a score map against a binary mask (ranks, ties averaged); NaN without both classes."""
-    from scipy.stats import rankdata
-
-    pos = label.ravel().astype(bool)
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    if not n_pos or not n_neg:
-        return float("nan")
-    r = rankdata(score_map.ravel())
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def _mean_auroc(maps: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Mean per-image pixel AUROC (images without both classes skipped)."""
+    return float(np.nanmean([pixel_auroc(m, g) for m, g in zip(maps, masks, strict=True)]))
 
 
 def attention_probability(slime: Slime, image: np.ndarray, seed: int) -> np.ndarray:
@@ -172,14 +166,14 @@ def run_slime(backbone: Any, train: Data, test: Data, seed: int, epochs: int, **
     pred_s = (time.perf_counter() - t1) / len(test[0])
     own_iou, thr = best_threshold(own_maps, train[1])
     res = {**score([m > thr for m in test_maps], test[1]), "train_part_iou": own_iou, "predict_s": pred_s,
-           "threshold": thr, "auroc": float(np.nanmean([auroc(m, g) for m, g in zip(test_maps, test[1], strict=True)])),
-           "train_auroc": float(np.nanmean([auroc(m, g) for m, g in zip(own_maps, train[1], strict=True)])),
+           "threshold": thr, "auroc": _mean_auroc(test_maps, test[1]),
+           "train_auroc": _mean_auroc(own_maps, train[1]),
            "max_prob": float(np.mean([m.max() for m in test_maps]))}
     out.update({f"thr_{k}": v for k, v in res.items()})
     return out
 
 
-_SEG_CACHE: dict[str, Any] = {}
+_PATCHCORE: dict[str, Any] = {}
 
 
 def run_supervised(train: Data, test: Data, seed: int, steps: int = 200) -> dict[str, Any]:
@@ -243,20 +237,20 @@ def patchcore_maps(category: str, images: list[np.ndarray]) -> tuple[list[np.nda
     from frugalvision.inspect.anomaly.training import fit_patchcore
     from frugalvision.pipelines.anomaly import _load_backbone_weights
 
-    if _SEG_CACHE.get("patchcore_category") != category:
+    if _PATCHCORE.get("patchcore_category") != category:
         model = PatchCoreModel("repvgg_a0", layers=(2, 3), img_size=128)
         _load_backbone_weights(model.backbone, "repvgg_a0", "pretrain", progress=False)
         good = [read_rgb(s.image) for s in load_benchmark("train", category).samples]
         x = torch.stack([torch.from_numpy(g).permute(2, 0, 1).float() / 255 for g in good])
         t0 = time.perf_counter()
         fit_patchcore(model, [x[i:i + 16] for i in range(0, len(x), 16)], progress=False)
-        _SEG_CACHE.update(patchcore_category=category, patchcore=model.eval(),
+        _PATCHCORE.update(patchcore_category=category, patchcore=model.eval(),
                           patchcore_fit_s=time.perf_counter() - t0)
-    model = _SEG_CACHE["patchcore"]
+    model = _PATCHCORE["patchcore"]
     with torch.no_grad():
         x = torch.stack([torch.from_numpy(g).permute(2, 0, 1).float() / 255 for g in images])
         maps = [model(x[i:i + 16]).anomaly_map[:, 0].numpy() for i in range(0, len(x), 16)]
-    return list(np.concatenate(maps)), _SEG_CACHE["patchcore_fit_s"]
+    return list(np.concatenate(maps)), _PATCHCORE["patchcore_fit_s"]
 
 
 def run_patchcore(category: str, train: Data, test: Data) -> dict[str, Any]:
@@ -268,7 +262,7 @@ def run_patchcore(category: str, train: Data, test: Data) -> dict[str, Any]:
     pred_s = (time.perf_counter() - t1) / len(test[0])
     return {**score([m > thr for m in test_maps], test[1]), "train_part_iou": own_iou, "fit_s": fit_s,
             "predict_s": pred_s, "threshold": thr,
-            "auroc": float(np.nanmean([auroc(m, g) for m, g in zip(test_maps, test[1], strict=True)]))}
+            "auroc": _mean_auroc(test_maps, test[1])}
 
 
 # ------------------------------------------------------------------------------------------------ driver

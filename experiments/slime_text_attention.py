@@ -23,22 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from frugalvision.bench.core import result_header
+from frugalvision.inspect.anomaly.metrics import pixel_auroc
 from frugalvision.inspect.bundled import load_benchmark
 from frugalvision.inspect.slime import AttentionRecorder
 from frugalvision.inspect.text_diffusion import MiniLMStates, TextDiffusion, TextDiffusionBackbone, load_text_diffusion
 from frugalvision.pipelines.common import read_rgb
 from frugalvision.pipelines.slime import read_mask
 from frugalvision.utils.io import atomic_write_text
-
-
-def auroc(score: np.ndarray, label: np.ndarray) -> float:
-    """Pixel AUROC by ranks (ties averaged)."""
-    from scipy.stats import rankdata
-
-    r = rankdata(score.ravel())
-    pos = label.ravel().astype(bool)
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def defect_tokens(tokenizer, caption: str, max_tokens: int, words: str = "defect") -> list[int]:
@@ -74,7 +65,7 @@ def attention_auroc(bb: TextDiffusionBackbone, samples, layers: list[str], t: in
                 a = scores[name][0].softmax(-1)[..., pos].mean((0, 2))  # mean over heads and defect tokens
                 side = int(a.numel() ** 0.5)
                 maps.append(F.interpolate(a.view(1, 1, side, side), size=128, mode="bilinear")[0, 0])
-            out.append(auroc(torch.stack(maps).mean(0).numpy(), read_mask(s.mask) > 0))
+            out.append(pixel_auroc(torch.stack(maps).mean(0).numpy(), read_mask(s.mask) > 0))
     return out
 
 
