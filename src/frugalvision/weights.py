@@ -448,6 +448,7 @@ for _kind in (
     ModelKind("detector", "detection", "frugalvision.detect.yolov6:build_detector_from_info"),
     ModelKind("mask_frozen", "detection", "frugalvision.detect.mask_frozen:build_mask_frozen_from_info"),
     ModelKind("vlm", "vlm", "frugalvision.language.vlm_file:build_vlm_from_info"),
+    ModelKind("svg_reader", "svg_reader", "frugalvision.language.svg_read:build_reader_module"),
 ):
     register_model_kind(_kind)
 

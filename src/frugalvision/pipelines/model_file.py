@@ -208,7 +208,9 @@ TASK_JOBS: dict[str, TaskJobs] = {}
 #: Where the commands for model files of a task without eval / predict / export jobs are.
 _OTHER_COMMANDS = {"vlm": ": evaluate it with `frugalvision vlm test model_file=...` and run it with "
                            "`frugalvision ask IMAGE QUESTION model_file=...` or `frugalvision chat IMAGE "
-                           "model_file=...`"}
+                           "model_file=...`",
+                   "svg_reader": ": evaluate it with `frugalvision svg test model=...` (images read as text); in "
+                                 "Python, frugalvision.language.svg_read.load_reader(...)"}
 
 
 def register_task_jobs(task: str, jobs: TaskJobs) -> None:

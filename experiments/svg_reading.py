@@ -1,0 +1,216 @@
+"""Do language models reading SVG text resist distribution shift better than a pixel CNN? (digits, 3 seeds)
+
+Real handwritten digits (scikit-learn, 8x8 scans upsampled to 32x32, dark ink on white), a fixed stratified split
+(``--train`` per class for training, ``--test`` per class for testing). Test images get each shift of
+:data:`frugalvision.language.svg_read.SHIFTS` before they become text; training never sees a shift.
+
+Arms (``--arms``):
+    cnn            timm resnet34 (21.3 M parameters) on the 32x32 pixels, from scratch
+    minilm-svg     pretrained all-MiniLM-L6-v2 fine-tuned on the SVG text (binary vtracer, <= 256 SmolLM2 tokens)
+    minilm-pixels  the same on the pixel grid as text (the same 256-token budget: an 8x8 grid)
+    lora-svg       SmolLM2-135M-Instruct + LoRA (r 8, q/v) answering the digit from the SVG text
+    lora-pixels    the same on the pixel text
+    icl-svg        SmolLM2-135M-Instruct, frozen, k in {0, 1, 3, 10} in-context examples (shifts at the largest k)
+
+Rows go to ``experiments/results/svg_reading.jsonl`` as each (arm, seed) finishes; ``--table`` writes
+``svg_reading.md`` from them. Commands used for the committed table are in ``docs/svg.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+QUESTION = "Which digit (0-9) does this image show? Answer with the digit only."
+NAMES = [str(i) for i in range(10)]
+
+
+def split(y: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1234)
+    tr, te = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        tr += idx[:train].tolist()
+        te += idx[train:train + test].tolist()
+    return np.array(sorted(tr)), np.array(sorted(te))
+
+
+def texts_for(images: np.ndarray, form: str, tok, cache: dict) -> tuple[list[str], float]:
+    from frugalvision.language.svg_read import image_texts
+
+    key = (form, images.tobytes().__hash__())
+    if key not in cache:
+        texts, counts = image_texts(list(images), form, 256, tok)
+        cache[key] = (texts, float(np.mean(counts)))
+    return cache[key]
+
+
+def append(row: dict, out: Path) -> None:
+    with open(out, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    from frugalvision.language.svg import smollm2_tokenizer
+    from frugalvision.language.svg_read import (
+        SHIFTS,
+        InContextReader,
+        LMReader,
+        MiniLMReader,
+        PixelCNN,
+        ReaderSettings,
+        digit_images,
+        shift_image,
+    )
+
+    torch.set_num_threads(args.threads)
+    x, y = digit_images(32)
+    tr, te = split(y, args.train, args.test)
+    xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+    shifted = {s: np.stack([shift_image(im, s) for im in xte]) for s in SHIFTS}
+    tok = smollm2_tokenizer()
+    cache: dict = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = {"train": len(tr), "test": len(te), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    llm = None
+
+    def lm():
+        nonlocal llm
+        if llm is None:
+            from frugalvision.language.llm import load_llm
+
+            llm = load_llm("smollm2")
+        return llm
+
+    for arm in args.arms:
+        for seed in args.seeds:
+            row = {**base, "arm": arm, "seed": seed}
+            form = arm.split("-")[1] if "-" in arm else "pixels"
+            if arm == "cnn":
+                model = PixelCNN(10)
+                secs = model.fit(xtr, ytr, ReaderSettings(epochs=30, batch_size=32, lr=1e-3, seed=seed,
+                                                          weight_decay=0.05, progress=False))
+                acc = {s: float((model.predict_logits(shifted[s]).argmax(1) == yte).mean()) for s in SHIFTS}
+                row.update(params=sum(p.numel() for p in model.parameters()), fit_s=round(secs, 1), acc=acc)
+            elif arm.startswith("minilm"):
+                model = MiniLMReader(10)
+                ttr, ntr = texts_for(xtr, form, tok, cache)
+                secs = model.fit(ttr, ytr, ReaderSettings(epochs=args.minilm_epochs, batch_size=16, lr=1e-4,
+                                                          seed=seed, progress=False))
+                acc, tokens = {}, {}
+                for s in SHIFTS:
+                    tte, tokens[s] = texts_for(shifted[s], form, tok, cache)
+                    acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
+                row.update(params=sum(p.numel() for p in model.parameters()), fit_s=round(secs, 1), acc=acc,
+                           tokens=tokens, truncated=model.truncated, train_tokens=ntr)
+            elif arm.startswith("lora"):
+                m, t = lm()
+                model = LMReader(NAMES, QUESTION, model=m, tokenizer=t, rank=8)
+                ttr, ntr = texts_for(xtr, form, tok, cache)
+                secs = model.fit(ttr, ytr, ReaderSettings(epochs=args.lora_epochs, batch_size=8, lr=1e-3,
+                                                          seed=seed, progress=False))
+                acc, tokens = {}, {}
+                t0 = time.perf_counter()
+                for s in SHIFTS:
+                    tte, tokens[s] = texts_for(shifted[s], form, tok, cache)
+                    acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
+                trainable = sum(p.numel() for p in model.lm.parameters() if p.requires_grad)
+                row.update(trainable=trainable, fit_s=round(secs, 1), test_s=round(time.perf_counter() - t0, 1),
+                           acc=acc, tokens=tokens, train_tokens=ntr)
+                llm = (model.lm.unload(), t)  # take LoRA off again for the next arm / seed
+            elif arm.startswith("icl"):
+                m, t = lm()
+                model = InContextReader(NAMES, QUESTION, model=m, tokenizer=t)
+                ttr, _ = texts_for(xtr, form, tok, cache)
+                rng = np.random.default_rng(seed)
+                per_k = {}
+                for k in args.ks:
+                    if k >= 10:
+                        pick = [int(rng.choice(np.flatnonzero(ytr == c))) for c in range(10)] * (k // 10)
+                        pick = list(rng.permutation(pick))
+                    else:
+                        pick = rng.choice(len(ttr), size=k, replace=False).tolist()
+                    n_prefix = model.set_examples([ttr[i] for i in pick], [int(ytr[i]) for i in pick])
+                    shifts = SHIFTS if k == max(args.ks) else ("none",)
+                    acc = {}
+                    for s in shifts:
+                        tte, _ = texts_for(shifted[s], form, tok, cache)
+                        acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
+                    per_k[str(k)] = {"acc": acc, "prefix_tokens": n_prefix}
+                    print(arm, seed, k, acc, flush=True)
+                row.update(per_k=per_k, acc=per_k[str(max(args.ks))]["acc"])
+            else:
+                sys.exit(f"unknown arm {arm}")
+            append(row, out)
+
+
+def table(path: Path) -> str:
+    from frugalvision.language.svg_read import SHIFTS
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["arm"], []).append(r)
+
+    def ms(v: list[float]) -> str:
+        return f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
+
+    lines = ["| reader | seeds | " + " | ".join(SHIFTS) + " | mean shifted | tokens | fit (s) |",
+             "|---|---|" + "---|" * (len(SHIFTS) + 3)]
+    for arm, rs in by.items():
+        cells = [ms([r["acc"][s] for r in rs]) if all(s in r["acc"] for r in rs) else "—" for s in SHIFTS]
+        shifted = [np.mean([r["acc"][s] for s in SHIFTS[1:]]) for r in rs if all(s in r["acc"] for s in SHIFTS)]
+        tok = f"{rs[0]['tokens']['none']:.0f}" if "tokens" in rs[0] else "—"
+        fit = f"{np.mean([r['fit_s'] for r in rs]):.0f}" if "fit_s" in rs[0] else "0"
+        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(cells) + f" | {ms(shifted) if shifted else '—'} | {tok} "
+                     f"| {fit} |")
+    icl = by.get("icl-svg", [])
+    if icl:
+        ks = sorted({int(k) for r in icl for k in r["per_k"]})
+        lines += ["", "| in-context examples k | " + " | ".join(str(k) for k in ks) + " |",
+                  "|---|" + "---|" * len(ks),
+                  "| accuracy, no shift (%) | " + " | ".join(ms([r["per_k"][str(k)]["acc"]["none"] for r in icl])
+                                                         for k in ks) + " |",
+                  "| prompt tokens before the query | " + " | ".join(
+                      str(icl[0]["per_k"][str(k)]["prefix_tokens"]) for k in ks) + " |"]
+    r0 = rows[0]
+    head = (f"Digits, {r0['train']} training / {r0['test']} test images (fixed split), accuracy % (mean ± std over "
+            f"seeds), {r0['machine']}, {r0['date']}.\n\n")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", nargs="+", default=["cnn", "minilm-svg", "minilm-pixels", "icl-svg", "lora-svg"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--train", type=int, default=30, help="training images per class")
+    p.add_argument("--test", type=int, default=15, help="test images per class")
+    p.add_argument("--ks", nargs="+", type=int, default=[0, 1, 3, 10])
+    p.add_argument("--minilm-epochs", type=int, default=8)
+    p.add_argument("--lora-epochs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS / "svg_reading.jsonl"))
+    p.add_argument("--table", action="store_true", help="only write svg_reading.md from the jsonl")
+    args = p.parse_args()
+    if not args.table:
+        run(args)
+    md = RESULTS / "svg_reading.md"
+    md.write_text("# Reading digits as SVG text vs pixels under test-time shifts\n\n" + table(Path(args.out)))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
