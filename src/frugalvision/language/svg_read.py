@@ -321,17 +321,16 @@ class MiniLMReader(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- causal LM
-def _label_token_ids(tokenizer: Any, names: Sequence[str]) -> list[int]:
-    ids = []
+def _label_token_seqs(tokenizer: Any, names: Sequence[str]) -> list[list[int]]:
+    seqs = []
     for name in names:
-        toks = tokenizer(name, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise ConfigError(f"label {name!r} is {len(toks)} tokens for this tokenizer; the LM readers need labels "
-                              "that are one token each (use short names or digits)")
-        ids.append(int(toks[0]))
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"labels {list(names)} share a token")
-    return ids
+        toks = [int(t) for t in tokenizer(str(name), add_special_tokens=False)["input_ids"]]
+        if not toks:
+            raise ConfigError(f"label {name!r} is no token at all for this tokenizer; give class names with text")
+        seqs.append(toks)
+    if len({tuple(t) for t in seqs}) != len(seqs):
+        raise ConfigError(f"labels {list(names)} are not all different once tokenised")
+    return seqs
 
 
 def _user_text(text: str, question: str) -> str:
@@ -353,7 +352,9 @@ class _CausalLMBase(nn.Module):
         self.lm, self.tokenizer = model, tokenizer
         self.names = list(names)
         self.question = question
-        self.label_ids = _label_token_ids(tokenizer, self.names)
+        self.label_seqs = _label_token_seqs(tokenizer, self.names)
+        single = all(len(t) == 1 for t in self.label_seqs) and len({t[0] for t in self.label_seqs}) == len(names)
+        self.label_ids: list[int] | None = [t[0] for t in self.label_seqs] if single else None
 
     def _prompt_ids(self, text: str) -> list[int]:
         from .prompts import chat_wrap
@@ -375,15 +376,34 @@ class _CausalLMBase(nn.Module):
         logits = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         return logits[torch.arange(len(seqs)), last.to(dev)]
 
+    def _answer_logprob(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
+        """Sum of the log-probabilities of each answer's tokens after its prompt ``(B,)`` (right-padded batch)."""
+        dev = next(self.lm.parameters()).device
+        seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
+        n = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), n), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, :len(q)] = torch.as_tensor(q)
+            mask[i, :len(q)] = 1
+        logp = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().log_softmax(-1)
+        out = []
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=dev)
+            out.append(logp[i, pos, torch.as_tensor(a, device=dev)].sum())
+        return torch.stack(out)
+
 
 class LMReader(_CausalLMBase):
-    """A causal LM with LoRA (peft) answering ``question`` about the text with one label token.
+    """A causal LM with LoRA (peft) answering ``question`` about the text with a class name.
 
-    Training: next-token cross-entropy on the answer token (the whole vocabulary), LoRA on ``q_proj`` / ``v_proj``.
-    Prediction: the label whose token has the highest logit after the prompt (constrained to the labels).
+    Training: next-token cross-entropy on the answer's tokens (over the whole vocabulary), LoRA on ``q_proj`` /
+    ``v_proj``. Prediction: the class name the LM finds most likely after the prompt (constrained to the classes):
+    one forward pass when every name is one token (the label tokens' logits), else one per class (the names'
+    summed token log-probabilities).
 
     Args:
-        names: Label names, one token each (``"0"`` ... ``"9"`` for digits).
+        names: Class names (``"0"`` ... ``"9"`` for digits).
         question: Asked after the text, e.g. ``"Which digit (0-9) does this SVG image show?"``.
         llm: ``smollm2``, a ``.gguf`` file, a transformers folder, or ``tiny`` (a small random LLaMA, for tests).
         rank: LoRA rank (alpha = 2 x rank, dropout 0.05).
@@ -402,26 +422,33 @@ class LMReader(_CausalLMBase):
         """Train the LoRA weights; returns seconds."""
         torch.manual_seed(settings.seed)
         prompts = [self._prompt_ids(t) for t in texts]
-        targets = torch.as_tensor([self.label_ids[int(y)] for y in labels])
+        labels = [int(y) for y in labels]
         self.lm.train()
         params = [p for p in self.lm.parameters() if p.requires_grad]
 
         def step(idx: list[int]) -> torch.Tensor:
-            logits = self._last_logits([prompts[i] for i in idx])
-            return F.cross_entropy(logits.float(), targets[idx].to(logits.device))
+            if self.label_ids is not None:
+                logits = self._last_logits([prompts[i] for i in idx])
+                target = torch.as_tensor([self.label_ids[labels[i]] for i in idx], device=logits.device)
+                return F.cross_entropy(logits.float(), target)
+            answers = [self.label_seqs[labels[i]] for i in idx]
+            return -(self._answer_logprob([prompts[i] for i in idx], answers)).mean()
 
         secs = _fit_loop(params, len(texts), step, settings, "lora")
         self.lm.eval()
         return secs
 
     def predict_logits(self, texts: Sequence[str], batch_size: int = 8, progress: bool = False) -> np.ndarray:
-        """``(N, num_labels)`` logits of the label tokens after each prompt."""
+        """``(N, num_labels)`` scores: label-token logits, or the names' log-probabilities (multi-token names)."""
         self.lm.eval()
-        ids = torch.as_tensor(self.label_ids)
+        ids = self.label_ids
 
         def fn(idx: list[int]) -> torch.Tensor:
-            logits = self._last_logits([self._prompt_ids(texts[i]) for i in idx])
-            return logits[:, ids.to(logits.device)]
+            prompts = [self._prompt_ids(texts[i]) for i in idx]
+            if ids is not None:
+                logits = self._last_logits(prompts)
+                return logits[:, torch.as_tensor(ids, device=logits.device)]
+            return torch.stack([self._answer_logprob(prompts, [seq] * len(prompts)) for seq in self.label_seqs], 1)
 
         return _batched_predict(len(texts), batch_size, fn, progress, "lora")
 
@@ -435,6 +462,8 @@ class InContextReader(_CausalLMBase):
     def __init__(self, names: Sequence[str], question: str, llm: str | Path = "smollm2", model: Any = None,
                  tokenizer: Any = None) -> None:
         super().__init__(names, question, llm, False, model, tokenizer)
+        if self.label_ids is None:
+            raise ConfigError(f"the in-context reader needs class names of one token each; {list(names)} are not")
         self.lm.requires_grad_(False)
         self._prefix: list[int] = []
         self._messages: list[dict[str, str]] = []
@@ -477,7 +506,7 @@ class InContextReader(_CausalLMBase):
 
     def predict_logits(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """``(N, num_labels)`` label-token logits, one query at a time after the cached examples."""
-        ids = torch.as_tensor(self.label_ids)
+        ids = torch.as_tensor(self.label_ids or [])
         dev = next(self.lm.parameters()).device
 
         def fn(idx: list[int]) -> torch.Tensor:
