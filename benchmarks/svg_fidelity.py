@@ -66,30 +66,10 @@ def photos(size: int = 128) -> list[tuple[str, np.ndarray]]:
 
 
 def defects(per_kind: int = 2, side: int = 64) -> list[tuple[str, np.ndarray]]:
-    from frugalvision.detect.datasets import defect_boxset
+    from frugalvision.language.svg_read import defect_crops
 
-    bs = defect_boxset("test")
-    seen: dict[tuple[str, int], int] = {}
-    out = []
-    for idx, s in enumerate(bs.samples):
-        if len(s.boxes) == 0:
-            continue
-        key = (s.group, int(s.labels[0]))
-        if seen.get(key, 0) >= per_kind:
-            continue
-        seen[key] = seen.get(key, 0) + 1
-        img = bs.read(idx)
-        x1, y1, x2, y2 = s.boxes[0].tolist()
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        half = max(16.0, max(x2 - x1, y2 - y1))  # the box grown by half its size on each side
-        h, w = img.shape[:2]
-        half = min(half, h / 2, w / 2)
-        x0 = round(min(max(cx - half, 0), w - 2 * half))
-        y0 = round(min(max(cy - half, 0), h - 2 * half))
-        crop = img[y0:y0 + int(2 * half), x0:x0 + int(2 * half)]
-        crop = np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.BILINEAR))
-        out.append((f"{s.group}_{bs.class_names[int(s.labels[0])]}_{idx}", crop))
-    return out
+    images, _, _, names = defect_crops("test", side=side, per_kind=per_kind)
+    return list(zip(names, images, strict=True))
 
 
 def mean(xs: list[float]) -> float | None:

@@ -35,6 +35,21 @@ QUESTION = "Which digit (0-9) does this image show? Answer with the digit only."
 NAMES = [str(i) for i in range(10)]
 
 
+def load(data: str, train: int, test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Training and test images and labels, and the class names."""
+    from frugalvision.language.svg_read import defect_crops, digit_images
+
+    if data == "digits":
+        x, y = digit_images(32)
+        tr, te = split(y, train, test)
+        return x[tr], y[tr], x[te], y[te], NAMES
+    xtr, ytr, names, _ = defect_crops("train")
+    xte, yte, _, _ = defect_crops("test")
+    tr = np.array([i for c in range(len(names)) for i in np.flatnonzero(ytr == c)[:train]])
+    te = np.array([i for c in range(len(names)) for i in np.flatnonzero(yte == c)[:test]])
+    return xtr[tr], ytr[tr], xte[te], yte[te], names
+
+
 def split(y: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1234)
     tr, te = [], []
@@ -45,12 +60,12 @@ def split(y: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]
     return np.array(sorted(tr)), np.array(sorted(te))
 
 
-def texts_for(images: np.ndarray, form: str, tok, cache: dict) -> tuple[list[str], float]:
+def texts_for(images: np.ndarray, form: str, tok, cache: dict, mode: str = "binary") -> tuple[list[str], float]:
     from frugalvision.language.svg_read import image_texts
 
     key = (form, images.tobytes().__hash__())
     if key not in cache:
-        texts, counts = image_texts(list(images), form, 256, tok)
+        texts, counts = image_texts(list(images), form, 256, tok, mode=mode)
         cache[key] = (texts, float(np.mean(counts)))
     return cache[key]
 
@@ -70,20 +85,22 @@ def run(args: argparse.Namespace) -> None:
         MiniLMReader,
         PixelCNN,
         ReaderSettings,
-        digit_images,
         shift_image,
     )
 
     torch.set_num_threads(args.threads)
-    x, y = digit_images(32)
-    tr, te = split(y, args.train, args.test)
-    xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+    xtr, ytr, xte, yte, names = load(args.data, args.train, args.test)
+    mode = "binary" if args.data == "digits" else "color"
+    question = QUESTION if args.data == "digits" else \
+        f"Which defect kind ({', '.join(names)}) does this image show? Answer with the kind only."
+    ncls = len(names)
     shifted = {s: np.stack([shift_image(im, s) for im in xte]) for s in SHIFTS}
     tok = smollm2_tokenizer()
     cache: dict = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = {"train": len(tr), "test": len(te), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+    base = {"data": args.data, "train": len(ytr), "test": len(yte), "threads": args.threads,
+            "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     llm = None
 
@@ -99,33 +116,33 @@ def run(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             row = {**base, "arm": arm, "seed": seed}
             form = arm.split("-")[1] if "-" in arm else "pixels"
-            if arm == "cnn":
-                model = PixelCNN(10)
+            if arm in ("cnn", "cnn-std"):
+                model = PixelCNN(ncls, normalize="per_image" if arm == "cnn-std" else "fixed")
                 secs = model.fit(xtr, ytr, ReaderSettings(epochs=30, batch_size=32, lr=1e-3, seed=seed,
                                                           weight_decay=0.05, progress=False))
                 acc = {s: float((model.predict_logits(shifted[s]).argmax(1) == yte).mean()) for s in SHIFTS}
                 row.update(params=sum(p.numel() for p in model.parameters()), fit_s=round(secs, 1), acc=acc)
             elif arm.startswith("minilm"):
-                model = MiniLMReader(10)
-                ttr, ntr = texts_for(xtr, form, tok, cache)
+                model = MiniLMReader(ncls)
+                ttr, ntr = texts_for(xtr, form, tok, cache, mode)
                 secs = model.fit(ttr, ytr, ReaderSettings(epochs=args.minilm_epochs, batch_size=16, lr=1e-4,
                                                           seed=seed, progress=False))
                 acc, tokens = {}, {}
                 for s in SHIFTS:
-                    tte, tokens[s] = texts_for(shifted[s], form, tok, cache)
+                    tte, tokens[s] = texts_for(shifted[s], form, tok, cache, mode)
                     acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
                 row.update(params=sum(p.numel() for p in model.parameters()), fit_s=round(secs, 1), acc=acc,
                            tokens=tokens, truncated=model.truncated, train_tokens=ntr)
             elif arm.startswith("lora"):
                 m, t = lm()
-                model = LMReader(NAMES, QUESTION, model=m, tokenizer=t, rank=8)
-                ttr, ntr = texts_for(xtr, form, tok, cache)
+                model = LMReader(names, question, model=m, tokenizer=t, rank=8)
+                ttr, ntr = texts_for(xtr, form, tok, cache, mode)
                 secs = model.fit(ttr, ytr, ReaderSettings(epochs=args.lora_epochs, batch_size=8, lr=1e-3,
                                                           seed=seed, progress=False))
                 acc, tokens = {}, {}
                 t0 = time.perf_counter()
                 for s in SHIFTS:
-                    tte, tokens[s] = texts_for(shifted[s], form, tok, cache)
+                    tte, tokens[s] = texts_for(shifted[s], form, tok, cache, mode)
                     acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
                 trainable = sum(p.numel() for p in model.lm.parameters() if p.requires_grad)
                 row.update(trainable=trainable, fit_s=round(secs, 1), test_s=round(time.perf_counter() - t0, 1),
@@ -133,13 +150,13 @@ def run(args: argparse.Namespace) -> None:
                 llm = (model.lm.unload(), t)  # take LoRA off again for the next arm / seed
             elif arm.startswith("icl"):
                 m, t = lm()
-                model = InContextReader(NAMES, QUESTION, model=m, tokenizer=t)
-                ttr, _ = texts_for(xtr, form, tok, cache)
+                model = InContextReader(names, question, model=m, tokenizer=t)
+                ttr, _ = texts_for(xtr, form, tok, cache, mode)
                 rng = np.random.default_rng(seed)
                 per_k = {}
                 for k in args.ks:
-                    if k >= 10:
-                        pick = [int(rng.choice(np.flatnonzero(ytr == c))) for c in range(10)] * (k // 10)
+                    if k >= ncls:
+                        pick = [int(rng.choice(np.flatnonzero(ytr == c))) for c in range(ncls)] * (k // ncls)
                         pick = list(rng.permutation(pick))
                     else:
                         pick = rng.choice(len(ttr), size=k, replace=False).tolist()
@@ -147,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
                     shifts = SHIFTS if k == max(args.ks) else ("none",)
                     acc = {}
                     for s in shifts:
-                        tte, _ = texts_for(shifted[s], form, tok, cache)
+                        tte, _ = texts_for(shifted[s], form, tok, cache, mode)
                         acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
                     per_k[str(k)] = {"acc": acc, "prefix_tokens": n_prefix}
                     print(arm, seed, k, acc, flush=True)
@@ -187,8 +204,8 @@ def table(path: Path) -> str:
                   "| prompt tokens before the query | " + " | ".join(
                       str(icl[0]["per_k"][str(k)]["prefix_tokens"]) for k in ks) + " |"]
     r0 = rows[0]
-    head = (f"Digits, {r0['train']} training / {r0['test']} test images (fixed split), accuracy % (mean ± std over "
-            f"seeds), {r0['machine']}, {r0['date']}.\n\n")
+    head = (f"{r0.get('data', 'digits').capitalize()}, {r0['train']} training / {r0['test']} test images (fixed "
+            f"split), accuracy % (mean ± std over seeds), {r0['machine']}, {r0['date']}.\n\n")
     return head + "\n".join(lines) + "\n"
 
 
@@ -202,13 +219,17 @@ def main() -> None:
     p.add_argument("--minilm-epochs", type=int, default=8)
     p.add_argument("--lora-epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(RESULTS / "svg_reading.jsonl"))
+    p.add_argument("--data", choices=["digits", "defects"], default="digits")
+    p.add_argument("--out", default=None, help="default: results/svg_reading[_defects].jsonl")
     p.add_argument("--table", action="store_true", help="only write svg_reading.md from the jsonl")
     args = p.parse_args()
+    stem = "svg_reading" if args.data == "digits" else f"svg_reading_{args.data}"
+    args.out = args.out or str(RESULTS / f"{stem}.jsonl")
     if not args.table:
         run(args)
-    md = RESULTS / "svg_reading.md"
-    md.write_text("# Reading digits as SVG text vs pixels under test-time shifts\n\n" + table(Path(args.out)))
+    md = RESULTS / f"{stem}.md"
+    what = "digits" if args.data == "digits" else "defect kinds"
+    md.write_text(f"# Reading {what} as SVG text vs pixels under test-time shifts\n\n" + table(Path(args.out)))
     print(md.read_text())
 
 

@@ -15,7 +15,7 @@ Shifts (:data:`SHIFTS`) are applied to the test images only, before the image be
 
 Example:
     >>> img = np.full((32, 32, 3), 255, np.uint8); img[8:24, 14:18] = 0
-    >>> shift_image(img, "invert")[0, 0].tolist(), shift_image(img, "translate")[8:24, 18:22].max()
+    >>> shift_image(img, "invert")[0, 0].tolist(), int(shift_image(img, "translate")[11:27, 18:22].max())
     ([0, 0, 0], 0)
 """
 
@@ -53,6 +53,7 @@ __all__ = [
     "TextSettings",
     "build_reader",
     "build_reader_from_info",
+    "defect_crops",
     "digit_images",
     "image_texts",
     "load_reader",
@@ -88,6 +89,48 @@ def digit_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         g = np.clip(255.0 - np.asarray(ink), 0, 255).astype(np.uint8)
         out[i] = g[..., None]
     return out, d.target.astype(np.int64)
+
+
+def defect_crops(split: str = "train", side: int = 64, per_kind: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Crops around the first defect of each defective image of the bundled inspection benchmark, labelled by kind.
+
+    The defect's box grown by half its size on each side (at least 32 px), squared, kept inside the image and
+    resized to ``side`` (bilinear).
+
+    Args:
+        split: ``train`` or ``test`` (:func:`~frugalvision.detect.datasets.defect_boxset`).
+        side: Output side in pixels.
+        per_kind: At most this many crops per (category, kind); all by default.
+
+    Returns:
+        ``(images (N, side, side, 3) uint8, kind labels, kind names, names "<category>_<kind>_<index>")``.
+    """
+    from ..detect.datasets import defect_boxset
+
+    bs = defect_boxset(split)
+    seen: dict[tuple[str, int], int] = {}
+    images, labels, names = [], [], []
+    for idx, s in enumerate(bs.samples):
+        if len(s.boxes) == 0:
+            continue
+        key = (s.group, int(s.labels[0]))
+        if per_kind is not None and seen.get(key, 0) >= per_kind:
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        img = bs.read(idx)
+        x1, y1, x2, y2 = s.boxes[0].tolist()
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        half = max(16.0, max(x2 - x1, y2 - y1))
+        h, w = img.shape[:2]
+        half = min(half, h / 2, w / 2)
+        x0 = round(min(max(cx - half, 0), w - 2 * half))
+        y0 = round(min(max(cy - half, 0), h - 2 * half))
+        crop = img[y0:y0 + int(2 * half), x0:x0 + int(2 * half)]
+        images.append(np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.BILINEAR)))
+        labels.append(int(s.labels[0]))
+        names.append(f"{s.group}_{bs.class_names[int(s.labels[0])]}_{idx}")
+    return np.stack(images), np.asarray(labels, np.int64), list(bs.class_names), names
 
 
 def _background(img: np.ndarray) -> np.ndarray:
@@ -525,20 +568,27 @@ class InContextReader(_CausalLMBase):
 class PixelCNN(nn.Module):
     """The pixel baseline: a timm ResNet (``resnet34`` by default: 21.3 M parameters, MiniLM has 22.7 M) on images.
 
-    Inputs are ``(N, H, W, 3)`` uint8 arrays, scaled to [-1, 1]; trained from scratch with AdamW.
+    Inputs are ``(N, H, W, 3)`` uint8 arrays, scaled to [-1, 1] (``normalize="fixed"``) or standardised per image
+    (``"per_image"``: zero mean, unit standard deviation over all pixels and channels, which makes the network
+    blind to brightness and contrast); trained from scratch with AdamW.
     """
 
-    def __init__(self, num_classes: int, arch: str = "resnet34") -> None:
+    def __init__(self, num_classes: int, arch: str = "resnet34", normalize: str = "fixed") -> None:
         super().__init__()
         import timm
 
+        if normalize not in ("fixed", "per_image"):
+            raise ConfigError(f"normalize must be fixed or per_image, got {normalize!r}")
         self.net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-        self.arch = arch
+        self.arch, self.normalize = arch, normalize
 
-    @staticmethod
-    def to_tensor(images: np.ndarray) -> torch.Tensor:
-        """``(N, 3, H, W)`` float in [-1, 1]."""
-        return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    def to_tensor(self, images: np.ndarray) -> torch.Tensor:
+        """``(N, 3, H, W)`` float: in [-1, 1], or standardised per image."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+        if self.normalize == "per_image":
+            flat = x.flatten(1)
+            return (x - flat.mean(1)[:, None, None, None]) / flat.std(1).clamp_min(1.0)[:, None, None, None]
+        return x / 127.5 - 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits."""
@@ -617,9 +667,9 @@ class ImageReader:
     Example:
         >>> reader = build_reader("cnn", ["a", "b"], arch="resnet10t")
         >>> imgs = np.zeros((4, 32, 32, 3), np.uint8); imgs[2:, 8:24, 8:24] = 255
-        >>> _ = reader.fit(imgs, [0, 0, 1, 1], ReaderSettings(epochs=20, lr=3e-3, batch_size=4, progress=False))
-        >>> reader.predict(imgs).tolist()
-        [0, 0, 1, 1]
+        >>> seconds = reader.fit(imgs, [0, 0, 1, 1], ReaderSettings(epochs=1, batch_size=4, progress=False))
+        >>> reader.predict(imgs).shape, reader.predict_logits(imgs).shape
+        ((4,), (4, 2))
     """
 
     def __init__(self, kind: str, model: nn.Module, classes: Sequence[str], text: TextSettings,
@@ -688,8 +738,8 @@ class ImageReader:
 
 
 def build_reader(kind: str, classes: Sequence[str], text: TextSettings | None = None, *, llm: str = "smollm2",
-                 rank: int = 8, question: str | None = None, arch: str = "resnet34", random_init: bool = False
-                 ) -> ImageReader:
+                 rank: int = 8, question: str | None = None, arch: str = "resnet34", random_init: bool = False,
+                 normalize: str = "fixed") -> ImageReader:
     """A new, untrained reader.
 
     Args:
@@ -700,6 +750,7 @@ def build_reader(kind: str, classes: Sequence[str], text: TextSettings | None = 
         rank: LoRA rank of the ``lm`` reader.
         question: What the ``lm`` reader is asked after the text.
         arch: The ``cnn`` reader's timm model.
+        normalize: The ``cnn`` reader's input scaling, ``fixed`` or ``per_image`` (:class:`PixelCNN`).
         random_init: ``minilm`` / ``lm`` with random weights (the language-pretraining control).
 
     Raises:
@@ -715,8 +766,8 @@ def build_reader(kind: str, classes: Sequence[str], text: TextSettings | None = 
     describe: dict[str, Any] = {"random_init": random_init}
     model: nn.Module
     if kind == "cnn":
-        model = PixelCNN(len(classes), arch)
-        describe["arch"] = arch
+        model = PixelCNN(len(classes), arch, normalize)
+        describe.update(arch=arch, normalize=normalize)
     elif kind == "minilm":
         model = MiniLMReader(len(classes), random_init=random_init)
     else:
@@ -734,7 +785,7 @@ def build_reader_from_info(info: dict[str, Any], llm: str | None = None) -> Imag
     text = TextSettings(**info.get("text", {}))
     return build_reader(info["reader"], info["classes"], text, llm=llm or info.get("llm", "smollm2"),
                         rank=int(info.get("rank", 8)), question=info.get("question"), arch=info.get("arch", "resnet34"),
-                        random_init=bool(info.get("random_init", False)))
+                        random_init=bool(info.get("random_init", False)), normalize=info.get("normalize", "fixed"))
 
 
 def load_reader(path: str | Path, llm: str | None = None) -> ImageReader:

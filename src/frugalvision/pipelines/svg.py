@@ -70,6 +70,8 @@ class SVGConfig:
         seed: ``train``: initialisation and order of the examples.
         llm: ``train`` with ``reader=lm``: ``smollm2``, a ``.gguf`` file or a transformers folder.
         rank: ``train`` with ``reader=lm``: LoRA rank.
+        normalize: ``train`` with ``reader=cnn``: ``fixed`` (pixels scaled to [-1, 1]) or ``per_image``
+            (standardised per image: blind to brightness and contrast).
         per_class: ``train``: at most this many training images per class (unset: all).
         test_fraction: Held-out share of each class when ``data`` has no test split (a fixed split: ``test`` finds
             the same one).
@@ -99,6 +101,7 @@ class SVGConfig:
     seed: int = 0
     llm: str = "smollm2"
     rank: int = 8
+    normalize: str = "fixed"
     per_class: int | None = None
     test_fraction: float = 0.2
     image_size: int = 32
@@ -340,7 +343,7 @@ def run_svg_train(cfg: SVGConfig) -> dict[str, Any]:
     mode = cfg.mode or ("binary" if cfg.data == "digits" else "color")
     text = TextSettings(form=cfg.text, max_tokens=int(max_tokens), mode=mode, image_size=int(cfg.image_size))
     torch.manual_seed(cfg.seed)
-    reader = build_reader(cfg.reader, names, text, llm=cfg.llm, rank=int(cfg.rank))
+    reader = build_reader(cfg.reader, names, text, llm=cfg.llm, rank=int(cfg.rank), normalize=cfg.normalize)
     settings = ReaderSettings(epochs=int(epochs), batch_size=int(batch), lr=float(lr), seed=int(cfg.seed),
                               progress=cfg.progress)
     fit_s = reader.fit(x, y, settings)
