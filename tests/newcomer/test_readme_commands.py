@@ -78,6 +78,9 @@ SHORT: dict[str, list[str]] = {
     "frugalvision bench efficientmod_xxs --onnx precisions=[fp32,bf16,int8] out=runs/bench-precision": [
         "img_size=64", "batch_size=2", "repeats=2", "throughput_repeats=1", "warmup=1"],
     "frugalvision data all": [],
+    "frugalvision svg train reader=cnn out=runs/svg-cnn": ["per_class=2", "epochs=1", "progress=false"],
+    "frugalvision svg test model=runs/svg-cnn/model.safetensors out=runs/svg-cnn/test": [
+        "limit=10", "shifts=[none,invert]", "progress=false"],
     "frugalvision models fastervit*": [],
     "frugalvision info": [],
     "frugalvision anomaly fit backbone=resnet18 layers=[2,3] out=runs/anomaly-r18 onnx=true": [

@@ -57,6 +57,7 @@ __all__ = [
     "digit_images",
     "image_texts",
     "load_reader",
+    "resize_images",
     "shift_image",
 ]
 
@@ -405,31 +406,27 @@ class _CausalLMBase(nn.Module):
         return list(self.tokenizer(chat_wrap(self.tokenizer, _user_text(text, self.question)),
                                    add_special_tokens=False)["input_ids"])
 
-    def _last_logits(self, seqs: list[list[int]], past: Any = None) -> torch.Tensor:
-        """Logits at the last token of each sequence (right-padded batch)."""
+    def _logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        """The LM's logits ``(B, T, V)`` on a right-padded batch of token sequences."""
         dev = next(self.lm.parameters()).device
         n = max(len(s) for s in seqs)
-        pad = int(self.tokenizer.pad_token_id or 0)
-        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+        ids = torch.full((len(seqs), n), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.as_tensor(s)
             mask[i, :len(s)] = 1
-        last = torch.as_tensor([len(s) - 1 for s in seqs])
-        logits = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        return logits[torch.arange(len(seqs)), last.to(dev)]
+        return self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+
+    def _last_logits(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Logits at the last token of each sequence ``(B, V)``."""
+        logits = self._logits(seqs)
+        last = torch.as_tensor([len(s) - 1 for s in seqs], device=logits.device)
+        return logits[torch.arange(len(seqs), device=logits.device), last]
 
     def _answer_logprob(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
         """Sum of the log-probabilities of each answer's tokens after its prompt ``(B,)`` (right-padded batch)."""
-        dev = next(self.lm.parameters()).device
-        seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
-        n = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), n), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, q in enumerate(seqs):
-            ids[i, :len(q)] = torch.as_tensor(q)
-            mask[i, :len(q)] = 1
-        logp = self.lm(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().log_softmax(-1)
+        logp = self._logits([p + a for p, a in zip(prompts, answers, strict=True)]).float().log_softmax(-1)
+        dev = logp.device
         out = []
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=dev)
@@ -643,7 +640,13 @@ class TextSettings:
     image_size: int = 32
 
 
-def _resize_all(images: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
+def resize_images(images: Sequence[np.ndarray] | np.ndarray, size: int) -> np.ndarray:
+    """``(N, size, size, 3)`` uint8 from ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 images (bicubic).
+
+    Example:
+        >>> resize_images([np.zeros((5, 7), np.uint8)], 4).shape
+        (1, 4, 4, 3)
+    """
     out = np.empty((len(images), size, size, 3), np.uint8)
     for i, im in enumerate(images):
         a = np.asarray(im)
@@ -691,7 +694,7 @@ class ImageReader:
 
     def inputs(self, images: Sequence[np.ndarray] | np.ndarray, progress: bool = False) -> Any:
         """What the model reads: resized images (``cnn``) or their texts."""
-        arr = _resize_all(images, self.text.image_size)
+        arr = resize_images(images, self.text.image_size)
         if self.kind == "cnn":
             return arr
         texts, _ = image_texts(list(arr), self.text.form, self.text.max_tokens, self.budget_tokenizer(),

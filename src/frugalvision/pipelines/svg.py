@@ -376,7 +376,7 @@ def run_svg_test(cfg: SVGConfig) -> dict[str, Any]:
         ConfigError: No model, unknown shifts, or outputs that exist without ``overwrite=true``.
         CheckpointError: The model file is missing or of another kind.
     """
-    from ..language.svg_read import SHIFTS, load_reader, shift_image
+    from ..language.svg_read import SHIFTS, load_reader, resize_images, shift_image
     from ..weights import read_model_info
 
     if not cfg.model:
@@ -416,7 +416,7 @@ def run_svg_test(cfg: SVGConfig) -> dict[str, Any]:
     acc: dict[str, float] = {}
     t0 = time.perf_counter()
     for s in tqdm(shifts, desc="shifts", disable=not cfg.progress):
-        images = [shift_image(np.asarray(_rgb(im, reader.text.image_size)), s) for im in x]
+        images = [shift_image(im, s) for im in resize_images(x, reader.text.image_size)]
         acc[s] = float((reader.predict(images) == y).mean())
     seconds = time.perf_counter() - t0
     t = reader.text
@@ -430,14 +430,3 @@ def run_svg_test(cfg: SVGConfig) -> dict[str, Any]:
     atomic_write_text(outputs[0], json.dumps(result, indent=2) + "\n")
     atomic_write_text(outputs[1], "\n".join(md) + "\n")
     return result
-
-
-def _rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """An image as ``(size, size, 3)`` uint8 (shifts are defined at the reader's input size)."""
-    from PIL import Image
-
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, -1)
-    pil = Image.fromarray(a[..., :3].astype(np.uint8))
-    return np.asarray(pil if pil.size == (size, size) else pil.resize((size, size), Image.Resampling.BICUBIC))
