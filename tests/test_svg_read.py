@@ -241,7 +241,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     from frugalvision.weights import save_model_file
 
     other = save_model_file(nn.Linear(2, 2), tmp_path / "c.safetensors", "classifier", "toy")
-    cases = [(["svg", "test", f"model={other}", f"out={tmp_path / 'a'}"], "not an image reader"),
+    reader = R.build_reader("cnn", ["a", "b"], arch="resnet10t").save(tmp_path / "r.safetensors")
+    cases = [(["eval", f"model_file={reader}"], "svg test"),(["svg", "test", f"model={other}", f"out={tmp_path / 'a'}"], "not an image reader"),
              (["svg", "test", f"out={tmp_path / 'b'}"], "needs model="),
              (["svg", "test", f"model={other}", "shifts=[blur]", f"out={tmp_path / 'c'}"], "unknown shift"),
              (["svg", "train", "reader=gpt", f"out={tmp_path / 'd'}"], "reader must be"),
