@@ -242,7 +242,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     other = save_model_file(nn.Linear(2, 2), tmp_path / "c.safetensors", "classifier", "toy")
     reader = R.build_reader("cnn", ["a", "b"], arch="resnet10t").save(tmp_path / "r.safetensors")
-    cases = [(["eval", f"model_file={reader}"], "svg test"),(["svg", "test", f"model={other}", f"out={tmp_path / 'a'}"], "not an image reader"),
+    cases = [(["eval", f"model_file={reader}"], "svg test"),
+             (["svg", "test", f"model={other}", f"out={tmp_path / 'a'}"], "not an image reader"),
              (["svg", "test", f"out={tmp_path / 'b'}"], "needs model="),
              (["svg", "test", f"model={other}", "shifts=[blur]", f"out={tmp_path / 'c'}"], "unknown shift"),
              (["svg", "train", "reader=gpt", f"out={tmp_path / 'd'}"], "reader must be"),
@@ -251,3 +252,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for argv, words in cases:
         assert main(argv) in (1, 2)
         assert words in _one_line(capsys.readouterr().err)
+
+
+def test_ask_answers_with_a_reader_file(tmp_path, digits, capsys):
+    x, _ = digits
+    reader = R.build_reader("lm", NAMES, R.TextSettings(max_tokens=200), llm="tiny")
+    path = reader.save(tmp_path / "r.safetensors")
+    img = tmp_path / "digit.png"
+    Image.fromarray(x[0]).save(img)
+    assert main(["ask", str(img), f"model_file={path}"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == NAMES[int(reader.predict([x[0]])[0])]
+    assert out.err.startswith("scores: ") and out.err.count(",") == 4
+    from frugalvision.pipelines.vlm import AskConfig, run_ask
+
+    res = run_ask(AskConfig(words=[str(img)], model_file=str(path)))
+    assert res["read"].startswith("<svg") and res["answer"] == out.out.strip()
+    assert main(["ask", str(img), "[refer]", "the", "crack", f"model_file={path}"]) == 2
+    assert "answers only" in _one_line(capsys.readouterr().err)

@@ -175,12 +175,14 @@ def _run_ask(cfg: Any, args: argparse.Namespace) -> int:
 
     res = run_ask(cfg)
     print(res["answer"] or "(empty answer)")
-    if res["drawn"]:
+    if res.get("scores"):  # an image reader's answer: its class scores
+        print("scores: " + ", ".join(f"{k} {v:.3g}" for k, v in res["scores"].items()), file=sys.stderr)
+    if res.get("drawn"):
         n = len(res["boxes"])
         print(f"{n} box{'es' if n > 1 else ''} drawn in {res['drawn']}", file=sys.stderr)
     if res.get("not_drawn"):
         print(f"boxes not drawn: {res['not_drawn']}", file=sys.stderr)
-    if res["unparseable"]:
+    if res.get("unparseable"):
         print(f"the answer holds an unparseable box: {res['unparseable'][0]}", file=sys.stderr)
     return 0
 

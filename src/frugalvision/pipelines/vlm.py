@@ -713,7 +713,8 @@ class AskConfig:
     Attributes:
         words: The image, then the question (its words are joined): ``[refer] the crack``; without a task tag it
             is ``[vqa]`` (tags: vqa, caption, refer, identify, grounding, detection).
-        model_file: The VLM model file (``frugalvision vlm train``).
+        model_file: The VLM model file (``frugalvision vlm train``), or an image reader's (``frugalvision svg
+            train``: the answer is the class it reads, with its scores and the text it read; no question).
         llm: Where its language model is, when not where the file says.
         out: Where to draw the answer's boxes (PNG); default ``<model file folder>/ask/<image name>_answer.png``.
         overwrite: Replace an existing drawing.
@@ -782,6 +783,36 @@ def _needs_of_file(model_file: str, llm: str | None) -> list[tuple[str, str, str
     return needs
 
 
+def _kind_of(model_file: str) -> str | None:
+    from ..weights import read_model_info
+
+    with contextlib.suppress(Exception):
+        return str(read_model_info(model_file)["kind"])
+    return None
+
+
+def _ask_reader(model_file: str, image: str, question: str, llm: str | None) -> dict[str, Any]:
+    """``ask`` on an ``svg_reader`` model file (``frugalvision svg train``): the class it reads in the image's text."""
+    import numpy as np
+
+    from ..language.svg_read import load_reader
+    from ..language.vlm_file import read_image
+
+    img = np.asarray(read_image(image).convert("RGB"))
+    reader = load_reader(model_file, llm=llm)
+    asked = reader.describe.get("question")
+    if question.strip() and question.strip() != (asked or "").strip():
+        what = f"the question it was trained on: {asked!r}" if asked else "which class the image is"
+        raise ConfigError(f"{model_file} is a classifier reading images as text; it answers only {what}. Ask "
+                          "without a question: frugalvision ask IMAGE model_file=...")
+    text = reader.inputs([img])
+    scores = reader.model.predict_logits(text)[0]  # type: ignore[operator]
+    order = np.argsort(-scores)
+    return {"answer": reader.classes[int(order[0])], "task": "classify", "reader": reader.kind,
+            "scores": {reader.classes[int(i)]: round(float(scores[i]), 4) for i in order[:5]},
+            "read": text[0] if reader.kind != "cnn" else None}
+
+
 def run_ask(cfg: AskConfig) -> dict[str, Any]:
     """``frugalvision ask IMAGE QUESTION``: the answer, and its boxes drawn into a PNG when it has any."""
     from ..language.vlm_file import ask, draw_boxes, parse_question, read_image
@@ -790,6 +821,8 @@ def run_ask(cfg: AskConfig) -> dict[str, Any]:
     if not cfg.words:
         raise ConfigError('ask needs an image and a question: frugalvision ask IMAGE "[refer] the crack"')
     image, question = cfg.words[0], " ".join(cfg.words[1:])
+    if _kind_of(cfg.model_file) == "svg_reader":
+        return _ask_reader(cfg.model_file, image, question, cfg.llm)
     task, _ = parse_question(question)
     img = read_image(image)  # a corrupt image fails here, before the model is loaded
     out = Path(cfg.out) if cfg.out else Path(cfg.model_file).parent / "ask" / f"{Path(image).stem}_answer.png"
