@@ -61,13 +61,29 @@ def split(y: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def texts_for(images: np.ndarray, form: str, tok, cache: dict, mode: str = "binary") -> tuple[list[str], float]:
+    from frugalvision.errors import DataError
     from frugalvision.language.svg_read import image_texts
 
     key = (form, images.tobytes().__hash__())
-    if key not in cache:
-        texts, counts = image_texts(list(images), form, 256, tok, mode=mode)
-        cache[key] = (texts, float(np.mean(counts)))
+    if key not in cache:  # an image whose text cannot fit the budget gets "" and is scored as wrong (see `failed`)
+        texts, counts = [], []
+        for img in images:
+            try:
+                (t,), (n,) = image_texts([img], form, 256, tok, mode=mode)
+            except DataError:
+                t, n = "", 0
+            texts.append(t)
+            counts.append(n)
+        fitted = [c for c in counts if c]
+        cache[key] = (texts, float(np.mean(fitted)) if fitted else 0.0)
     return cache[key]
+
+
+def score(logits: np.ndarray, texts: list[str], y: np.ndarray) -> float:
+    """Accuracy; images without a text (nothing fitted the budget) count as wrong."""
+    pred = logits.argmax(1)
+    pred[np.array([t == "" for t in texts])] = -1
+    return float((pred == y).mean())
 
 
 def append(row: dict, out: Path) -> None:
@@ -125,14 +141,18 @@ def run(args: argparse.Namespace) -> None:
             elif arm.startswith("minilm"):
                 model = MiniLMReader(ncls)
                 ttr, ntr = texts_for(xtr, form, tok, cache, mode)
-                secs = model.fit(ttr, ytr, ReaderSettings(epochs=args.minilm_epochs, batch_size=16, lr=1e-4,
-                                                          seed=seed, progress=False))
-                acc, tokens = {}, {}
+                keep = [i for i, t in enumerate(ttr) if t]
+                secs = model.fit([ttr[i] for i in keep], ytr[keep],
+                                 ReaderSettings(epochs=args.minilm_epochs, batch_size=16, lr=1e-4, seed=seed,
+                                                progress=False))
+                acc, tokens, no_text = {}, {}, {}
                 for s in SHIFTS:
                     tte, tokens[s] = texts_for(shifted[s], form, tok, cache, mode)
-                    acc[s] = float((model.predict_logits(tte).argmax(1) == yte).mean())
+                    acc[s] = score(model.predict_logits(tte), tte, yte)
+                    if "" in tte:
+                        no_text[s] = tte.count("")
                 row.update(params=sum(p.numel() for p in model.parameters()), fit_s=round(secs, 1), acc=acc,
-                           tokens=tokens, truncated=model.truncated, train_tokens=ntr)
+                           tokens=tokens, truncated=model.truncated, train_tokens=ntr, no_text=no_text)
             elif arm.startswith("lora"):
                 m, t = lm()
                 model = LMReader(names, question, model=m, tokenizer=t, rank=8)
