@@ -17,7 +17,7 @@ Arms (``--arms``):
                     transformer encoder (width 256) → the query's 4 box numbers (sigmoid, cx cy w h), L1 + GIoU
                     loss (DETR's weights 5 and 2); ``--steps + --align-steps`` steps of the same batch size, and
                     ``--long`` x that many in the ``regression-long`` row
-    detector        YOLOv6-n (``frugalvision detect train data=defects``, ``--detector-budget`` seconds, seed 0)
+    detector        YOLOv6-n (``frugalvision detect train data=defects``, ``--detector-epochs`` 30, seed 0)
                     and the data's answer template: its highest-scoring box of the kind asked (no language model)
     prior           the training set's mean box of the kind asked (what the box alone gives)
 
@@ -197,7 +197,7 @@ def run_detector(args: argparse.Namespace, test: list) -> dict:
     out = RUNS / "detector-s0"
     t0 = time.perf_counter()
     if not (out / "model.safetensors").is_file():
-        run_detect(DetectConfig(action=["train"], data="defects", model="yolov6_n", budget=args.detector_budget,
+        run_detect(DetectConfig(action=["train"], data="defects", model="yolov6_n", epochs=args.detector_epochs,
                                 out=str(out), overwrite=True, seed=0, progress=False, threads=args.threads))
     train_s = time.perf_counter() - t0
     answers, _ = _baseline(str(out / "model.safetensors"), test, "cpu", False)
@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--align-steps", type=int, default=40, help="stage 1 (projector only) steps of the text arms")
     ap.add_argument("--steps", type=int, default=120, help="stage 2 (projector + LoRA) steps of the text arms")
     ap.add_argument("--long", type=int, default=20, help="regression-long trains this many times longer")
-    ap.add_argument("--detector-budget", type=float, default=300.0)
+    ap.add_argument("--detector-epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "vlm_grounding.jsonl"))
     ap.add_argument("--table", action="store_true", help="only write the .md table from the jsonl")
