@@ -219,6 +219,9 @@ def table(path: Path, extra: dict) -> str:
     if meta.get("judged_true"):
         j = meta["judged_true"]
         out.append(f"| true embeddings | – | – | – | – | – | – | 1.000 | {j['category']:.1f} | {j['kind']:.1f} | – |")
+    if "mean_embedding_cos" in meta:
+        cos = meta["mean_embedding_cos"]
+        out.append(f"| the training tiles' mean embedding | – | – | – | – | – | – | {cos:.3f} | – | – | – |")
     for arm, rs in by.items():
         out.append(f"| {arm} | {rs[0]['codebook']} | {ms([r['usage_test']['used'] for r in rs])} | "
                    f"{ms([r['usage_test']['perplexity'] for r in rs])} | {ms([r['usage_train']['used'] for r in rs])}"
@@ -239,6 +242,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "seed_tokenizer.jsonl"))
     ap.add_argument("--table", action="store_true", help="only write the .md table from the jsonl")
+    ap.add_argument("--meta-only", action="store_true", help="only (re)write the data row (chance, baselines)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.table:
@@ -250,13 +254,19 @@ def main() -> None:
     train, test = features("train"), features("test")
     meta = {"arm": "_data", "train": len(train["captions"]), "test": len(test["captions"]),
             "distinct_test_captions": len(set(test["captions"])), "chance": chance(test["captions"]),
-            "judged_true": judge(train, test["image"].numpy(), test), "stage1": args.stage1, "stage2": args.stage2,
+            "judged_true": judge(train, test["image"].numpy(), test),
+            "mean_embedding_cos": float(F.cosine_similarity(train["image"].mean(0, keepdim=True), test["image"],
+                                                            dim=-1).mean()),
+            "stage1": args.stage1, "stage2": args.stage2,
             "batch_size": args.batch_size, "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
-    if not out.is_file() or not any('"_data"' in line for line in out.read_text().splitlines()):
-        with out.open("a") as f:
-            f.write(json.dumps(meta) + "\n")
+    lines = out.read_text().splitlines() if out.is_file() else []
+    if args.meta_only or not any('"_data"' in line for line in lines):  # the data row first, replaced by --meta-only
+        rest = [line for line in lines if '"_data"' not in line]
+        out.write_text("".join(line + "\n" for line in [json.dumps(meta), *rest]))
     print(json.dumps(meta), flush=True)
+    if args.meta_only:
+        return
     for arm in args.arms:
         for seed in args.seeds:
             row = run(arm, seed, train, test, args)
