@@ -76,12 +76,13 @@ def box_text(box: list[float], w: int, h: int) -> str:
 def run_text(arm: str, seed: int, args: argparse.Namespace, test: list) -> dict:
     from frugalvision.pipelines.vlm import VLMConfig, run_vlm
 
-    out = RUNS / f"{arm}-s{seed}"
+    out = RUNS / f"{arm}{args.tag}-s{seed}"
     cfg = VLMConfig(action=["train"], data="inspection", tasks=["refer"], out=str(out), overwrite=True, seed=seed,
                     stages="align:refer,mixed:refer", steps=[args.align_steps, args.steps], batch_size=8,
                     threads=args.threads, progress=False, test_batch_size=16,
                     llm_init="random" if arm == "text-random" else "pretrained",
-                    lora=arm != "text-projector", arch="minigpt4" if arm == "text-qformer" else "minigpt_v2")
+                    lora=arm != "text-projector", arch="minigpt4" if arm == "text-qformer" else "minigpt_v2",
+                    visual=args.visual, visual_weights=args.visual_weights)
     res = run_vlm(cfg)
     answers = [json.loads(line)["prediction"] for line in (out / "answers.jsonl").read_text().splitlines()]
     hist = json.loads((out / "history.json").read_text())
@@ -112,15 +113,15 @@ class BoxHead(torch.nn.Module):
         return torch.cat([c - s / 2, c + s / 2], 1).clamp(0, 1)
 
 
-def encoder_tokens(insts: list) -> tuple[torch.Tensor, dict]:
+def encoder_tokens(insts: list, visual: str = "repvgg_a0", weights: str = "textures") -> tuple[torch.Tensor, dict]:
     """The frozen encoder's grouped tokens of each instruction's image (the VLM's visual input before its Linear)."""
     from frugalvision.language.minigpt_v2 import group_tokens
     from frugalvision.language.training import _ImageCache
     from frugalvision.language.visual import FeatureLevel
     from frugalvision.pipelines.classification import pretrain_backbone
 
-    enc = FeatureLevel("repvgg_a0", stride=16)
-    enc.load_classifier(pretrain_backbone("repvgg_a0", progress=False))
+    enc = FeatureLevel(visual, stride=16)
+    enc.load_classifier(pretrain_backbone(visual, progress=False) if weights == "textures" else weights)
     enc.eval()
     cache = _ImageCache(128, enc.mean, enc.std)
     out = []
@@ -207,26 +208,27 @@ def run_detector(args: argparse.Namespace, test: list) -> dict:
 # ------------------------------------------------------------------------------------------------ table
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by: dict[str, list] = {}
+    by: dict[tuple[str, str], list] = {}
     for r in rows:
-        by.setdefault(r["arm"], []).append(r)
+        enc = r.get("encoder") or ("repvgg_a0" if r["arm"].startswith(("text", "regression")) else "—")
+        by.setdefault((enc, r["arm"]), []).append(r)
     head = rows[0] if rows else {}
     out = ["# Boxes as text (MiniGPT-v2 on SmolLM2) vs a box-regression head, `[refer]` on the bundled defects", "",
            f"{head.get('train', '?')} training / {head.get('test', '?')} test `[refer]` instructions (all of the "
            f"benchmark's), the same frozen RepVGG-A0 (bundled textures) stride-16 tokens for every arm; "
            f"{head.get('machine', '?')}, {head.get('threads', '?')} thread per job, {head.get('date', '?')}. "
            "Accuracy: IoU > 0.5 with the target box (an answer without a valid box is wrong); mean ± std over seeds.",
-           "", "| arm | seeds | acc IoU>0.5 % | mean IoU % | malformed % | distinct answers | trainable M | steps "
-           "(batch 8) | train s |", "|---|---|---|---|---|---|---|---|---|"]
+           "", "| arm | frozen encoder | seeds | acc IoU>0.5 % | mean IoU % | malformed % | distinct answers | "
+           "trainable M | steps (batch 8) | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(vals: list[float]) -> str:
         return f"{np.mean(vals):.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else "")
 
-    for arm in [*ARMS, "regression-long"]:
-        rs = by.get(arm)
-        if not rs:
-            continue
-        out.append(f"| {arm} | {len(rs)} | {ms([r['acc'] for r in rs])} | {ms([r['miou'] for r in rs])} | "
+    order = ["text", "text-random", "text-projector", "text-qformer", "regression", "regression-long", "detector",
+             "prior"]
+    for enc, arm in sorted(by, key=lambda k: (order.index(k[1]) if k[1] in order else 99, k[0])):
+        rs = by[(enc, arm)]
+        out.append(f"| {arm} | {enc} | {len(rs)} | {ms([r['acc'] for r in rs])} | {ms([r['miou'] for r in rs])} | "
                    f"{ms([r['malformed'] for r in rs])} | {np.mean([r['distinct_answers'] for r in rs]):.0f} | "
                    f"{np.mean([r.get('trainable_m', 0) for r in rs]):.2f} | {rs[0].get('steps', 0)} | "
                    f"{np.mean([r['train_s'] for r in rs]):.0f} |")
@@ -242,6 +244,10 @@ def main() -> None:
     ap.add_argument("--long", type=int, default=20, help="regression-long trains this many times longer")
     ap.add_argument("--detector-epochs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--visual", default="repvgg_a0", help="the frozen encoder (text and regression arms)")
+    ap.add_argument("--visual-weights", default="textures",
+                    help="textures, or a detector model file whose backbone is --visual")
+    ap.add_argument("--tag", default="", help="suffix of the text arms' run folders")
     ap.add_argument("--out", default=str(RESULTS / "vlm_grounding.jsonl"))
     ap.add_argument("--table", action="store_true", help="only write the .md table from the jsonl")
     args = ap.parse_args()
@@ -255,6 +261,7 @@ def main() -> None:
     base = {"train": len(train), "test": len(test), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     feats = None
+    encoder = args.visual + ("" if args.visual_weights == "textures" else " (detector backbone)")
     for arm in args.arms:
         seeds = [0] if arm in ("detector", "prior") else args.seeds
         for seed in seeds:
@@ -263,7 +270,8 @@ def main() -> None:
                 rows = [("arm", run_text(arm, seed, args, test))]
             elif arm == "regression":
                 if feats is None:
-                    feats = (encoder_tokens(train)[0], encoder_tokens(test)[0])
+                    feats = (encoder_tokens(train, args.visual, args.visual_weights)[0],
+                             encoder_tokens(test, args.visual, args.visual_weights)[0])
                 n = args.align_steps + args.steps
                 rows = [("regression", run_regression(seed, n, train, test, feats)),
                         ("regression-long", run_regression(seed, n * args.long, train, test, feats))]
@@ -273,7 +281,9 @@ def main() -> None:
                 rows = [("detector", run_detector(args, test))]
             for name, r in rows:
                 name = arm if name == "arm" else name
-                row = {**base, "arm": name, "seed": seed, **r, "wall_s": round(time.perf_counter() - t0, 1)}
+                enc = encoder if arm.startswith(("text", "regression")) else "—"
+                row = {**base, "arm": name, "encoder": enc, "seed": seed, **r,
+                       "wall_s": round(time.perf_counter() - t0, 1)}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)

@@ -290,3 +290,26 @@ def test_minigpt4_on_a_random_llm_with_the_detector_baseline(tmp_path, capsys):
     assert set(metrics["scores"]["inspection"]) == {"VLM", "detector + templates"}
     assert "yolov6_test" in metrics["baseline"] and "detector + templates" in (out / "metrics.md").read_text()
     assert metrics["tasks"] == ["caption", "vqa", "refer"]
+
+
+def test_visual_encoder_from_a_detector_backbone(tmp_path: Path) -> None:
+    """A detector model file gives its backbone to the VLM's visual encoder, exactly; another backbone is refused."""
+    from frugalvision.detect.yolov6 import create_detector
+    from frugalvision.errors import ConfigError
+    from frugalvision.language.visual import FeatureLevel
+    from frugalvision.weights import save_model_file
+
+    det = create_detector("yolov6_test", num_classes=2).eval()
+    path = save_model_file(det, tmp_path / "det.safetensors", "detector", "yolov6_test", {"num_classes": 2},
+                           classes=["a", "b"], img_size=64, tile=64)
+    enc = FeatureLevel("test_efficientrep", stride=16).eval()
+    before = enc(torch.ones(1, 3, 64, 64))
+    enc.load_classifier(path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = det.backbone(x)[2]  # strides 4, 8, 16, 32: the stride-16 map
+        got = enc(x)
+    assert got.shape == want.shape and not torch.equal(enc(torch.ones(1, 3, 64, 64)), before)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ConfigError, match="test_efficientrep"):
+        FeatureLevel("test_resnet", stride=16).load_classifier(path)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import data_config_of
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..models.factory import create_model, load_backbone_weights, size_kwargs
 
 __all__ = ["FeatureLevel"]
@@ -76,5 +76,38 @@ class FeatureLevel(nn.Module):
         return self.forward_features(x)
 
     def load_classifier(self, weights: str | Path) -> None:
-        """Load a classifier's weights file (its head and deeper stages are unused)."""
+        """Load a classifier's weights file (its head and deeper stages are unused), or a detector's backbone.
+
+        A detector model file (``frugalvision detect train``, kind ``detector`` or ``mask_frozen``) whose backbone is
+        this model gives its backbone's tensors: a frozen detector backbone as the visual encoder (the Mask
+        Frozen-DETR idea), trained to localise rather than to classify.
+        """
+        from ..weights import read_model_info, read_safetensors
+
+        path = Path(weights)
+        info: dict[str, Any] = {}
+        if path.suffix == ".safetensors" and path.is_file():
+            try:
+                info = read_model_info(path)
+            except CheckpointError:  # a plain weights file, not a model file
+                info = {}
+        if info.get("kind") in ("detector", "mask_frozen"):
+            prefix = "backbone." if info["kind"] == "detector" else "detector.backbone."
+            tensors, _ = read_safetensors(path)
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            from ..detect.yolov6 import VARIANTS
+
+            variant = VARIANTS.get(str(info.get("name")))
+            backbone = (info.get("model_kwargs") or {}).get("backbone") or (variant.backbone if variant else None)
+            if not state:
+                raise CheckpointError(f"detector file {path} has no '{prefix}*' tensors; it cannot give {self.name} "
+                                      "features")
+            if backbone and backbone != self.name:
+                raise ConfigError(f"detector file {path} has a {backbone} backbone, not {self.name}: use "
+                                  f"visual={backbone}")
+            load_backbone_weights(self.body, state, what=f"{self.name} features from the detector {path.name}")
+            for m in self.body.modules():  # YOLOv6 builds every BatchNorm with eps 1e-3: the same numerics
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eps = 1e-3
+            return
         load_backbone_weights(self.body, weights, what=f"{self.name} features")

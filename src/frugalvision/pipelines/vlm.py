@@ -91,7 +91,8 @@ class VLMConfig:
         visual: Registered model name of the frozen visual encoder (``frugalvision models``); its features at
             ``visual_stride`` are the visual tokens.
         visual_weights: ``textures`` (pre-train the classifier on the bundled real textures once, cached, as the
-            demo does), ``none`` (random, frozen: a control) or a classifier model file of ``visual``.
+            demo does), ``none`` (random, frozen: a control), a classifier model file of ``visual``, or a detector
+            model file whose backbone is ``visual`` (``visual=efficientrep_n`` for ``detect train model=yolov6_n``).
         visual_stride: Which feature level of ``visual`` (its stride; 0 = the last level).
         img_size: Square input size; every image is resized to it (boxes are relative, so no crop is needed).
         group: MiniGPT-v2 grouping of 4 visual tokens into one LLM token: ``raster`` (official, 4 in a row) or
