@@ -311,5 +311,16 @@ def test_visual_encoder_from_a_detector_backbone(tmp_path: Path) -> None:
         got = enc(x)
     assert got.shape == want.shape and not torch.equal(enc(torch.ones(1, 3, 64, 64)), before)
     torch.testing.assert_close(got, want)
+    assert enc.mean == [0.0, 0.0, 0.0] and enc.std == [1.0, 1.0, 1.0]  # YOLOv6 reads pixels in [0, 1]
     with pytest.raises(ConfigError, match="test_efficientrep"):
         FeatureLevel("test_resnet", stride=16).load_classifier(path)
+
+    # a VLM on that encoder keeps the detector's numerics through its model file
+    from frugalvision.language.vlm_file import VLMSpec, build_vlm, load_vlm, save_vlm
+
+    vlm = build_vlm(VLMSpec(llm="tiny", visual="test_efficientrep", img_size=64, lora_r=4), visual_weights=path)
+    save_vlm(vlm, tmp_path / "vlm.safetensors")
+    back = load_vlm(tmp_path / "vlm.safetensors")
+    assert back.mean == [0.0, 0.0, 0.0] and back.visual.bn_eps == 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(back.visual(x), want)

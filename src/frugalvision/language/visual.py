@@ -62,6 +62,7 @@ class FeatureLevel(nn.Module):
         dc = data_config_of(self.body)
         self.mean = [float(v) for v in dc["mean"]]
         self.std = [float(v) for v in dc["std"]]
+        self.bn_eps: float | None = None  # set when the weights come with other BatchNorm numerics (a detector)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` → ``(B, C, H / stride, W / stride)``."""
@@ -75,12 +76,21 @@ class FeatureLevel(nn.Module):
         """Same as :meth:`forward_features`."""
         return self.forward_features(x)
 
+    def set_detector_numerics(self) -> None:
+        """YOLOv6's input and BatchNorm conventions: pixels in [0, 1] (no mean / std), every BatchNorm eps 1e-3."""
+        self.mean, self.std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+        self.bn_eps = 1e-3
+        for m in self.body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = 1e-3
+
     def load_classifier(self, weights: str | Path) -> None:
         """Load a classifier's weights file (its head and deeper stages are unused), or a detector's backbone.
 
         A detector model file (``frugalvision detect train``, kind ``detector`` or ``mask_frozen``) whose backbone is
         this model gives its backbone's tensors: a frozen detector backbone as the visual encoder (the Mask
-        Frozen-DETR idea), trained to localise rather than to classify.
+        Frozen-DETR idea), trained to localise rather than to classify; the encoder then takes the detector's
+        input convention (pixels in [0, 1]) and BatchNorm eps (:meth:`set_detector_numerics`).
         """
         from ..weights import read_model_info, read_safetensors
 
@@ -106,8 +116,6 @@ class FeatureLevel(nn.Module):
                 raise ConfigError(f"detector file {path} has a {backbone} backbone, not {self.name}: use "
                                   f"visual={backbone}")
             load_backbone_weights(self.body, state, what=f"{self.name} features from the detector {path.name}")
-            for m in self.body.modules():  # YOLOv6 builds every BatchNorm with eps 1e-3: the same numerics
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eps = 1e-3
+            self.set_detector_numerics()
             return
         load_backbone_weights(self.body, weights, what=f"{self.name} features")

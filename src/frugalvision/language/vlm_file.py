@@ -279,6 +279,7 @@ def save_vlm(model: VisionLanguageModel, path: str | Path, **meta: Any) -> Path:
         llm_fingerprint=model.llm_fingerprint, visual=spec.visual, visual_stride=spec.visual_stride,
         img_size=spec.img_size, mean=model.mean, std=model.std, group=spec.group if spec.arch == "minigpt_v2" else None,
         visual_tokens=model.num_image_tokens,
+        visual_numerics="detector" if getattr(model.visual, "bn_eps", None) else None,
         lora=asdict(model.lora) if model.lora is not None else None, prompt_format=PROMPT_FORMAT,
         chat_template=template or (LLAMA2_TEMPLATE if spec.chat else None), box_format=BOX_FORMAT, **meta)
 
@@ -288,7 +289,11 @@ def build_vlm_from_info(info: Mapping[str, Any], llm: str | None = None) -> Visi
     spec = VLMSpec.from_dict(info.get("model_kwargs", {}))
     if llm:
         spec.llm = str(llm)
-    return build_vlm(spec, expect_fingerprint=info.get("llm_fingerprint"))
+    model = build_vlm(spec, expect_fingerprint=info.get("llm_fingerprint"))
+    if info.get("visual_numerics") == "detector":  # a detector's backbone: its input scaling and BatchNorm eps
+        model.visual.set_detector_numerics()
+        model.mean, model.std = model.visual.mean, model.visual.std  # type: ignore[assignment]
+    return model
 
 
 def load_vlm(model_file: str | Path, llm: str | None = None, device: str | torch.device = "cpu"
