@@ -224,13 +224,19 @@ def table(path: Path) -> str:
     def ms(vals: list[float]) -> str:
         return f"{np.mean(vals):.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else "")
 
+    def trainable(arm: str, rs: list) -> str:
+        return "all (end to end)" if arm == "detector" else f"{np.mean([r.get('trainable_m', 0) for r in rs]):.2f}"
+
+    def steps(arm: str, rs: list) -> str:
+        return "30 epochs" if arm == "detector" else str(rs[0].get("steps", 0))
+
     order = ["text", "text-random", "text-projector", "text-qformer", "regression", "regression-long", "detector",
              "prior"]
-    for enc, arm in sorted(by, key=lambda k: (order.index(k[1]) if k[1] in order else 99, k[0])):
+    for enc, arm in sorted(by, key=lambda k: (order.index(k[1]) if k[1] in order else 99, "detector" in k[0])):
         rs = by[(enc, arm)]
         out.append(f"| {arm} | {enc} | {len(rs)} | {ms([r['acc'] for r in rs])} | {ms([r['miou'] for r in rs])} | "
                    f"{ms([r['malformed'] for r in rs])} | {np.mean([r['distinct_answers'] for r in rs]):.0f} | "
-                   f"{np.mean([r.get('trainable_m', 0) for r in rs]):.2f} | {rs[0].get('steps', 0)} | "
+                   f"{trainable(arm, rs)} | {steps(arm, rs)} | "
                    f"{np.mean([r['train_s'] for r in rs]):.0f} |")
     return "\n".join(out) + "\n"
 
