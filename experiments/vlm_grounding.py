@@ -17,6 +17,9 @@ Arms (``--arms``):
                     transformer encoder (width 256) → the query's 4 box numbers (sigmoid, cx cy w h), L1 + GIoU
                     loss (DETR's weights 5 and 2); ``--steps + --align-steps`` steps of the same batch size, and
                     ``--long`` x that many in the ``regression-long`` row
+    dense-frozen    the same frozen encoder (all four RepVGG-A0 levels, eval mode, its own normalisation) under a
+                    trained YOLOv6-n neck + head: a dense spatial output on the frozen encoder (Mask Frozen-DETR's
+                    frozen backbone + trainable head), 30 epochs, answers by the templates as ``detector``
     detector        YOLOv6-n (``frugalvision detect train data=defects``, ``--detector-epochs`` 30, seed 0)
                     and the data's answer template: its highest-scoring box of the kind asked (no language model)
     prior           the training set's mean box of the kind asked (what the box alone gives)
@@ -41,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 RUNS = Path(os.environ.get("FV_RUNS", "runs")) / "vlm_grounding"
-ARMS = ("text", "text-random", "text-projector", "text-qformer", "regression", "detector", "prior")
+ARMS = ("text", "text-random", "text-projector", "text-qformer", "regression", "dense-frozen", "detector", "prior")
 
 
 def data() -> tuple[list, list]:
@@ -191,6 +194,60 @@ def run_prior(train: list, test: list) -> dict:
     return {**score(test, answers), "train_s": 0.0, "trainable_m": 0.0, "steps": 0, "examples": answers[:3]}
 
 
+class _FrozenNormalized(torch.nn.Module):
+    """A frozen backbone that normalises [0, 1] pixels as it was trained to read them and stays in eval mode."""
+
+    def __init__(self, inner: torch.nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.inner, self.feature_info = inner.eval(), inner.feature_info
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        for p in self.inner.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _FrozenNormalized:
+        self.training = mode  # the frozen backbone itself stays in eval mode (its BatchNorm statistics unchanged)
+        return self
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.inner((x - self.mean) / self.std)
+
+
+def run_dense_frozen(seed: int, args: argparse.Namespace, test: list) -> dict:
+    from frugalvision.data.transforms import data_config_of
+    from frugalvision.detect.datasets import defect_boxset
+    from frugalvision.detect.infer import detect_images
+    from frugalvision.detect.train import DetectTrainConfig, fit_detector
+    from frugalvision.detect.yolov6 import create_detector
+    from frugalvision.language.metrics import template_answers
+    from frugalvision.models.factory import load_backbone_weights
+    from frugalvision.pipelines.classification import pretrain_backbone
+
+    train = defect_boxset("train")
+    torch.manual_seed(seed)
+    det = create_detector("yolov6_n", num_classes=len(train.class_names), backbone=args.visual)
+    load_backbone_weights(det.backbone, pretrain_backbone(args.visual, progress=False))
+    for m in det.backbone.modules():  # YOLOv6 sets eps 1e-3 everywhere: the frozen encoder keeps its own numerics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-5
+    dc = data_config_of(det.backbone)
+    det.backbone = _FrozenNormalized(det.backbone, list(dc["mean"]), list(dc["std"]))
+    cfg = DetectTrainConfig(img_size=128, epochs=args.detector_epochs, batch_size=16, optimizer="adamw", lr=0.002,
+                            weight_decay=0.05, ema_tau=200.0, device="cpu", seed=seed, progress=False)
+    res = fit_detector(det, train, cfg)
+    model = res.model.cpu().eval()
+    samples = {}
+    for inst in test:
+        samples.setdefault(inst.key, inst)
+    dets = detect_images(model, [Path(i.image) for i in samples.values()], 128, 128, 64, conf_thres=0.001,
+                         device="cpu", progress=False)
+    preds = {k: (d["boxes"], d["labels"], d["scores"]) for k, d in zip(samples, dets, strict=True)}
+    answers = template_answers(test, preds, class_names=list(train.class_names), score_threshold=0.25)
+    trainable = sum(p.numel() for p in det.parameters() if p.requires_grad) / 1e6
+    return {**score(test, answers), "train_s": round(res.train_seconds, 1), "steps": res.steps,
+            "trainable_m": trainable, "examples": answers[:3]}
+
+
 def run_detector(args: argparse.Namespace, test: list) -> dict:
     from frugalvision.pipelines.detection import DetectConfig, run_detect
     from frugalvision.pipelines.vlm import _baseline
@@ -210,7 +267,7 @@ def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by: dict[tuple[str, str], list] = {}
     for r in rows:
-        enc = r.get("encoder") or ("repvgg_a0" if r["arm"].startswith(("text", "regression")) else "—")
+        enc = r.get("encoder") or ("repvgg_a0" if r["arm"].startswith(("text", "regression", "dense")) else "—")
         by.setdefault((enc, r["arm"]), []).append(r)
     head = rows[0] if rows else {}
     out = ["# Boxes as text (MiniGPT-v2 on SmolLM2) vs a box-regression head, `[refer]` on the bundled defects", "",
@@ -228,10 +285,12 @@ def table(path: Path) -> str:
         return "all (end to end)" if arm == "detector" else f"{np.mean([r.get('trainable_m', 0) for r in rs]):.2f}"
 
     def steps(arm: str, rs: list) -> str:
-        return "30 epochs" if arm == "detector" else str(rs[0].get("steps", 0))
+        if arm == "detector":
+            return "30 epochs"
+        return str(rs[0].get("steps", 0)) + (" (batch 16)" if arm == "dense-frozen" else "")
 
-    order = ["text", "text-random", "text-projector", "text-qformer", "regression", "regression-long", "detector",
-             "prior"]
+    order = ["text", "text-random", "text-projector", "text-qformer", "regression", "regression-long", "dense-frozen",
+             "detector", "prior"]
     for enc, arm in sorted(by, key=lambda k: (order.index(k[1]) if k[1] in order else 99, "detector" in k[0])):
         rs = by[(enc, arm)]
         out.append(f"| {arm} | {enc} | {len(rs)} | {ms([r['acc'] for r in rs])} | {ms([r['miou'] for r in rs])} | "
@@ -283,11 +342,13 @@ def main() -> None:
                         ("regression-long", run_regression(seed, n * args.long, train, test, feats))]
             elif arm == "prior":
                 rows = [("prior", run_prior(train, test))]
+            elif arm == "dense-frozen":
+                rows = [("dense-frozen", run_dense_frozen(seed, args, test))]
             else:
                 rows = [("detector", run_detector(args, test))]
             for name, r in rows:
                 name = arm if name == "arm" else name
-                enc = encoder if arm.startswith(("text", "regression")) else "—"
+                enc = encoder if arm.startswith(("text", "regression", "dense")) else "—"
                 row = {**base, "arm": name, "encoder": enc, "seed": seed, **r,
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 with out.open("a") as f:
