@@ -7,6 +7,8 @@ package; a trained model file opens with :func:`load_vlm` and answers with :func
     import frugalvision as fv
     model = fv.vlm.load_vlm("runs/vlm/model.safetensors")
     answer = fv.vlm.ask(model, "tile.png", "[refer] the crack")   # answer.text, answer.boxes (pixels)
+
+The SEED image tokenizer (discrete codes an LLM reads and writes) is :mod:`frugalvision.language.seed`.
 """
 
 from .boxes import BINS, BOX_RE, ParsedBoxes, box_to_text, boxes_to_text, parse_boxes
@@ -27,6 +29,7 @@ from .prompts import (
     encode_example,
     encode_prompt,
 )
+from .seed import SEEDConfig, SEEDTokenizer, codes_to_text, image_token_strings, text_to_codes
 from .training import InstructionDataset, VLMTask, answer_instructions
 from .visual import FeatureLevel
 from .vlm_base import LoraSettings, VisionLanguageModel, load_official_checkpoint
@@ -48,6 +51,8 @@ __all__ = [
     "MiniGPTv2",
     "ParsedBoxes",
     "QFormer",
+    "SEEDConfig",
+    "SEEDTokenizer",
     "VLMAnswer",
     "VLMSpec",
     "VLMTask",
@@ -59,6 +64,7 @@ __all__ = [
     "build_prompt",
     "build_vlm",
     "chat_wrap",
+    "codes_to_text",
     "draw_boxes",
     "encode_batch",
     "encode_conversation",
@@ -66,6 +72,7 @@ __all__ = [
     "encode_prompt",
     "format_table",
     "group_tokens",
+    "image_token_strings",
     "inspection_instructions",
     "llm_cache_path",
     "llm_fingerprint",
@@ -80,6 +87,7 @@ __all__ = [
     "score_answers",
     "smollm2_gguf",
     "template_answers",
+    "text_to_codes",
     "tiny_llm",
     "tree_instructions",
 ]
