@@ -272,9 +272,12 @@ def table(path: Path) -> str:
     head = rows[0] if rows else {}
     out = ["# Boxes as text (MiniGPT-v2 on SmolLM2) vs a box-regression head, `[refer]` on the bundled defects", "",
            f"{head.get('train', '?')} training / {head.get('test', '?')} test `[refer]` instructions (all of the "
-           f"benchmark's), the same frozen RepVGG-A0 (bundled textures) stride-16 tokens for every arm; "
+           f"benchmark's); every arm but `detector` and `prior` reads the frozen encoder of its row (RepVGG-A0 "
+           "pre-trained on the bundled textures, or the trained detector's backbone): the text and regression arms its "
+           "stride-16 tokens, `dense-frozen` all its levels; "
            f"{head.get('machine', '?')}, {head.get('threads', '?')} thread per job, {head.get('date', '?')}. "
-           "Accuracy: IoU > 0.5 with the target box (an answer without a valid box is wrong); mean ± std over seeds.",
+           "Accuracy: IoU > 0.5 with the target box (an answer without a valid box is wrong); mean ± std over seeds. "
+           "Commands: docs/vlm.md.",
            "", "| arm | frozen encoder | seeds | acc IoU>0.5 % | mean IoU % | malformed % | distinct answers | "
            "trainable M | steps (batch 8) | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
 
