@@ -43,6 +43,10 @@ def load(data: str, train: int, test: int) -> tuple[np.ndarray, np.ndarray, np.n
         x, y = digit_images(32)
         tr, te = split(y, train, test)
         return x[tr], y[tr], x[te], y[te], NAMES
+    if data == "shapes":
+        x, y = shape_images(train + test)
+        tr, te = split(y, train, test)
+        return x[tr], y[tr], x[te], y[te], SHAPES
     xtr, ytr, names, _ = defect_crops("train")
     xte, yte, _, _ = defect_crops("test")
     tr = np.array([i for c in range(len(names)) for i in np.flatnonzero(ytr == c)[:train]])
@@ -50,10 +54,48 @@ def load(data: str, train: int, test: int) -> tuple[np.ndarray, np.ndarray, np.n
     return xtr[tr], ytr[tr], xte[te], yte[te], names
 
 
+SHAPES = ["circle", "square", "triangle", "cross", "ring"]
+
+
+def shape_images(per_class: int = 60, size: int = 32, seed: int = 4321) -> tuple[np.ndarray, np.ndarray]:
+    """Generated outline-free filled shapes (``SHAPES``), dark ink on white, random size, position and rotation."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    big = size * 4  # drawn at 4x and downsampled: anti-aliased edges like the digits' scans
+    xs, ys = [], []
+    for c, name in enumerate(SHAPES):
+        for _ in range(per_class):
+            im = Image.new("L", (big, big), 255)
+            d = ImageDraw.Draw(im)
+            r = rng.uniform(0.22, 0.4) * big
+            cx, cy = rng.uniform(r + 4, big - r - 4, size=2)
+            turn = rng.uniform(0, 2 * np.pi)
+            w = max(6.0, 0.35 * r)
+            if name == "circle":
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=0)
+            elif name == "ring":
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=0)
+                d.ellipse([cx - r + w, cy - r + w, cx + r - w, cy + r - w], fill=255)
+            elif name in ("square", "triangle"):
+                n = 4 if name == "square" else 3
+                d.polygon([(cx + r * np.cos(turn + 2 * np.pi * i / n), cy + r * np.sin(turn + 2 * np.pi * i / n))
+                           for i in range(n)], fill=0)
+            else:  # a plus sign, rotated
+                for a in (turn, turn + np.pi / 2):
+                    dx, dy, px, py = r * np.cos(a), r * np.sin(a), w / 2 * -np.sin(a), w / 2 * np.cos(a)
+                    d.polygon([(cx - dx + px, cy - dy + py), (cx + dx + px, cy + dy + py),
+                               (cx + dx - px, cy + dy - py), (cx - dx - px, cy - dy - py)], fill=0)
+            g = np.asarray(im.resize((size, size), Image.Resampling.BOX))
+            xs.append(np.repeat(g[..., None], 3, 2))
+            ys.append(c)
+    return np.stack(xs).astype(np.uint8), np.array(ys, np.int64)
+
+
 def split(y: np.ndarray, train: int, test: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1234)
     tr, te = [], []
-    for c in range(10):
+    for c in range(int(y.max()) + 1):
         idx = rng.permutation(np.flatnonzero(y == c))
         tr += idx[:train].tolist()
         te += idx[train:train + test].tolist()
@@ -106,9 +148,10 @@ def run(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     xtr, ytr, xte, yte, names = load(args.data, args.train, args.test)
-    mode = "binary" if args.data == "digits" else "color"
-    question = QUESTION if args.data == "digits" else \
-        f"Which defect kind ({', '.join(names)}) does this image show? Answer with the kind only."
+    mode = "color" if args.data == "defects" else "binary"
+    question = {"digits": QUESTION, "shapes": f"Which shape ({', '.join(names)}) does this image show? Answer with "
+                "the shape only."}.get(args.data, f"Which defect kind ({', '.join(names)}) does this image show? "
+                                                  "Answer with the kind only.")
     ncls = len(names)
     shifted = {s: np.stack([shift_image(im, s) for im in xte]) for s in SHIFTS}
     tok = smollm2_tokenizer()
@@ -239,7 +282,7 @@ def main() -> None:
     p.add_argument("--minilm-epochs", type=int, default=8)
     p.add_argument("--lora-epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data", choices=["digits", "defects"], default="digits")
+    p.add_argument("--data", choices=["digits", "defects", "shapes"], default="digits")
     p.add_argument("--out", default=None, help="default: results/svg_reading[_defects].jsonl")
     p.add_argument("--table", action="store_true", help="only write svg_reading.md from the jsonl")
     args = p.parse_args()
@@ -248,7 +291,7 @@ def main() -> None:
     if not args.table:
         run(args)
     md = RESULTS / f"{stem}.md"
-    what = "digits" if args.data == "digits" else "defect kinds"
+    what = {"digits": "digits", "shapes": "generated shapes"}.get(args.data, "defect kinds")
     md.write_text(f"# Reading {what} as SVG text vs pixels under test-time shifts\n\n" + table(Path(args.out)))
     print(md.read_text())
 
