@@ -311,17 +311,23 @@ def test_stage2_loss_terms():
         m.stage2_loss(v, torch.randn(3, 23))
 
 
-def test_stage1_training_reduces_loss_and_freezes_the_rest():
-    m = tiny().set_stage(1)
-    v, t = visual(6), torch.randn(6, 12)
+def _train(m, loss_of, steps: int = 15) -> float:
+    """Adam steps on the trainable parameters; returns the first loss."""
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     first = None
-    for _ in range(15):
-        loss = m.stage1_loss(v, t)["loss"]
+    for _ in range(steps):
+        loss = loss_of()
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return first
+
+
+def test_stage1_training_reduces_loss_and_freezes_the_rest():
+    m = tiny().set_stage(1)
+    v, t = visual(6), torch.randn(6, 12)
+    first = _train(m, lambda: m.stage1_loss(v, t)["loss"])
     assert m.stage1_loss(v, t)["loss"].item() < first - 0.1
     assert m.quantize.embedding.weight.grad is None and m.blocks_image[0].attn.qkv.weight.grad is None
     assert m.qformer.query_tokens.grad is not None
@@ -332,14 +338,7 @@ def test_stage2_training_reduces_loss_and_freezes_the_qformer():
     v, target = visual(8), torch.randn(8, 24)
     m.kmeans_init(v)  # 8 images x 8 queries = 64 vectors, one per code
     frozen = m.qformer.query_tokens.detach().clone()
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    first = None
-    for _ in range(15):
-        loss = m.stage2_loss(v, target)["loss"]
-        first = loss.item() if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    first = _train(m, lambda: m.stage2_loss(v, target)["loss"])
     assert m.stage2_loss(v, target)["loss"].item() < 0.8 * first
     assert torch.equal(m.qformer.query_tokens, frozen) and m.qformer.query_tokens.grad is None
     assert m.vision_proj.weight.grad is None
