@@ -132,7 +132,9 @@ def judge(train: dict, test_emb: np.ndarray, truth_test: dict) -> dict[str, floa
     return out
 
 
-def run(arm: str, seed: int, train: dict, test: dict, args: argparse.Namespace) -> dict:
+def train_tokenizer(arm: str, seed: int, train: dict, stage1: int, stage2: int, batch_size: int, lr: float
+                    ) -> tuple[torch.nn.Module, float, dict]:
+    """Stage I then stage II of ``arm``'s tokenizer on the training features; ``(tokenizer, seconds, loss log)``."""
     from frugalvision.language.seed import SEEDConfig, SEEDTokenizer
 
     a = ARMS[arm]
@@ -146,7 +148,7 @@ def run(arm: str, seed: int, train: dict, test: dict, args: argparse.Namespace) 
     n = len(train["visual"])
     log: dict[str, list] = {"stage1": [], "stage2": []}
     t0 = time.perf_counter()
-    for stage, steps, key, lr in ((1, args.stage1, "text", args.lr), (2, args.stage2, "image", args.lr)):
+    for stage, steps, key in ((1, stage1, "text"), (2, stage2, "image")):
         tok.set_stage(stage).train()
         if stage == 2 and a["kmeans"]:
             tok.kmeans_init(train["visual"])
@@ -154,7 +156,7 @@ def run(arm: str, seed: int, train: dict, test: dict, args: argparse.Namespace) 
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
         for step in range(steps):
-            idx = torch.randint(0, n, (args.batch_size,), generator=g)
+            idx = torch.randint(0, n, (batch_size,), generator=g)
             loss = (tok.stage1_loss if stage == 1 else tok.stage2_loss)(train["visual"][idx], train[key][idx])
             opt.zero_grad()
             loss["loss"].backward()
@@ -163,8 +165,12 @@ def run(arm: str, seed: int, train: dict, test: dict, args: argparse.Namespace) 
             sched.step()
             if step % 50 == 0 or step == steps - 1:
                 log[f"stage{stage}"].append([step, round(float(loss["loss"].detach()), 4)])
-    fit_s = time.perf_counter() - t0
-    tok.eval()
+    return tok.eval(), time.perf_counter() - t0, log
+
+
+def run(arm: str, seed: int, train: dict, test: dict, args: argparse.Namespace) -> dict:
+    tok, fit_s, log = train_tokenizer(arm, seed, train, args.stage1, args.stage2, args.batch_size, args.lr)
+    cfg = tok.config
     with torch.no_grad():
         out = tok(test["visual"])
         img = F.normalize(tok.vision_proj(out.query_features[:, -1]), dim=-1)

@@ -85,7 +85,7 @@ def run_text(arm: str, seed: int, args: argparse.Namespace, test: list) -> dict:
                     threads=args.threads, progress=False, test_batch_size=16,
                     llm_init="random" if arm == "text-random" else "pretrained",
                     lora=arm != "text-projector", arch="minigpt4" if arm == "text-qformer" else "minigpt_v2",
-                    visual=args.visual, visual_weights=args.visual_weights)
+                    visual=args.visual, visual_weights=args.visual_weights, visual_stride=args.visual_stride)
     res = run_vlm(cfg)
     answers = [json.loads(line)["prediction"] for line in (out / "answers.jsonl").read_text().splitlines()]
     hist = json.loads((out / "history.json").read_text())
@@ -315,6 +315,8 @@ def main() -> None:
     ap.add_argument("--visual", default="repvgg_a0", help="the frozen encoder (text and regression arms)")
     ap.add_argument("--visual-weights", default="textures",
                     help="textures, or a detector model file whose backbone is --visual")
+    ap.add_argument("--visual-stride", type=int, default=16,
+                    help="the text arms' feature level: 16 = 64 visual tokens (16 LLM tokens), 8 = 256 (64)")
     ap.add_argument("--tag", default="", help="suffix of the text arms' run folders")
     ap.add_argument("--out", default=str(RESULTS / "vlm_grounding.jsonl"))
     ap.add_argument("--table", action="store_true", help="only write the .md table from the jsonl")
@@ -330,6 +332,10 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     feats = None
     encoder = args.visual + ("" if args.visual_weights == "textures" else " (detector backbone)")
+    if args.visual_stride != 16:
+        if any(not a.startswith("text") for a in args.arms):
+            ap.error("--visual-stride applies to the text arms only")
+        encoder += f" stride {args.visual_stride}"
     for arm in args.arms:
         seeds = [0] if arm in ("detector", "prior") else args.seeds
         for seed in seeds:
