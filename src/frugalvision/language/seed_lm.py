@@ -95,10 +95,10 @@ class SEEDLanguageModel(nn.Module):
         self.codebook_size, self.num_queries = int(codebook_size), int(num_queries)
         base_rows = model.get_input_embeddings().weight
         self.text_vocab = len(tokenizer)
-        if self.text_vocab > base_rows.shape[0]:
-            raise ConfigError(f"the tokenizer has {self.text_vocab} tokens but the LM only {base_rows.shape[0]} rows")
         if tokenizer.convert_tokens_to_ids(IMAGE_START) not in (None, tokenizer.unk_token_id):
             raise ConfigError(f"the tokenizer already has {IMAGE_START}: pass a fresh tokenizer")
+        if self.text_vocab > base_rows.shape[0]:
+            raise ConfigError(f"the tokenizer has {self.text_vocab} tokens but the LM only {base_rows.shape[0]} rows")
         tokenizer.add_tokens(strings, special_tokens=True)
         self.first_image_id = tokenizer.convert_tokens_to_ids(strings[0])
         if self.first_image_id != self.text_vocab or len(tokenizer) != self.text_vocab + len(strings):
@@ -358,7 +358,6 @@ def fit_seed_lm(model: SEEDLanguageModel, codes: torch.Tensor | None, captions: 
     pairs = [(model.code_ids(c), model.text_ids(t)) for c, t in zip(codes, captions, strict=True)]
     model.train()
     t0, ema = time.perf_counter(), float("nan")
-    params = rows + rest
     bar = tqdm(range(s.steps), desc="SEED LM", disable=not s.progress, dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, len(pairs), (s.batch_size,), generator=g).tolist()
@@ -370,7 +369,8 @@ def fit_seed_lm(model: SEEDLanguageModel, codes: torch.Tensor | None, captions: 
             raise DataError(f"the training loss became {loss.item()} at step {step}; lower lr=")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in groups:  # apart: the new rows' gradients would otherwise dwarf LoRA's under one norm
+            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
         opt.step()
         sched.step()
         v = float(loss.detach())
