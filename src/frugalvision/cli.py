@@ -204,6 +204,7 @@ def _commands() -> list[_Command]:
     from .pipelines.info import DataConfig, InfoConfig, ModelsConfig
     from .pipelines.inspection import SegmentConfig, SynthConfig
     from .pipelines.model_file import EvalConfig, ExportConfig, PredictConfig
+    from .pipelines.seed import SEEDJobConfig
     from .pipelines.slime import SlimeJobConfig
     from .pipelines.surgery import SurgeryConfig
     from .pipelines.svg import SVGConfig
@@ -249,6 +250,9 @@ def _commands() -> list[_Command]:
                  "(classifiers reading the text, under test-time shifts)", SVGConfig,
                  _json_job("svg", "run_svg", status="written"), positional="images",
                  usage_words="IMAGES... | train | test"),
+        _Command("seed", "SEED image tokenizer: train | encode IMAGES (→ codes) | decode TOKENS (→ image embeddings)",
+                 SEEDJobConfig, _json_job("seed", "run_seed"), positional="action",
+                 usage_words="train | encode IMAGES... | decode TOKENS..."),
     ]
 
 

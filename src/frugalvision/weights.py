@@ -449,6 +449,7 @@ for _kind in (
     ModelKind("mask_frozen", "detection", "frugalvision.detect.mask_frozen:build_mask_frozen_from_info"),
     ModelKind("vlm", "vlm", "frugalvision.language.vlm_file:build_vlm_from_info"),
     ModelKind("svg_reader", "svg_reader", "frugalvision.language.svg_read:build_reader_module"),
+    ModelKind("seed_tokenizer", "seed_tokenizer", "frugalvision.language.seed_file:build_seed_from_info"),
 ):
     register_model_kind(_kind)
 
