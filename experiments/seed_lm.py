@@ -143,6 +143,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, tok, train: dict, test: d
             drawn = lm.draw(test["captions"])
         row["draw_s"] = round(time.perf_counter() - t0, 1)
         row["draw"] = draw_scores(tok, clfs, drawn, test, codes_tr)
+        row["drawn_codes"] = drawn.tolist()  # for the pixel decoder (seed_pixels.py)
     return row
 
 
@@ -268,7 +269,7 @@ def main() -> None:
             row = run(arm, seed, args, tok, train, test, test_insts, clfs)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: v for k, v in row.items() if k != "loss"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("loss", "drawn_codes")}), flush=True)
 
 
 if __name__ == "__main__":

