@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(RUNS / "tokenizer-small-s0-300-400.safetensors"))
     ap.add_argument("--lm-results", default=str(RESULTS / "seed_lm.jsonl"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true",
+                    help="load the decoder this script saved under runs/seed_lm/ for these settings (no training)")
     ap.add_argument("--out", default=str(RESULTS / "seed_pixels.jsonl"))
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
@@ -163,8 +165,20 @@ def main() -> None:
     torch.manual_seed(args.seed)
     dec = SEEDPixelDecoder(train["image"].shape[1], TextDiffusionConfig(image_size=args.size, channels=(32, 64, 64)))
     log: list = []
-    fit_s = fit_pixel_decoder(dec, img_tr, train["image"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, progress=False, log=log)
+    saved = RUNS / f"pixel-decoder-{args.size}px-{args.steps}-s{args.seed}.safetensors"
+    if args.reuse:
+        dec.load_state_dict(load_file(saved))
+        dec.eval()
+        meta = json.loads(saved.with_suffix(".json").read_text())
+        fit_s, log = meta["fit_s"], meta["loss"]
+    else:
+        fit_s = fit_pixel_decoder(dec, img_tr, train["image"], steps=args.steps, batch_size=args.batch_size,
+                                  lr=args.lr, seed=args.seed, progress=False, log=log)
+        from safetensors.torch import save_file
+
+        RUNS.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, saved)
+        saved.with_suffix(".json").write_text(json.dumps({"fit_s": round(fit_s, 1), "loss": log}))
     g = torch.Generator().manual_seed(args.seed)
     keep = list(range(len(img_te)))
     if args.limit:  # the first limit / 5 test tiles of each category

@@ -1,0 +1,77 @@
+"""SEED's pixel decoder (frugalvision.language.seed_decoder): unCLIP-style conditioning, guidance, training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from frugalvision.errors import ConfigError, DataError
+from frugalvision.inspect.text_diffusion import TextDiffusionConfig
+from frugalvision.language.seed_decoder import SEEDPixelDecoder, fit_pixel_decoder
+
+CFG = TextDiffusionConfig(image_size=8, channels=(8, 16, 16), heads=2, timesteps=50)
+
+
+def dec(**kw) -> SEEDPixelDecoder:
+    torch.manual_seed(0)
+    return SEEDPixelDecoder(6, CFG, **kw).eval()
+
+
+def test_the_embedding_conditions_both_the_timestep_and_the_cross_attention():
+    d = dec()
+    assert d.unet.config.class_embed_type == "projection"
+    assert d.unet.config.projection_class_embeddings_input_dim == 6 and d.unet.config.cross_attention_dim == 6
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 10])
+    cond = d.norm(torch.randn(2, 6))
+    with torch.no_grad():
+        base = d(x, t, cond)
+        assert not torch.allclose(base, d(x, t, d.norm(torch.randn(2, 6))))
+        # what the projection path alone adds: the same UNet call with another class embedding only
+        other = d.unet(x, t, encoder_hidden_states=cond[:, None], class_labels=d.norm(torch.randn(2, 6))).sample
+        assert not torch.allclose(base, other)
+
+
+def test_guidance_one_is_the_conditional_model_and_sampling_is_repeatable():
+    d = dec()
+    e = torch.randn(3, 6)
+    a = d.sample(e, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(1))
+    b = d.sample(e, steps=3, guidance=1.0, generator=torch.Generator().manual_seed(1))
+    c = d.sample(e, steps=3, guidance=3.0, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (3, 3, 8, 8) and torch.equal(a, b) and not torch.allclose(a, c)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def test_dropout_swaps_in_the_null_embedding():
+    d = dec(dropout=0.999)
+    x, e = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 6)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    # with every embedding dropped, the loss does not depend on the embeddings
+    torch.testing.assert_close(d.loss(x, e, generator=g1), d.loss(x, e * 5 + 1, generator=g2))
+    d.train()
+    d.loss(x, e, generator=torch.Generator().manual_seed(0)).backward()
+    assert d.null.grad is not None and float(d.null.grad.abs().sum()) > 0
+
+
+def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
+    d = dec(dropout=0.0)
+    imgs, e = torch.rand(4, 3, 8, 8), torch.randn(4, 6)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(d.loss(imgs * 2 - 1, e, generator=torch.Generator().manual_seed(3)))
+
+    before = loss()
+    fit_pixel_decoder(d, imgs, e, steps=30, batch_size=4, lr=3e-3, progress=False)
+    assert loss() < before
+
+
+def test_clear_errors():
+    d = dec()
+    with pytest.raises(DataError, match=r"\(B, 6\)"):
+        d.sample(torch.randn(2, 5), steps=1)
+    with pytest.raises(DataError, match="paired with"):
+        fit_pixel_decoder(d, torch.rand(3, 3, 8, 8), torch.randn(2, 6), steps=1, progress=False)
+    with pytest.raises(ConfigError, match="dropout"):
+        SEEDPixelDecoder(6, CFG, dropout=1.0)
