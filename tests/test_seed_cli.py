@@ -120,3 +120,9 @@ def test_bad_training_data_and_actions(tmp_path, capsys):
     assert "choose train, encode" in capsys.readouterr().err
     assert main(["seed", "encode"]) == 2
     assert "needs image files" in capsys.readouterr().err
+
+
+def test_other_commands_point_to_seed(run, capsys):
+    assert main(["eval", f"model_file={run / 'run' / 'model.safetensors'}"]) != 0
+    err = capsys.readouterr().err
+    assert "seed_tokenizer" in err and "frugalvision seed encode" in err and "Traceback" not in err

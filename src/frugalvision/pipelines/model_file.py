@@ -212,8 +212,8 @@ _OTHER_COMMANDS = {"vlm": ": evaluate it with `frugalvision vlm test model_file=
                    "svg_reader": ": evaluate it with `frugalvision svg test model=...` (images read as text); in "
                                  "Python, frugalvision.language.svg_read.load_reader(...)",
                    "seed_tokenizer": ": images become codes with `frugalvision seed encode IMAGES model=...` and codes "
-                                     "image embeddings with `frugalvision seed decode TOKENS model=...`; in Python, "
-                                     "frugalvision.language.seed_file.load_seed(...)"}
+                                     "into image embeddings with `frugalvision seed decode TOKENS model=...`; in "
+                                     "Python, frugalvision.language.seed_file.load_seed(...)"}
 
 
 def register_task_jobs(task: str, jobs: TaskJobs) -> None:
