@@ -8,7 +8,9 @@ package; a trained model file opens with :func:`load_vlm` and answers with :func
     model = fv.vlm.load_vlm("runs/vlm/model.safetensors")
     answer = fv.vlm.ask(model, "tile.png", "[refer] the crack")   # answer.text, answer.boxes (pixels)
 
-The SEED image tokenizer (discrete codes an LLM reads and writes) is :mod:`frugalvision.language.seed`.
+The SEED image tokenizer (discrete codes an LLM reads and writes) is :mod:`frugalvision.language.seed`, its model
+files :mod:`~frugalvision.language.seed_file`, the LM that reads and draws the codes
+:mod:`~frugalvision.language.seed_lm` and the pixel decoder :mod:`~frugalvision.language.seed_decoder`.
 """
 
 from .boxes import BINS, BOX_RE, ParsedBoxes, box_to_text, boxes_to_text, parse_boxes
@@ -30,6 +32,8 @@ from .prompts import (
     encode_prompt,
 )
 from .seed import SEEDConfig, SEEDTokenizer, codes_to_text, image_token_strings, text_to_codes
+from .seed_file import SEEDImageTokenizer, load_seed, save_seed
+from .seed_lm import SEEDLanguageModel, SEEDLMSettings, fit_seed_lm
 from .training import InstructionDataset, VLMTask, answer_instructions
 from .visual import FeatureLevel
 from .vlm_base import LoraSettings, VisionLanguageModel, load_official_checkpoint
@@ -52,6 +56,9 @@ __all__ = [
     "ParsedBoxes",
     "QFormer",
     "SEEDConfig",
+    "SEEDImageTokenizer",
+    "SEEDLMSettings",
+    "SEEDLanguageModel",
     "SEEDTokenizer",
     "VLMAnswer",
     "VLMSpec",
@@ -70,6 +77,7 @@ __all__ = [
     "encode_conversation",
     "encode_example",
     "encode_prompt",
+    "fit_seed_lm",
     "format_table",
     "group_tokens",
     "image_token_strings",
@@ -79,10 +87,12 @@ __all__ = [
     "load_jsonl",
     "load_llm",
     "load_official_checkpoint",
+    "load_seed",
     "load_vlm",
     "parse_boxes",
     "read_image",
     "save_jsonl",
+    "save_seed",
     "save_vlm",
     "score_answers",
     "smollm2_gguf",
