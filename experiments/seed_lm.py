@@ -67,7 +67,7 @@ def tokenizer(st, arm: str, seed: int, train: dict, stages: tuple[int, int] = (3
 
     path = RUNS / f"tokenizer-{arm}-s{seed}-{stages[0]}-{stages[1]}.safetensors"
     if path.is_file():
-        cfg = json.loads(path.with_suffix(".json").read_text())
+        cfg = {k: v for k, v in json.loads(path.with_suffix(".json").read_text()).items() if k != "fit_s"}
         tok = SEEDTokenizer(SEEDConfig(**cfg))
         tok.load_state_dict(load_file(path))
         return tok.eval()
