@@ -75,3 +75,19 @@ def test_clear_errors():
         fit_pixel_decoder(d, torch.rand(3, 3, 8, 8), torch.randn(2, 6), steps=1, progress=False)
     with pytest.raises(ConfigError, match="dropout"):
         SEEDPixelDecoder(6, CFG, dropout=1.0)
+
+
+def test_the_sampler_recovers_the_image_of_an_oracle_noise_predictor():
+    """With the exact noise predictor of a one-image dataset, DDIM sampling must return that image."""
+    d = dec()
+    x0 = torch.zeros(3, 8, 8)
+    x0[0], x0[2] = 0.8, -0.6
+    ab = d.config.scheduler("ddpm").alphas_cumprod
+
+    def oracle(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        a = ab[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    d.forward = oracle
+    out = d.sample(torch.randn(2, 6), steps=25, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    assert float((out - (x0 + 1) / 2).abs().max()) < 0.1
