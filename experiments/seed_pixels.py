@@ -117,8 +117,11 @@ def table(path: Path) -> str:
 
     for name, ss in by.items():
         out.append(f"| {name} | {len(ss)} | {ms([s['category'] for s in ss])} | {ms([s['kind'] for s in ss])} |")
-    out += ["", "Samples (`seed_pixels_samples.png`): one test tile per category per column; rows: real, "
-            "true embedding, own codes, LM-drawn codes (first seed), null."]
+    real = by.get("real test tiles", [{}])[0].get("kind")
+    out += ["", f"The kind judge is itself at chance on the real test tiles ({real:.1f} %): its column says nothing "
+            "about the drawings; the category column is the measure." if real is not None and real < 25 else "",
+            "Samples (`seed_pixels_samples.png`): one test tile per category per column; rows: real, "
+            "true embedding, own codes, LM-drawn codes (first LM seed, when the LM results have drawn codes), null."]
     return "\n".join(out) + "\n"
 
 
