@@ -135,7 +135,7 @@ def judge(train: dict, test_emb: np.ndarray, truth_test: dict) -> dict[str, floa
 def train_tokenizer(arm: str, seed: int, train: dict, stage1: int, stage2: int, batch_size: int, lr: float
                     ) -> tuple[torch.nn.Module, float, dict]:
     """Stage I then stage II of ``arm``'s tokenizer on the training features; ``(tokenizer, seconds, loss log)``."""
-    from frugalvision.language.seed import SEEDConfig, SEEDTokenizer
+    from frugalvision.language.seed import SEEDConfig, SEEDTokenizer, fit_seed_tokenizer
 
     a = ARMS[arm]
     torch.manual_seed(seed)
@@ -144,27 +144,10 @@ def train_tokenizer(arm: str, seed: int, train: dict, stage1: int, stage2: int, 
                      image_dim=train["image"].shape[1], text_dim=train["text"].shape[1], embed_dim=128,
                      restart_every=a["restart_every"], dead_after=50)
     tok = SEEDTokenizer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    n = len(train["visual"])
-    log: dict[str, list] = {"stage1": [], "stage2": []}
+    log: dict[str, list] = {}
     t0 = time.perf_counter()
-    for stage, steps, key in ((1, stage1, "text"), (2, stage2, "image")):
-        tok.set_stage(stage).train()
-        if stage == 2 and a["kmeans"]:
-            tok.kmeans_init(train["visual"])
-        params = [p for p in tok.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-        for step in range(steps):
-            idx = torch.randint(0, n, (batch_size,), generator=g)
-            loss = (tok.stage1_loss if stage == 1 else tok.stage2_loss)(train["visual"][idx], train[key][idx])
-            opt.zero_grad()
-            loss["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            if step % 50 == 0 or step == steps - 1:
-                log[f"stage{stage}"].append([step, round(float(loss["loss"].detach()), 4)])
+    fit_seed_tokenizer(tok, train["visual"], train["text"], train["image"], stage1, stage2, batch_size, lr, seed,
+                       kmeans=a["kmeans"], log=log)
     return tok.eval(), time.perf_counter() - t0, log
 
 

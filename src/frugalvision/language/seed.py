@@ -77,6 +77,7 @@ __all__ = [
     "SEEDTokenizer",
     "VectorQuantizer",
     "codes_to_text",
+    "fit_seed_tokenizer",
     "image_token",
     "image_token_strings",
     "text_to_codes",
@@ -757,6 +758,53 @@ class SEEDTokenizer(nn.Module):
         z = self.encode_task_layer(self.query_features(visual))
         self.quantize.kmeans_init(z, iters)
         return self.quantize.codebook_usage(self.quantize.nearest(z))
+
+
+# ============================================================================================= training
+def fit_seed_tokenizer(tok: SEEDTokenizer, visual: torch.Tensor, text_embeds: torch.Tensor,
+                       image_embeds: torch.Tensor, stage1: int, stage2: int, batch_size: int = 64, lr: float = 3e-4,
+                       seed: int = 0, kmeans: bool = True, progress: bool = False,
+                       log: dict[str, list] | None = None) -> SEEDTokenizer:
+    """Stage I (``stage1`` contrastive steps) then stage II (``stage2`` reconstruction steps) on frozen features.
+
+    Each stage: AdamW (weight decay 0.05) under a one-cycle schedule peaking at ``lr``, gradient norm clipped at 1,
+    batches drawn with replacement from ``visual`` ``(N, T, C)`` and the matching caption / image embeddings;
+    ``kmeans`` initialises the codebook from the training queries before stage II. Returns ``tok`` in eval mode;
+    ``log`` (when given) collects ``{"step", "loss"}`` every 50 steps per stage.
+
+    Example:
+        >>> tok = SEEDTokenizer(SEEDConfig.tiny())
+        >>> v, t, i = torch.randn(8, 10, 16), torch.randn(8, 12), torch.randn(8, 24)
+        >>> fit_seed_tokenizer(tok, v, t, i, stage1=2, stage2=2, batch_size=4, kmeans=False).training
+        False
+    """
+    from tqdm.auto import tqdm
+
+    n = len(visual)
+    if not len(text_embeds) == len(image_embeds) == n:
+        raise DataError(f"{n} images, {len(text_embeds)} caption and {len(image_embeds)} image embeddings")
+    g = torch.Generator().manual_seed(seed)
+    for stage, steps, target in ((1, stage1, text_embeds), (2, stage2, image_embeds)):
+        tok.set_stage(stage).train()
+        if stage == 2 and kmeans:
+            tok.kmeans_init(visual)
+        params = [p for p in tok.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+        bar = tqdm(range(steps), desc=f"stage {'I' if stage == 1 else 'II'}", disable=not progress)
+        for step in bar:
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+            loss = (tok.stage1_loss if stage == 1 else tok.stage2_loss)(visual[idx], target[idx])["loss"]
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            bar.set_postfix(loss=f"{value:.3f}")
+            if log is not None and (step % 50 == 0 or step == steps - 1):
+                log.setdefault(f"stage{stage}", []).append({"step": step, "loss": round(value, 4)})
+    return tok.eval()
 
 
 # ============================================================================================= image text

@@ -160,7 +160,7 @@ def run_seed_train(cfg: SEEDJobConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .._deps import require_all
-    from ..language.seed import SEEDConfig
+    from ..language.seed import SEEDConfig, fit_seed_tokenizer
     from ..language.seed_file import SEEDImageTokenizer, save_seed
     from ..language.visual import FeatureLevel
     from ..pipelines.classification import pretrain_backbone
@@ -207,29 +207,10 @@ def run_seed_train(cfg: SEEDJobConfig) -> dict[str, Any]:
     if cfg.stage2 and len(vis) * cfg.num_queries < cfg.codebook_size:
         raise DataError(f"{len(vis)} training images x {cfg.num_queries} queries give fewer vectors than "
                         f"codebook_size={cfg.codebook_size} codes to initialise; lower codebook_size=")
-    g = torch.Generator().manual_seed(cfg.seed)
-    history: dict[str, Any] = {"stage1": [], "stage2": []}
+    history: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for stage, steps, target in ((1, cfg.stage1, text), (2, cfg.stage2, img)):
-        tok.set_stage(stage).train()
-        if stage == 2:
-            tok.kmeans_init(vis)
-        params = [p for p in tok.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
-        bar = tqdm(range(steps), desc=f"stage {'I' if stage == 1 else 'II'}", disable=not cfg.progress)
-        for step in bar:
-            idx = torch.randint(0, len(vis), (min(cfg.batch_size, len(vis)),), generator=g)
-            loss = (tok.stage1_loss if stage == 1 else tok.stage2_loss)(vis[idx], target[idx])["loss"]
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if step % 50 == 0 or step == steps - 1:
-                history[f"stage{stage}"].append({"step": step, "loss": round(float(loss.detach()), 4)})
-    tok.eval()
+    fit_seed_tokenizer(tok, vis, text, img, cfg.stage1, cfg.stage2, cfg.batch_size, cfg.lr, cfg.seed, kmeans=True,
+                       progress=cfg.progress, log=history)
     with torch.no_grad():
         codes_h = tok.encode(vis_h)
         usage = tok.quantize.codebook_usage(codes_h)._asdict()
