@@ -190,7 +190,9 @@ def test_onnx_one_graph_parity_and_identical_masks(model: PatchCoreModel, tmp_pa
         margin = np.abs(a.anomaly_map - spec.pixel_threshold) > 1e-4 * float(np.abs(a.anomaly_map).max())
         assert np.array_equal(a.mask[margin], b.mask[margin])  # pixels not sitting on the threshold
         assert (a.mask != b.mask).mean() < 1e-3
-        assert a.anomalous == b.anomalous and a.score == pytest.approx(b.score, rel=1e-4)
+        assert a.score == pytest.approx(b.score, rel=1e-4)
+        if abs(a.score - spec.image_threshold) > 1e-4 * abs(a.score):  # the median image sits on the threshold
+            assert a.anomalous == b.anomalous
     assert any(p.mask.any() for p in pt) and not all(p.mask.all() for p in pt)
 
 
