@@ -123,7 +123,8 @@ WRITERS: dict[str, tuple[str, Callable[..., Path]]] = {
 
 #: Kinds that eval / export / predict refuse (in one line naming the commands that do run them), tested elsewhere.
 OTHER_COMMANDS = {"vlm": "tests/test_vlm_cli.py: vlm test, ask, chat",
-                  "svg_reader": "tests/test_svg_read.py: svg test, load_reader"}
+                  "svg_reader": "tests/test_svg_read.py: svg test, load_reader",
+                  "seed_tokenizer": "tests/test_seed_cli.py: seed encode, seed decode, load_seed"}
 
 
 def test_every_kind_the_commands_write_is_covered():
