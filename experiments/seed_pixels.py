@@ -161,10 +161,15 @@ def main() -> None:
     img_tr, img_te = tiles("train", args.size), tiles("test", args.size)
     judge = Judge(img_tr, train)
     tok_path = Path(args.tokenizer)
-    tok = SEEDTokenizer(SEEDConfig(**{k: v for k, v in json.loads(tok_path.with_suffix(".json").read_text()).items()
-                                      if k != "fit_s"}))
-    tok.load_state_dict(load_file(tok_path))
-    tok.eval()
+    if tok_path.is_file():
+        tok = SEEDTokenizer(SEEDConfig(**{k: v for k, v in json.loads(tok_path.with_suffix(".json").read_text())
+                                          .items() if k != "fit_s"}))
+        tok.load_state_dict(load_file(tok_path))
+        tok.eval()
+    elif tok_path == Path(ap.get_default("tokenizer")):  # seed_lm.py's tokenizer, trained (deterministically) once
+        tok = _script("seed_lm").tokenizer(st, "small", 0, train)
+    else:
+        raise SystemExit(f"--tokenizer {tok_path}: no such file")
     torch.manual_seed(args.seed)
     dec = SEEDPixelDecoder(train["image"].shape[1], TextDiffusionConfig(image_size=args.size, channels=(32, 64, 64)))
     log: list = []

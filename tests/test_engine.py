@@ -52,6 +52,17 @@ def test_training_learns_and_reports():
     assert len(res.history) == 8 and all("val_acc1" in h for h in res.history)
 
 
+def test_fit_trains_inside_no_grad():
+    """A backbone trained on demand from feature-extraction code (under ``torch.no_grad``) must still train."""
+    a, b = _model(), _model()
+    Trainer(a, _cfg(), _data(), None).fit()
+    with torch.no_grad():
+        Trainer(b, _cfg(), _data(), None).fit()
+        assert not torch.is_grad_enabled()
+    flat = [torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b)]
+    assert torch.equal(*flat)
+
+
 def test_same_seed_same_weights_other_seed_differs():
     def run(seed):
         m = _model(dropout=0.3)

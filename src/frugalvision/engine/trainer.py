@@ -580,6 +580,7 @@ class Trainer:
         self.scheduler.step()
         return float(loss.detach()), grad_norm
 
+    @torch.enable_grad()  # a caller inside ``torch.no_grad()`` (feature extraction that trains a backbone) still trains
     def fit(self) -> FitResult:
         """Train to ``total_steps``, evaluating, checkpointing and resuming as configured."""
         cfg = self.cfg
