@@ -124,7 +124,9 @@ WRITERS: dict[str, tuple[str, Callable[..., Path]]] = {
 #: Kinds that eval / export / predict refuse (in one line naming the commands that do run them), tested elsewhere.
 OTHER_COMMANDS = {"vlm": "tests/test_vlm_cli.py: vlm test, ask, chat",
                   "svg_reader": "tests/test_svg_read.py: svg test, load_reader",
-                  "seed_tokenizer": "tests/test_seed_cli.py: seed encode, seed decode, load_seed"}
+                  "seed_tokenizer": "tests/test_seed_cli.py: seed encode, seed decode, load_seed",
+                  "seed_lm": "tests/test_seed_cli.py: seed lm, seed draw, ask, load_seed_lm",
+                  "seed_pixel_decoder": "tests/test_seed_cli.py: seed pixels, seed decode decoder=, load_pixel_decoder"}
 
 
 def test_every_kind_the_commands_write_is_covered():

@@ -126,3 +126,112 @@ def test_other_commands_point_to_seed(run, capsys):
     assert main(["eval", f"model_file={run / 'run' / 'model.safetensors'}"]) != 0
     err = capsys.readouterr().err
     assert "seed_tokenizer" in err and "frugalvision seed encode" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------- the LM and pixels
+@pytest.fixture(scope="module")
+def lm_run(run) -> Path:
+    pytest.importorskip("peft")
+    out = run / "run"
+    assert main(["seed", "lm", f"data={run / 'pairs.jsonl'}", f"model={out / 'model.safetensors'}", f"out={out}",
+                 "llm=tiny", "lm_steps=4", "progress=false"]) == 0
+    return out / "lm.safetensors"
+
+
+def test_lm_file_holds_only_new_rows_adapters_and_tokenizer(lm_run, run):
+    from frugalvision.language.seed_file import load_seed_lm
+
+    tensors, _ = read_safetensors(lm_run)
+    assert any(k.startswith("seed.tokenizer.") for k in tensors) and "lm.image_embed" in tensors
+    lm_keys = [k for k in tensors if k.startswith("lm.")]
+    assert lm_keys and all(k == "lm.image_embed" or ".lora_" in k for k in lm_keys)  # no LLM base weight copied
+    metrics = json.loads((run / "run" / "lm_metrics.json").read_text())
+    assert metrics["train_pairs"] == 18 and metrics["held_out_pairs"] == 2 and len(metrics["examples"]) == 2
+    model = load_seed_lm(lm_run)
+    assert model.info["kind"] == "seed_lm" and model.lm.codebook_size == 16
+    # the file's tensors are what the loaded model holds (rows and adapters were trained: not their initial values)
+    torch.testing.assert_close(model.lm.image_embed.detach(), tensors["lm.image_embed"])
+
+
+def test_ask_and_draw_equal_the_python_api(lm_run, run, tmp_path, capsys):
+    from frugalvision.language.seed_file import load_seed_lm
+
+    model = load_seed_lm(lm_run)
+    image = run / "images" / "im03.png"
+    capsys.readouterr()
+    assert main(["ask", str(image), f"model_file={lm_run}", "max_new_tokens=6"]) == 0
+    want = model.lm.read(model.codes([image]), max_new_tokens=6)[0]
+    assert capsys.readouterr().out.strip().splitlines()[-1].strip() == want.strip()
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red tile\n\na blue tile\n")
+    assert main(["seed", "draw", str(captions), "a red tile", f"lm_model={lm_run}", f"out={tmp_path / 'd'}",
+                 "progress=false"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "d" / "drawn.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in rows] == ["a red tile", "a blue tile", "a red tile"]
+    assert [r["codes"] for r in rows] == model.draw(["a red tile", "a blue tile", "a red tile"]).tolist()
+    emb, _ = read_safetensors(tmp_path / "d" / "embeddings.safetensors")
+    torch.testing.assert_close(emb["embeddings"], model.embeddings(torch.tensor([r["codes"] for r in rows])))
+    # sampling at a temperature is repeatable by seed
+    for out in ("s1", "s2"):
+        assert main(["seed", "draw", "a red tile", "a blue tile", f"lm_model={lm_run}", f"out={tmp_path / out}",
+                     "temperature=1.5", "seed=3", "progress=false"]) == 0
+    assert (tmp_path / "s1" / "drawn.jsonl").read_text() == (tmp_path / "s2" / "drawn.jsonl").read_text()
+
+
+def test_lm_errors_are_one_line(lm_run, run, tmp_path, capsys):
+    from frugalvision.language.seed_file import load_seed_lm
+    from frugalvision.weights import MODEL_META, read_model_info, write_weights
+
+    capsys.readouterr()
+    assert main(["ask", str(run / "images" / "im00.png"), "[refer] the crack", f"model_file={lm_run}"]) != 0
+    assert "captions images and answers no questions" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["seed", "draw", str(empty), f"lm_model={lm_run}", f"out={tmp_path / 'e'}"]) == 1
+    assert "no captions" in capsys.readouterr().err
+    assert main(["seed", "draw", "a tile", f"lm_model={tmp_path / 'none.safetensors'}", f"out={tmp_path / 'e'}"]) == 1
+    assert "seed lm" in capsys.readouterr().err
+    # trained on another LM: the fingerprint is checked when the file is opened
+    tensors, _ = read_safetensors(lm_run)
+    info = read_model_info(lm_run)
+    info["llm_fingerprint"] = {**info["llm_fingerprint"], "sha256": "0" * 20}
+    moved = write_weights(tmp_path / "other.safetensors", tensors, metadata={MODEL_META: json.dumps(info)})
+    with pytest.raises(CheckpointError, match="trained on another language model"):
+        load_seed_lm(moved)
+    with pytest.raises(CheckpointError, match="not a SEED language model"):
+        load_seed_lm(run / "run" / "model.safetensors")
+    # the lm action refuses to replace its outputs
+    assert main(["seed", "lm", f"data={run / 'pairs.jsonl'}", f"model={run / 'run' / 'model.safetensors'}",
+                 f"out={run / 'run'}", "llm=tiny", "lm_steps=1", "progress=false"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+
+
+def test_pixels_decoder_draws_decoded_and_drawn_codes(lm_run, run, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from frugalvision.language.seed_decoder import load_pixel_decoder
+
+    out = tmp_path / "px"
+    tok = run / "run" / "model.safetensors"
+    assert main(["seed", "pixels", f"data={run / 'pairs.jsonl'}", f"model={tok}", f"out={out}", "pixel_size=16",
+                 "pixel_steps=3", "ddim=2", "progress=false"]) == 0
+    assert Image.open(out / "pixels_held_out.png").size == (16 * 2, 16 * 2)  # 2 held-out images over 2 drawings
+    dec = load_pixel_decoder(out / "pixels.safetensors")
+    assert dec.info["kind"] == "seed_pixel_decoder" and dec.config.image_size == 16
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("<img><img_00001><img_00002><img_00003><img_00004></img>\n"
+                      "<img><img_00005><img_00005><img_00000><img_00015></img>\n")
+    assert main(["seed", "decode", str(tokens), f"model={tok}", f"decoder={out / 'pixels.safetensors'}",
+                 f"out={tmp_path / 'dec'}", "ddim=2", "progress=false"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "dec" / "decoded.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["00000.png", "00001.png"]
+    emb, _ = read_safetensors(tmp_path / "dec" / "embeddings.safetensors")
+    want = dec.sample(emb["embeddings"], steps=2, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(r["image"]), np.float32) / 255).permute(2, 0, 1)
+                       for r in rows])
+    assert (got - want).abs().max() <= 1 / 255 + 1e-6  # the PNGs are the decoder's samples (8-bit rounding)
+    assert main(["seed", "draw", "a red tile", f"lm_model={lm_run}", f"decoder={out / 'pixels.safetensors'}",
+                 f"out={tmp_path / 'drawn'}", "ddim=2", "progress=false"]) == 0
+    assert (tmp_path / "drawn" / "images" / "00000.png").is_file()
+    capsys.readouterr()
+    assert main(["seed", "decode", str(tokens), f"model={tok}", f"decoder={tok}", f"out={tmp_path / 'x'}"]) == 1
+    assert "not a SEED pixel decoder" in capsys.readouterr().err

@@ -250,9 +250,10 @@ def _commands() -> list[_Command]:
                  "(classifiers reading the text, under test-time shifts)", SVGConfig,
                  _json_job("svg", "run_svg", status="written"), positional="images",
                  usage_words="IMAGES... | train | test"),
-        _Command("seed", "SEED image tokenizer: train | encode IMAGES (→ codes) | decode TOKENS (→ image embeddings)",
+        _Command("seed", "SEED image tokens: train | encode IMAGES (→ codes) | decode TOKENS (→ embeddings, images) "
+                 "| lm (an LM reads and draws codes) | draw CAPTIONS | pixels (the diffusion decoder)",
                  SEEDJobConfig, _json_job("seed", "run_seed"), positional="action",
-                 usage_words="train | encode IMAGES... | decode TOKENS..."),
+                 usage_words="train | encode IMAGES... | decode TOKENS... | lm | draw CAPTIONS... | pixels"),
     ]
 
 

@@ -450,6 +450,9 @@ for _kind in (
     ModelKind("vlm", "vlm", "frugalvision.language.vlm_file:build_vlm_from_info"),
     ModelKind("svg_reader", "svg_reader", "frugalvision.language.svg_read:build_reader_module"),
     ModelKind("seed_tokenizer", "seed_tokenizer", "frugalvision.language.seed_file:build_seed_from_info"),
+    ModelKind("seed_lm", "seed_lm", "frugalvision.language.seed_file:build_seed_lm_from_info"),
+    ModelKind("seed_pixel_decoder", "seed_pixel_decoder",
+              "frugalvision.language.seed_decoder:build_pixel_decoder_from_info"),
 ):
     register_model_kind(_kind)
 

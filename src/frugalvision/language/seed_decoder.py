@@ -19,18 +19,25 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._deps import require
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..inspect.text_diffusion import TextDiffusionConfig
 
-__all__ = ["SEEDPixelDecoder", "fit_pixel_decoder"]
+__all__ = ["PIXEL_KIND", "SEEDPixelDecoder", "build_pixel_decoder_from_info", "fit_pixel_decoder",
+           "load_pixel_decoder", "save_pixel_decoder"]
+
+PIXEL_KIND = "seed_pixel_decoder"
 
 
 class SEEDPixelDecoder(nn.Module):
@@ -59,6 +66,11 @@ class SEEDPixelDecoder(nn.Module):
             projection_class_embeddings_input_dim=embed_dim,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",))
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this decoder (stored in its model file)."""
+        return {"kind": PIXEL_KIND, "name": "seed_pixel_decoder", "embed_dim": self.embed_dim,
+                "dropout": self.dropout, "config": dataclasses.asdict(self.config)}
 
     def _condition(self, embeds: torch.Tensor) -> torch.Tensor:
         if embeds.ndim != 2 or embeds.shape[1] != self.embed_dim:
@@ -137,3 +149,44 @@ def fit_pixel_decoder(decoder: SEEDPixelDecoder, images: torch.Tensor, embeds: t
             log.append({"step": step, "loss": round(ema, 5), "seconds": round(time.perf_counter() - t0, 1)})
     decoder.eval()
     return time.perf_counter() - t0
+
+
+def build_pixel_decoder_from_info(info: dict[str, Any]) -> SEEDPixelDecoder:
+    """An untrained :class:`SEEDPixelDecoder` shaped as a model file's description says."""
+    try:
+        cfg = dict(info["config"])
+        cfg["channels"] = tuple(cfg["channels"])
+        return SEEDPixelDecoder(int(info["embed_dim"]), TextDiffusionConfig(**cfg), dropout=float(info["dropout"]))
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"the pixel decoder's description is incomplete or malformed ({exc})") from None
+
+
+def save_pixel_decoder(decoder: SEEDPixelDecoder, path: str | Path, overwrite: bool = False, **meta: Any) -> Path:
+    """Write a ``seed_pixel_decoder`` model file atomically; refuses to replace a file without ``overwrite``."""
+    from ..weights import MODEL_META, write_weights
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass overwrite=true to replace it")
+    return write_weights(path, decoder.state_dict(),
+                         metadata={MODEL_META: json.dumps({**decoder.describe(), **meta})})
+
+
+def load_pixel_decoder(path: str | Path) -> SEEDPixelDecoder:
+    """Open a ``seed_pixel_decoder`` model file (``frugalvision seed pixels``), in eval mode.
+
+    Raises:
+        CheckpointError: A missing file, a model file of another kind, or tensors that do not fit.
+    """
+    from ..weights import check_fit, read_model_info, read_safetensors
+
+    info = read_model_info(path)
+    if info["kind"] != PIXEL_KIND:
+        raise CheckpointError(f"{path} holds a {info['kind']} model, not a SEED pixel decoder (kind {PIXEL_KIND}); "
+                              "give the pixels.safetensors of `frugalvision seed pixels`")
+    decoder = build_pixel_decoder_from_info(info)
+    tensors, _ = read_safetensors(path)
+    check_fit(decoder.state_dict(), tensors, path, what="its description (seed_pixel_decoder)")
+    decoder.load_state_dict(tensors)
+    decoder.info = info  # type: ignore[attr-defined]
+    return decoder.eval()

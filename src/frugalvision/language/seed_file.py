@@ -1,7 +1,11 @@
 """A self-describing SEED tokenizer: frozen visual encoder + tokenizer in one model file (kind ``seed_tokenizer``).
 
 ``frugalvision seed train`` writes it; ``seed encode`` turns images into codes with it and ``seed decode`` codes into
-image embeddings. The file holds the visual encoder's tensors (``visual.*``: one feature level of a registered
+image embeddings. ``seed lm`` adds a language model that reads and draws those codes (:class:`SEEDImageLM`, kind
+``seed_lm``: the tokenizer's tensors under ``seed.*``, the LM's new rows and LoRA adapters under ``lm.*``; the LM's
+own weights stay where they are and are checked by fingerprint when the file is opened).
+
+The tokenizer's file holds the visual encoder's tensors (``visual.*``: one feature level of a registered
 model) and the tokenizer's (``tokenizer.*``), and its description holds the :class:`~frugalvision.language.seed.
 SEEDConfig`, the encoder's name, level, input size and normalisation: nothing else is needed to open it.
 
@@ -31,9 +35,11 @@ from ..errors import CheckpointError
 from .seed import SEEDConfig, SEEDTokenizer
 from .visual import FeatureLevel
 
-__all__ = ["KIND", "SEEDImageTokenizer", "build_seed_from_info", "load_seed", "save_seed"]
+__all__ = ["KIND", "LM_KIND", "SEEDImageLM", "SEEDImageTokenizer", "build_seed_from_info", "build_seed_lm",
+           "build_seed_lm_from_info", "load_seed", "load_seed_lm", "save_seed", "save_seed_lm"]
 
 KIND = "seed_tokenizer"
+LM_KIND = "seed_lm"
 
 
 class SEEDImageTokenizer(nn.Module):
@@ -131,3 +137,149 @@ def load_seed(path: str | Path) -> SEEDImageTokenizer:
     model.load_state_dict(tensors)
     model.info = info  # type: ignore[attr-defined]
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- tokenizer + LM
+class SEEDImageLM(nn.Module):
+    """A SEED tokenizer and a language model that reads and draws its codes: one ``seed_lm`` model file.
+
+    Images are read as ``<img>`` + their codes + ``</img>`` and captioned (:meth:`caption`); captions are drawn as
+    codes (:meth:`draw`) that the tokenizer de-tokenises into image embeddings (:meth:`embeddings`) for a pixel
+    decoder. The LM's own weights are left out of :meth:`state_dict` (only its new rows and LoRA adapters are kept).
+
+    Args:
+        seed: The (trained) image tokenizer.
+        lm: The LM with this tokenizer's ``codebook_size`` / ``num_queries`` image tokens.
+        llm: Where the LM was loaded from (``"smollm2"``, a ``.gguf`` file, a folder or ``"tiny"``).
+        fingerprint: :func:`~frugalvision.language.vlm_file.llm_fingerprint` of the LM before LoRA.
+    """
+
+    def __init__(self, seed: SEEDImageTokenizer, lm: Any, llm: str, fingerprint: dict[str, Any]) -> None:
+        from .vlm_file import keep_llm_weights_out
+
+        super().__init__()
+        c = seed.tokenizer.config
+        if (lm.codebook_size, lm.num_queries) != (c.codebook_size, c.num_queries):
+            raise CheckpointError(f"the LM has {lm.codebook_size} codes x {lm.num_queries} per image, the tokenizer "
+                                  f"{c.codebook_size} x {c.num_queries}")
+        self.seed, self.lm = seed, keep_llm_weights_out(lm)
+        self.llm_source, self.llm_fingerprint = str(llm), dict(fingerprint)
+
+    def train(self, mode: bool = True) -> SEEDImageLM:
+        """Train mode for the LM's trainable parts; the tokenizer stays frozen in eval mode."""
+        super().train(mode)
+        self.seed.eval()
+        return self
+
+    @torch.no_grad()
+    def codes(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
+        """Images of any size / mode → their codes ``(B, num_queries)``."""
+        return self.seed.encode_images(self.seed.pixels(images).to(self.lm.device)).cpu()
+
+    def caption(self, images: Sequence[str | Path | Image.Image], max_new_tokens: int = 48) -> list[str]:
+        """Captions of images: tokenised, then read by the LM (greedy)."""
+        return self.lm.read(self.codes(images), max_new_tokens=max_new_tokens)
+
+    def draw(self, captions: Sequence[str], do_sample: bool = False, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Codes ``(B, num_queries)`` the LM writes for captions (greedy, or sampled at ``temperature``)."""
+        return self.lm.draw(captions, do_sample=do_sample, temperature=temperature, generator=generator).cpu()
+
+    @torch.no_grad()
+    def embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes → de-tokenised image embeddings ``(B, image_dim)`` (what a pixel decoder draws from)."""
+        return self.seed.decode(codes.to(self.lm.device)).cpu()
+
+    def describe(self) -> dict[str, Any]:
+        """What rebuilds this model (stored in its model file)."""
+        lora = self.lm.lora
+        return {"kind": LM_KIND, "name": "seed_lm", "tokenizer": self.seed.describe(), "llm": self.llm_source,
+                "llm_fingerprint": self.llm_fingerprint, "feature_dim": None,
+                "lora": dataclasses.asdict(lora) if lora is not None else None,
+                "codebook_size": self.lm.codebook_size, "num_queries": self.lm.num_queries}
+
+
+def _language_model(llm: str, random_init: bool = False) -> tuple[Any, Any]:
+    from ..models.llm import load_llm, tiny_llm
+
+    if str(llm) == "tiny":
+        return tiny_llm(seed=0)
+    return load_llm(llm, random_init=random_init)
+
+
+def build_seed_lm(seed: SEEDImageTokenizer, llm: str = "smollm2", lora: Any = True,
+                  expect_fingerprint: dict[str, Any] | None = None) -> SEEDImageLM:
+    """A :class:`SEEDImageLM` over ``seed`` with fresh image rows and adapters on the LM at ``llm``.
+
+    Args:
+        seed: The image tokenizer (frozen inside).
+        llm: ``"smollm2"``, a ``.gguf`` file, a transformers folder, or ``"tiny"`` (tests).
+        lora: As :class:`~frugalvision.language.seed_lm.SEEDLanguageModel`'s ``lora``.
+        expect_fingerprint: The fingerprint a model file recorded; another LM is refused.
+
+    Raises:
+        CheckpointError: The LM at ``llm`` is not the one ``expect_fingerprint`` names.
+    """
+    from .seed_lm import SEEDLanguageModel
+    from .vlm_file import _check_fingerprint, llm_fingerprint
+
+    model, tokenizer = _language_model(llm)
+    fingerprint = llm_fingerprint(model)
+    if expect_fingerprint is not None:
+        _check_fingerprint(expect_fingerprint, fingerprint, str(llm))
+    c = seed.tokenizer.config
+    lm = SEEDLanguageModel(c.codebook_size, c.num_queries, model=model, tokenizer=tokenizer, lora=lora)
+    return SEEDImageLM(seed, lm, str(llm), fingerprint).eval()
+
+
+def build_seed_lm_from_info(info: dict[str, Any], llm: str | None = None) -> SEEDImageLM:
+    """The architecture of a ``seed_lm`` model file (its LM loaded, trained weights not).
+
+    ``llm`` overrides where the LM is (a moved folder).
+    """
+    try:
+        seed = build_seed_from_info(info["tokenizer"])
+        lora = info["lora"] if info["lora"] is not None else False
+        source = str(llm or info["llm"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"the SEED LM's description is incomplete or malformed ({exc})") from None
+    return build_seed_lm(seed, source, lora=lora, expect_fingerprint=info.get("llm_fingerprint"))
+
+
+def save_seed_lm(model: SEEDImageLM, path: str | Path, overwrite: bool = False, **meta: Any) -> Path:
+    """Write the ``seed_lm`` model file atomically (the LM's own weights left out).
+
+    Refuses to replace a file without ``overwrite``.
+    """
+    from ..errors import ConfigError
+    from ..weights import MODEL_META, write_weights
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass overwrite=true to replace it")
+    return write_weights(path, model.state_dict(), metadata={MODEL_META: json.dumps({**model.describe(), **meta})})
+
+
+def load_seed_lm(path: str | Path, llm: str | None = None, device: str | torch.device = "cpu") -> SEEDImageLM:
+    """Open a ``seed_lm`` model file (``frugalvision seed lm``): rebuild over its LM (fingerprint checked), load.
+
+    Args:
+        path: The model file.
+        llm: Where the LM is, when not where the file says.
+        device: Where to put the model.
+
+    Raises:
+        CheckpointError: A missing file, a model file of another kind, another LM, or tensors that do not fit.
+    """
+    from ..weights import check_fit, read_model_info, read_safetensors
+
+    info = read_model_info(path)
+    if info["kind"] != LM_KIND:
+        raise CheckpointError(f"{path} holds a {info['kind']} model, not a SEED language model (kind {LM_KIND}); "
+                              "give the lm.safetensors of `frugalvision seed lm`")
+    model = build_seed_lm_from_info(info, llm)
+    tensors, _ = read_safetensors(path)
+    check_fit(model.state_dict(), tensors, path, what="its description (seed_lm)")
+    model.load_state_dict(tensors)
+    model.info = info  # type: ignore[attr-defined]
+    return model.to(device).eval()

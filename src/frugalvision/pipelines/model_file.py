@@ -213,7 +213,13 @@ _OTHER_COMMANDS = {"vlm": ": evaluate it with `frugalvision vlm test model_file=
                                  "Python, frugalvision.language.svg_read.load_reader(...)",
                    "seed_tokenizer": ": images become codes with `frugalvision seed encode IMAGES model=...` and codes "
                                      "into image embeddings with `frugalvision seed decode TOKENS model=...`; in "
-                                     "Python, frugalvision.language.seed_file.load_seed(...)"}
+                                     "Python, frugalvision.language.seed_file.load_seed(...)",
+                   "seed_lm": ": it captions images with `frugalvision ask IMAGE model_file=...` and draws captions "
+                              "with `frugalvision seed draw CAPTION model=...`; in Python, "
+                              "frugalvision.language.seed_file.load_seed_lm(...)",
+                   "seed_pixel_decoder": ": it turns codes into images with `frugalvision seed decode TOKENS "
+                                         "decoder=...` (and `seed draw ... decoder=...`); in Python, "
+                                         "frugalvision.language.seed_decoder.load_pixel_decoder(...)"}
 
 
 def register_task_jobs(task: str, jobs: TaskJobs) -> None:

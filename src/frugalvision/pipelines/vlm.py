@@ -714,8 +714,9 @@ class AskConfig:
     Attributes:
         words: The image, then the question (its words are joined): ``[refer] the crack``; without a task tag it
             is ``[vqa]`` (tags: vqa, caption, refer, identify, grounding, detection).
-        model_file: The VLM model file (``frugalvision vlm train``), or an image reader's (``frugalvision svg
-            train``: the answer is the class it reads, with its scores and the text it read; no question).
+        model_file: The VLM model file (``frugalvision vlm train``), an image reader's (``frugalvision svg
+            train``: the answer is the class it reads, with its scores and the text it read; no question), or a
+            SEED LM's (``frugalvision seed lm``: the caption it reads from the image's codes; no question).
         llm: Where its language model is, when not where the file says.
         out: Where to draw the answer's boxes (PNG); default ``<model file folder>/ask/<image name>_answer.png``.
         overwrite: Replace an existing drawing.
@@ -814,6 +815,23 @@ def _ask_reader(model_file: str, image: str, question: str, llm: str | None) -> 
             "read": text[0] if reader.kind != "cnn" else None}
 
 
+def _ask_seed_lm(cfg: AskConfig, image: str, question: str) -> dict[str, Any]:
+    """``ask`` on a ``seed_lm`` model file (``frugalvision seed lm``): the caption read from the image's codes."""
+    from ..language.seed import codes_to_text
+    from ..language.seed_file import load_seed_lm
+    from ..language.vlm_file import read_image
+
+    if question.strip() not in ("", "[caption]"):
+        raise ConfigError(f"{cfg.model_file} is a SEED language model: it captions images and answers no questions. "
+                          "Ask without a question (or with [caption]): frugalvision ask IMAGE model_file=...")
+    img = read_image(image)
+    require_all(_needs_of_file(cfg.model_file, cfg.llm))
+    model = load_seed_lm(cfg.model_file, llm=cfg.llm)
+    codes = model.codes([img])
+    text = model.lm.read(codes, max_new_tokens=cfg.max_new_tokens or 48)[0]
+    return {"answer": text, "task": "caption", "codes": codes_to_text(codes[0].tolist())}
+
+
 def run_ask(cfg: AskConfig) -> dict[str, Any]:
     """``frugalvision ask IMAGE QUESTION``: the answer, and its boxes drawn into a PNG when it has any."""
     from ..language.vlm_file import ask, draw_boxes, parse_question, read_image
@@ -822,8 +840,11 @@ def run_ask(cfg: AskConfig) -> dict[str, Any]:
     if not cfg.words:
         raise ConfigError('ask needs an image and a question: frugalvision ask IMAGE "[refer] the crack"')
     image, question = cfg.words[0], " ".join(cfg.words[1:])
-    if _kind_of(cfg.model_file) == "svg_reader":
+    kind = _kind_of(cfg.model_file)
+    if kind == "svg_reader":
         return _ask_reader(cfg.model_file, image, question, cfg.llm)
+    if kind == "seed_lm":
+        return _ask_seed_lm(cfg, image, question)
     task, _ = parse_question(question)
     img = read_image(image)  # a corrupt image fails here, before the model is loaded
     out = Path(cfg.out) if cfg.out else Path(cfg.model_file).parent / "ask" / f"{Path(image).stem}_answer.png"
