@@ -235,3 +235,25 @@ def test_pixels_decoder_draws_decoded_and_drawn_codes(lm_run, run, tmp_path, cap
     capsys.readouterr()
     assert main(["seed", "decode", str(tokens), f"model={tok}", f"decoder={tok}", f"out={tmp_path / 'x'}"]) == 1
     assert "not a SEED pixel decoder" in capsys.readouterr().err
+
+
+def test_decode_through_a_stable_unclip_folder(run, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from frugalvision.language.seed_decoder import tiny_stable_unclip
+
+    tok = run / "run" / "model.safetensors"
+    width = load_seed(tok).tokenizer.config.image_dim
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("<img><img_00001><img_00002><img_00003><img_00004></img>\n")
+    tiny_stable_unclip(tmp_path / "wide", embed_dim=width + 1)
+    capsys.readouterr()
+    assert main(["seed", "decode", str(tokens), f"model={tok}", f"decoder={tmp_path / 'wide'}",
+                 f"out={tmp_path / 'w'}", "ddim=2"]) == 1
+    assert f"({width + 1},)-wide image embeddings" in capsys.readouterr().err
+    dec = tiny_stable_unclip(tmp_path / "unclip", embed_dim=width)
+    assert main(["seed", "decode", str(tokens), f"model={tok}", f"decoder={tmp_path / 'unclip'}",
+                 f"out={tmp_path / 'u'}", "ddim=2", "guidance=10", "progress=false"]) == 0
+    emb, _ = read_safetensors(tmp_path / "u" / "embeddings.safetensors")
+    want = dec.sample(emb["embeddings"], steps=2, guidance=10.0, generator=torch.Generator().manual_seed(0))
+    got = np.asarray(Image.open(tmp_path / "u" / "images" / "00000.png"), np.float32) / 255
+    assert np.abs(got - want[0].permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6

@@ -92,3 +92,43 @@ def test_the_sampler_recovers_the_image_of_an_oracle_noise_predictor():
     out = d.sample(torch.randn(2, 6), steps=25, guidance=2.0, generator=torch.Generator().manual_seed(0))
     err = out - (x0 + 1) / 2  # the last DDIM step keeps sqrt(1 - alphas_cumprod[0]) ~ 0.03 of the start noise
     assert float(err.mean((2, 3)).abs().max()) < 0.05 and float(err.abs().max()) < 0.2
+
+
+# --------------------------------------------------------------------------------------------- Stable unCLIP
+@pytest.fixture(scope="module")
+def unclip(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from frugalvision.language.seed_decoder import tiny_stable_unclip
+
+    return tiny_stable_unclip(tmp_path_factory.mktemp("unclip") / "pipe", embed_dim=8)
+
+
+def test_unclip_folder_is_called_as_seed_calls_it(unclip):
+    """Our decoder's images equal diffusers' own pipeline, loaded from the same folder, called as SEED does."""
+    import diffusers
+
+    ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(unclip.source)
+    ref.set_progress_bar_config(disable=True)
+    emb = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    ours = unclip.sample(emb, steps=3, guidance=10.0, generator=torch.Generator().manual_seed(0))
+    want = ref(prompt=["", ""], image_embeds=emb, noise_level=0, num_inference_steps=3, guidance_scale=10.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(ours, want.float().clamp(0, 1), rtol=1e-4, atol=1e-5)
+    # the embedding conditions the image: another embedding, same noise → another image
+    other = unclip.sample(-emb, steps=3, guidance=10.0, generator=torch.Generator().manual_seed(0))
+    assert (other - ours).abs().max() > 1e-3
+    assert ours.shape == (2, 3, 32, 32) and 0 <= float(ours.min()) and float(ours.max()) <= 1
+
+
+def test_unclip_errors(unclip, tmp_path):
+    from frugalvision.errors import CheckpointError
+    from frugalvision.inspect.slime import tiny_stable_diffusion
+    from frugalvision.language.seed_decoder import UnCLIPDecoder
+
+    with pytest.raises(DataError, match=r"\(8,\)-wide image embeddings"):
+        unclip.sample(torch.zeros(1, 1024), steps=1)
+    with pytest.raises(CheckpointError, match="no model_index.json"):
+        UnCLIPDecoder.from_pretrained(tmp_path)
+    tiny_stable_diffusion(folder=tmp_path / "sd")
+    with pytest.raises(CheckpointError, match="holds a StableDiffusionPipeline, not a Stable unCLIP"):
+        UnCLIPDecoder.from_pretrained(tmp_path / "sd")

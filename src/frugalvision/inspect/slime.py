@@ -74,6 +74,7 @@ __all__ = [
     "default_layers",
     "mean_iou",
     "self_maps",
+    "tiny_clip_text",
     "tiny_stable_diffusion",
 ]
 
@@ -288,6 +289,37 @@ class StableDiffusionBackbone:
                 "token_dim": int(self.text_encoder.config.hidden_size)}
 
 
+def tiny_clip_text(hidden_size: int = 16, max_length: int = 16) -> tuple[Any, Any]:
+    """A random one-layer CLIP text encoder and a CLIP BPE tokenizer that spells "part" and single letters.
+
+    For toy diffusers pipelines in tests (no files are downloaded).
+
+    Example:
+        >>> tok, enc = tiny_clip_text()
+        >>> enc(**tok(["part"], return_tensors="pt")).last_hidden_state.shape[-1]
+        16
+    """
+    import tempfile
+
+    transformers = require("transformers", "a toy CLIP text encoder", extra="lm")
+    with tempfile.TemporaryDirectory() as tmp:
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = {c: i for i, c in enumerate(letters)}
+        vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
+        merges = ["p a", "pa r", "par t</w>"]
+        for tok in ("pa", "par", "part</w>", "<|startoftext|>", "<|endoftext|>"):
+            vocab[tok] = len(vocab)
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tokenizer = transformers.CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                               model_max_length=max_length, pad_token="<|endoftext|>")
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+    return tokenizer, text_encoder
+
+
 def tiny_stable_diffusion(seed: int = 0, image_size: int = 32, folder: str | Path | None = None,
                           ) -> StableDiffusionBackbone:
     """A randomly initialised Stable Diffusion with SD-2.1's module layout at toy width (for tests and smoke runs).
@@ -298,9 +330,6 @@ def tiny_stable_diffusion(seed: int = 0, image_size: int = 32, folder: str | Pat
     :meth:`StableDiffusionBackbone.from_pretrained`, the path a real SD-2.1 folder takes.
     """
     diffusers = require("diffusers", "a toy Stable Diffusion", extra="diffusion")
-    transformers = require("transformers", "a toy Stable Diffusion (its CLIP text encoder)", extra="lm")
-    import tempfile
-
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
         sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=2,
@@ -312,21 +341,7 @@ def tiny_stable_diffusion(seed: int = 0, image_size: int = 32, folder: str | Pat
                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=image_size)
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    with tempfile.TemporaryDirectory() as tmp:  # a CLIP BPE vocabulary that spells "part" and a few letters
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        vocab = {c: i for i, c in enumerate(letters)}
-        vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
-        merges = ["p a", "pa r", "par t</w>"]
-        for tok in ("pa", "par", "part</w>", "<|startoftext|>", "<|endoftext|>"):
-            vocab[tok] = len(vocab)
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = transformers.CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                                               model_max_length=16, pad_token="<|endoftext|>")
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"]))
+    tokenizer, text_encoder = tiny_clip_text(hidden_size=16)
     backbone = StableDiffusionBackbone(vae, text_encoder, tokenizer, unet, scheduler, source="tiny")
     if folder is None:
         return backbone

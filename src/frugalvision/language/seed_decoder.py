@@ -8,6 +8,12 @@ the LayerNorm-ed embedding is both the projection class embedding and the one to
 A learned null embedding replaces it for ``dropout`` of the training images, so sampling can use classifier-free
 guidance. Sampling is DDIM.
 
+:class:`UnCLIPDecoder` is the released path itself: a Stable unCLIP image-variation pipeline (``stable-diffusion-2-1
+-unclip``) saved in diffusers' format in a local folder, called as SEED calls it (image embeddings in, an empty
+prompt, noise level 0). It needs image embeddings in that pipeline's space (CLIP ViT-H/14's 1024-wide image
+embeddings for SD-2.1-unclip), i.e. a SEED tokenizer whose de-tokeniser was trained to regress them; tokenizers
+trained here on our own encoders have other widths and are refused with that explanation.
+
 Example:
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
@@ -23,6 +29,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +41,8 @@ from .._deps import require
 from ..errors import CheckpointError, ConfigError, DataError
 from ..inspect.text_diffusion import TextDiffusionConfig
 
-__all__ = ["PIXEL_KIND", "SEEDPixelDecoder", "build_pixel_decoder_from_info", "fit_pixel_decoder",
-           "load_pixel_decoder", "save_pixel_decoder"]
+__all__ = ["PIXEL_KIND", "SEEDPixelDecoder", "UnCLIPDecoder", "build_pixel_decoder_from_info", "fit_pixel_decoder",
+           "load_pixel_decoder", "save_pixel_decoder", "tiny_stable_unclip"]
 
 PIXEL_KIND = "seed_pixel_decoder"
 
@@ -190,3 +197,120 @@ def load_pixel_decoder(path: str | Path) -> SEEDPixelDecoder:
     decoder.load_state_dict(tensors)
     decoder.info = info  # type: ignore[attr-defined]
     return decoder.eval()
+
+
+# --------------------------------------------------------------------------------------------- Stable unCLIP
+class UnCLIPDecoder:
+    """SEED's released decoder: a Stable unCLIP image-variation pipeline from a local folder, fed image embeddings.
+
+    Build it with :meth:`from_pretrained`. :meth:`sample` calls the pipeline as SEED's ``ImageTokenizer.decode``
+    does: the de-tokenised embedding as ``image_embeds``, ``noise_level=0``, an empty prompt, classifier-free
+    guidance (diffusers' pipeline uses zero image embeddings as the negative).
+
+    Args:
+        pipe: A loaded ``diffusers.StableUnCLIPImg2ImgPipeline``.
+        source: Where it came from (for messages).
+    """
+
+    def __init__(self, pipe: Any, source: str = "") -> None:
+        self.pipe, self.source = pipe, str(source)
+        unet = pipe.unet.config
+        if unet.get("class_embed_type") != "projection" or not unet.get("projection_class_embeddings_input_dim"):
+            raise CheckpointError(f"{source}: the UNet takes no image embedding (class_embed_type "
+                                  f"{unet.get('class_embed_type')!r}); give a Stable unCLIP pipeline")
+        # the UNet's class input is the noised image embedding concatenated with the noise level's embedding
+        self.embed_dim = int(unet["projection_class_embeddings_input_dim"]) // 2
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> UnCLIPDecoder:
+        """Load ``folder`` (diffusers' format: ``model_index.json``, ``unet/``, ``vae/``, ...), offline.
+
+        Example:
+            >>> UnCLIPDecoder.from_pretrained("/nonexistent")
+            Traceback (most recent call last):
+            ...
+            frugalvision.errors.CheckpointError: /nonexistent is not a diffusers pipeline folder ...
+        """
+        folder = Path(folder)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise CheckpointError(f"{folder} is not a diffusers pipeline folder (no model_index.json); give a Stable "
+                                  "unCLIP pipeline saved with save_pretrained, e.g. stable-diffusion-2-1-unclip")
+        try:
+            kind = json.loads(index.read_text()).get("_class_name")
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{index} is not valid JSON ({exc.msg})") from None
+        if kind not in ("StableUnCLIPImg2ImgPipeline", "StableUnCLIPPipeline"):
+            raise CheckpointError(f"{folder} holds a {kind}, not a Stable unCLIP pipeline "
+                                  "(StableUnCLIPImg2ImgPipeline)")
+        diffusers = require("diffusers", "the Stable unCLIP decoder", extra="diffusion")
+        require("transformers", "the Stable unCLIP decoder (its CLIP text encoder)", extra="lm")
+        try:
+            with warnings.catch_warnings():  # newer diffusers call it dtype; torch_dtype works in all we support
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                pipe = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(folder, torch_dtype=dtype,
+                                                                             local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{folder}: could not load the Stable unCLIP pipeline ({exc})") from None
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe.to(device), source=str(folder))
+
+    @torch.no_grad()
+    def sample(self, embeds: torch.Tensor, steps: int = 20, guidance: float = 10.0,
+               generator: torch.Generator | None = None, noise_level: int = 0, size: int | None = None
+               ) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` for image embeddings ``(B, embed_dim)``.
+
+        SEED's defaults: 20 steps, guidance 10, noise level 0.
+
+        Raises:
+            DataError: Embeddings of another width than the pipeline's.
+        """
+        if embeds.ndim != 2 or embeds.shape[1] != self.embed_dim:
+            raise DataError(f"{self.source} draws from ({self.embed_dim},)-wide image embeddings (its CLIP image "
+                            f"space), got {tuple(embeds.shape)}: the SEED tokenizer must be trained to regress that "
+                            "pipeline's image embeddings")
+        unet = self.pipe.unet
+        emb = embeds.to(unet.device, unet.dtype)
+        out = self.pipe(prompt=[""] * len(emb), image_embeds=emb, noise_level=noise_level,
+                        num_inference_steps=steps, guidance_scale=guidance, generator=generator, height=size,
+                        width=size, output_type="pt")
+        return out.images.float().clamp(0, 1).cpu()
+
+
+def tiny_stable_unclip(folder: str | Path, embed_dim: int = 8, image_size: int = 32, seed: int = 0) -> UnCLIPDecoder:
+    """A randomly initialised Stable unCLIP pipeline at toy width (tests only).
+
+    It is saved in diffusers' format in ``folder`` and loaded back through :meth:`UnCLIPDecoder.from_pretrained`,
+    the path a real folder takes.
+    """
+    diffusers = require("diffusers", "a toy Stable unCLIP", extra="diffusion")
+    transformers = require("transformers", "a toy Stable unCLIP", extra="lm")
+    from ..inspect.slime import tiny_clip_text
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2, class_embed_type="projection",
+        projection_class_embeddings_input_dim=2 * embed_dim,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, sample_size=image_size)
+    tokenizer, text_encoder = tiny_clip_text(hidden_size=16)
+    image_encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+        patch_size=8, projection_dim=embed_dim))
+    pipe = diffusers.StableUnCLIPImg2ImgPipeline(
+        feature_extractor=transformers.CLIPImageProcessor(crop_size=image_size, size=image_size),
+        image_encoder=image_encoder,
+        image_normalizer=diffusers.pipelines.stable_diffusion.StableUnCLIPImageNormalizer(embedding_dim=embed_dim),
+        image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
+        scheduler=diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                          prediction_type="v_prediction"),
+        vae=vae)
+    pipe.save_pretrained(folder)
+    return UnCLIPDecoder.from_pretrained(folder)

@@ -84,7 +84,9 @@ class SEEDJobConfig:
         lm_rows_lr: ``lm``: the new rows' peak learning rate.
         lm_model: ``draw``: the model file of ``seed lm`` (default ``runs/seed/lm.safetensors``).
         temperature: ``draw``: 0 draws greedily (one drawing per caption), above 0 samples codes at it.
-        decoder: ``decode`` / ``draw``: a pixel decoder (``seed pixels``) to turn embeddings into images.
+        decoder: ``decode`` / ``draw``: a pixel decoder to turn embeddings into images: the model file of ``seed
+            pixels``, or a folder holding a Stable unCLIP pipeline in diffusers' format (SEED's released decoder;
+            it needs a tokenizer that regresses that pipeline's CLIP image embeddings; use guidance=10, ddim=20).
         pixel_size: ``pixels``: image side the decoder draws (at 32 px a step of 32 images takes ~1.3 s on one thread).
         pixel_steps: ``pixels``: training steps.
         pixel_batch_size: ``pixels``: images per step.
@@ -358,16 +360,27 @@ def _check_free(targets: list[Path], overwrite: bool) -> None:
 
 
 def _load_decoder(cfg: SEEDJobConfig, embed_dim: int) -> Any:
-    """The pixel decoder of ``cfg.decoder`` (checked against the embeddings' width), or ``None``."""
+    """The pixel decoder of ``cfg.decoder`` (checked against the embeddings' width), or ``None``.
+
+    A file is a ``seed pixels`` decoder; a folder a Stable unCLIP pipeline (:class:`UnCLIPDecoder`).
+    """
     if not cfg.decoder:
         return None
     from .._deps import require_all
-    from ..language.seed_decoder import load_pixel_decoder
+    from ..language.seed_decoder import UnCLIPDecoder, load_pixel_decoder
 
     require_all([("diffusers", "the SEED pixel decoder (decoder=)", "diffusion")])
-    if not Path(cfg.decoder).is_file():
-        raise CheckpointError(f"decoder={cfg.decoder} does not exist; train one with `frugalvision seed pixels`")
-    dec = load_pixel_decoder(cfg.decoder)
+    if Path(cfg.decoder).is_dir():
+        dec = UnCLIPDecoder.from_pretrained(cfg.decoder)
+    elif not Path(cfg.decoder).is_file():
+        raise CheckpointError(f"decoder={cfg.decoder} does not exist; train one with `frugalvision seed pixels` or "
+                              "give a Stable unCLIP pipeline folder")
+    else:
+        dec = load_pixel_decoder(cfg.decoder)
+    if dec.embed_dim != embed_dim and isinstance(dec, UnCLIPDecoder):
+        raise CheckpointError(f"decoder={cfg.decoder} is a Stable unCLIP pipeline drawing from ({dec.embed_dim},)-wide "
+                              f"image embeddings (its CLIP image space); this tokenizer's are {embed_dim}-wide: it "
+                              "needs a SEED tokenizer trained to regress that pipeline's image embeddings")
     if dec.embed_dim != embed_dim:
         raise CheckpointError(f"decoder={cfg.decoder} draws from {dec.embed_dim}-wide embeddings, this tokenizer's "
                               f"are {embed_dim}-wide: give the decoder trained on this tokenizer")
