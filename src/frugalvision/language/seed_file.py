@@ -176,14 +176,16 @@ class SEEDImageLM(nn.Module):
         """Images of any size / mode → their codes ``(B, num_queries)``."""
         return self.seed.encode_images(self.seed.pixels(images).to(self.lm.device)).cpu()
 
-    def caption(self, images: Sequence[str | Path | Image.Image], max_new_tokens: int = 48) -> list[str]:
+    def caption(self, images: Sequence[str | Path | Image.Image], max_new_tokens: int = 48, progress: bool = False
+                ) -> list[str]:
         """Captions of images: tokenised, then read by the LM (greedy)."""
-        return self.lm.read(self.codes(images), max_new_tokens=max_new_tokens)
+        return self.lm.read(self.codes(images), max_new_tokens=max_new_tokens, progress=progress)
 
     def draw(self, captions: Sequence[str], do_sample: bool = False, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
         """Codes ``(B, num_queries)`` the LM writes for captions (greedy, or sampled at ``temperature``)."""
-        return self.lm.draw(captions, do_sample=do_sample, temperature=temperature, generator=generator).cpu()
+        return self.lm.draw(captions, do_sample=do_sample, temperature=temperature, generator=generator,
+                            progress=progress).cpu()
 
     @torch.no_grad()
     def embeddings(self, codes: torch.Tensor) -> torch.Tensor:

@@ -255,13 +255,16 @@ class SEEDLanguageModel(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return out
 
-    def read(self, codes: torch.Tensor, max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    def read(self, codes: torch.Tensor, max_new_tokens: int = 48, batch_size: int = 16, progress: bool = False
+             ) -> list[str]:
         """Captions of images given as codes ``(B, num_queries)``: greedy, text tokens only, until end of text."""
+        from tqdm.auto import tqdm
+
         codes = torch.as_tensor(codes)
         if codes.ndim != 2:
             raise DataError(f"codes must be (images, {self.num_queries}), got shape {tuple(codes.shape)}")
         texts = []
-        for b in range(0, len(codes), batch_size):
+        for b in tqdm(range(0, len(codes), batch_size), desc="read", disable=not progress, leave=False):
             prompts = [self.code_ids(c) for c in codes[b:b + batch_size]]
             rows = self._decode(prompts, max_new_tokens, slice(0, self.first_image_id), self.eos_id, False, 1.0, None)
             texts += [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
@@ -281,7 +284,7 @@ class SEEDLanguageModel(nn.Module):
         return texts
 
     def draw(self, captions: Sequence[str], batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
         """Codes ``(B, num_queries)`` of images for captions: ``caption <img>`` then ``num_queries`` code tokens.
 
         Decoding is restricted to the ``K`` code tokens, so every drawing is a valid image (greedy by default,
@@ -291,9 +294,11 @@ class SEEDLanguageModel(nn.Module):
             captions = [captions]
         if not captions or any(not c.strip() for c in captions):
             raise DataError("draw needs non-empty captions")
+        from tqdm.auto import tqdm
+
         rows = []
         allowed = slice(self.first_image_id, self.first_image_id + self.codebook_size)
-        for b in range(0, len(captions), batch_size):
+        for b in tqdm(range(0, len(captions), batch_size), desc="draw", disable=not progress, leave=False):
             prompts = [[*self.text_ids(c), self.start_id] for c in captions[b:b + batch_size]]
             rows += self._decode(prompts, self.num_queries, allowed, None, do_sample, temperature, generator)
         return torch.tensor(rows, dtype=torch.long) - self.first_image_id

@@ -479,7 +479,7 @@ def run_seed_lm(cfg: SEEDJobConfig) -> dict[str, Any]:
                               seed=cfg.seed, progress=cfg.progress)
     fit_s = fit_seed_lm(model.lm, codes, [c for _, c in train], settings)
     t0 = time.perf_counter()
-    read = model.lm.read(_encode_pairs(seed, held, "codes (held out)", cfg.progress))
+    read = model.lm.read(_encode_pairs(seed, held, "codes (held out)", cfg.progress), progress=cfg.progress)
     truth = [c for _, c in held]
     metrics: dict[str, Any] = {
         "train_pairs": len(train), "held_out_pairs": len(held), "train_seconds": round(fit_s, 1),
@@ -509,6 +509,7 @@ def run_seed_draw(cfg: SEEDJobConfig, inputs: list[str]) -> dict[str, Any]:
     from ..weights import read_model_info, write_weights
     from .vlm import vlm_needs
 
+    require_all(vlm_needs("", lora=True))  # before anything else: the extra is what a fresh install lacks
     captions = _captions_of(inputs)
     out = Path(cfg.out)
     targets = [out / "drawn.jsonl", out / "embeddings.safetensors"] + ([out / "images"] if cfg.decoder else [])
@@ -523,7 +524,8 @@ def run_seed_draw(cfg: SEEDJobConfig, inputs: list[str]) -> dict[str, Any]:
     model = load_seed_lm(cfg.lm_model)
     decoder = _load_decoder(cfg, model.seed.tokenizer.config.image_dim)
     g = torch.Generator().manual_seed(cfg.seed)
-    codes = model.draw(captions, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, generator=g)
+    codes = model.draw(captions, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, generator=g,
+                       progress=cfg.progress)
     emb = model.embeddings(codes)
     images = _images_of(cfg, decoder, emb, out / "images") if decoder is not None else [None] * len(captions)
     out.mkdir(parents=True, exist_ok=True)
