@@ -61,9 +61,10 @@ def _tokenizer_script() -> object:
 
 def tokenizer(st, arm: str, seed: int, train: dict, stages: tuple[int, int] = (300, 400)) -> torch.nn.Module:
     """The SEED tokenizer of ``arm`` (trained once, then read from ``runs/seed_lm``)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from frugalvision.language.seed import SEEDConfig, SEEDTokenizer
+    from frugalvision.weights import write_weights
 
     path = RUNS / f"tokenizer-{arm}-s{seed}-{stages[0]}-{stages[1]}.safetensors"
     if path.is_file():
@@ -73,7 +74,7 @@ def tokenizer(st, arm: str, seed: int, train: dict, stages: tuple[int, int] = (3
         return tok.eval()
     tok, fit_s, _ = st.train_tokenizer(arm, seed, train, stages[0], stages[1], 64, 3e-4)
     RUNS.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tok.state_dict().items()}, path)
+    write_weights(path, tok)  # atomic, normal permissions
     import dataclasses
 
     path.with_suffix(".json").write_text(json.dumps({**dataclasses.asdict(tok.config), "fit_s": round(fit_s, 1)}))

@@ -182,10 +182,10 @@ def main() -> None:
     else:
         fit_s = fit_pixel_decoder(dec, img_tr, train["image"], steps=args.steps, batch_size=args.batch_size,
                                   lr=args.lr, seed=args.seed, progress=False, log=log)
-        from safetensors.torch import save_file
+        from frugalvision.weights import write_weights
 
         RUNS.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, saved)
+        write_weights(saved, dec)  # atomic, normal permissions
         saved.with_suffix(".json").write_text(json.dumps({"fit_s": round(fit_s, 1), "loss": log}))
     g = torch.Generator().manual_seed(args.seed)
     keep = list(range(len(img_te)))
