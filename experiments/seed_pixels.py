@@ -98,29 +98,33 @@ def grid(rows: list[torch.Tensor], path: Path) -> None:
 
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    head = rows[0] if rows else {}
+    head = rows[-1] if rows else {}
     out = ["# SEED codes back to pixels (small scale)", "",
            f"Pixel decoder: {head.get('params_m', '?')} M-parameter diffusers UNet at {head.get('size', '?')} px, "
-           f"{head.get('steps', '?')} steps of batch {head.get('batch_size', '?')} on {head.get('train', '?')} "
-           f"training tiles ({head.get('fit_s', '?')} s), DDIM {head.get('ddim', '?')} steps, guidance "
-           f"{head.get('guidance', '?')}; judged on {head.get('test', '?')} test tiles by logistic regressions on "
-           f"the frozen encoder's features of real training tiles at that size. {head.get('machine', '?')}, "
-           f"{head.get('date', '?')}. Chance: category 20 %, kind 12.5 %.", "",
-           "| images drawn from | runs | category judged = the tile's % | kind judged = the tile's % |",
-           "|---|---|---|---|"]
-    by: dict[str, list] = {}
+           f"trained for the steps of each row (batch {head.get('batch_size', '?')}) on {head.get('train', '?')} "
+           f"training tiles, DDIM {head.get('ddim', '?')} steps, guidance {head.get('guidance', '?')}; judged on "
+           f"{head.get('test', '?')} test tiles by logistic regressions on the frozen encoder's features of real "
+           f"training tiles at that size. {head.get('machine', '?')}, one decoder per row group (seed 0). "
+           "Chance: category 20 %, kind 12.5 %.", "",
+           "| decoder steps (train s) | images drawn from | runs | category judged = the tile's % | "
+           "kind judged = the tile's % |",
+           "|---|---|---|---|---|"]
+    by: dict[tuple[str, str], list] = {}
     for r in rows:
+        key = f"{r['steps']} ({r['fit_s']:.0f} s, {r.get('date', '?')})"
         for name, s in r["judged"].items():
-            by.setdefault("LM-drawn codes" if name.startswith("LM-drawn") else name, []).append(s)
+            by.setdefault((key, "LM-drawn codes" if name.startswith("LM-drawn") else name), []).append(s)
+
     def ms(v: list[float]) -> str:
         return f"{np.mean(v):.1f}" + (f" ± {np.std(v):.1f}" if len(v) > 1 else "")
 
-    for name, ss in by.items():
-        out.append(f"| {name} | {len(ss)} | {ms([s['category'] for s in ss])} | {ms([s['kind'] for s in ss])} |")
-    real = by.get("real test tiles", [{}])[0].get("kind")
+    for (key, name), ss in by.items():
+        runs = f"{len(ss)} LM seeds" if name == "LM-drawn codes" else str(len(ss))
+        out.append(f"| {key} | {name} | {runs} | {ms([s['category'] for s in ss])} | {ms([s['kind'] for s in ss])} |")
+    real = next((v[0].get("kind") for (k, n), v in by.items() if n == "real test tiles"), None)
     out += ["", f"The kind judge is itself at chance on the real test tiles ({real:.1f} %): its column says nothing "
             "about the drawings; the category column is the measure." if real is not None and real < 25 else "",
-            "Samples (`seed_pixels_samples.png`): one test tile per category per column; rows: real, "
+            "Samples (`seed_pixels_samples.png`, the latest run): one test tile per category per column; rows: real, "
             "true embedding, own codes, LM-drawn codes (first LM seed, when the LM results have drawn codes), null."]
     return "\n".join(out) + "\n"
 
