@@ -185,16 +185,14 @@ def load_pixel_decoder(path: str | Path) -> SEEDPixelDecoder:
     Raises:
         CheckpointError: A missing file, a model file of another kind, or tensors that do not fit.
     """
-    from ..weights import check_fit, read_model_info, read_safetensors
+    from ..weights import load_weights, read_model_info
 
     info = read_model_info(path)
     if info["kind"] != PIXEL_KIND:
         raise CheckpointError(f"{path} holds a {info['kind']} model, not a SEED pixel decoder (kind {PIXEL_KIND}); "
                               "give the pixels.safetensors of `frugalvision seed pixels`")
     decoder = build_pixel_decoder_from_info(info)
-    tensors, _ = read_safetensors(path)
-    check_fit(decoder.state_dict(), tensors, path, what="its description (seed_pixel_decoder)")
-    decoder.load_state_dict(tensors)
+    load_weights(decoder, path, what="its description (seed_pixel_decoder)")
     decoder.info = info  # type: ignore[attr-defined]
     return decoder.eval()
 

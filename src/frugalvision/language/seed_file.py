@@ -125,16 +125,14 @@ def load_seed(path: str | Path) -> SEEDImageTokenizer:
     Raises:
         CheckpointError: A missing file, a model file of another kind, or tensors that do not fit.
     """
-    from ..weights import check_fit, read_model_info, read_safetensors
+    from ..weights import load_weights, read_model_info
 
     info = read_model_info(path)
     if info["kind"] != KIND:
         raise CheckpointError(f"{path} holds a {info['kind']} model, not a SEED tokenizer (kind {KIND}); give the "
                               "model.safetensors of `frugalvision seed train`")
     model = build_seed_from_info(info)
-    tensors, _ = read_safetensors(path)
-    check_fit(model.state_dict(), tensors, path, what="its description (seed_tokenizer)")
-    model.load_state_dict(tensors)
+    load_weights(model, path, what="its description (seed_tokenizer)")
     model.info = info  # type: ignore[attr-defined]
     return model.eval()
 
@@ -273,15 +271,13 @@ def load_seed_lm(path: str | Path, llm: str | None = None, device: str | torch.d
     Raises:
         CheckpointError: A missing file, a model file of another kind, another LM, or tensors that do not fit.
     """
-    from ..weights import check_fit, read_model_info, read_safetensors
+    from ..weights import load_weights, read_model_info
 
     info = read_model_info(path)
     if info["kind"] != LM_KIND:
         raise CheckpointError(f"{path} holds a {info['kind']} model, not a SEED language model (kind {LM_KIND}); "
                               "give the lm.safetensors of `frugalvision seed lm`")
     model = build_seed_lm_from_info(info, llm)
-    tensors, _ = read_safetensors(path)
-    check_fit(model.state_dict(), tensors, path, what="its description (seed_lm)")
-    model.load_state_dict(tensors)
+    load_weights(model, path, what="its description (seed_lm)")
     model.info = info  # type: ignore[attr-defined]
     return model.to(device).eval()
