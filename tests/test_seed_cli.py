@@ -206,6 +206,22 @@ def test_lm_errors_are_one_line(lm_run, run, tmp_path, capsys):
     assert "overwrite=true" in capsys.readouterr().err
 
 
+def test_lm_limit_test_reads_a_seeded_subset(lm_run, run, tmp_path, capsys):
+    pairs = [json.loads(x) for x in (run / "pairs.jsonl").read_text().splitlines()]
+    args = ["seed", "lm", f"data={run / 'pairs.jsonl'}", f"model={run / 'run' / 'model.safetensors'}", "llm=tiny",
+            "lm_steps=1", "progress=false"]
+    assert main([*args, f"out={tmp_path / 'a'}", "limit_test=1"]) == 0
+    metrics = json.loads((tmp_path / "a" / "lm_metrics.json").read_text())
+    assert metrics["held_out_pairs"] == 1 and metrics["limit_test"] == 1 and len(metrics["examples"]) == 1
+    full = json.loads((run / "run" / "lm_metrics.json").read_text())
+    assert metrics["examples"][0]["caption"] in {e["caption"] for e in full["examples"]}
+    assert metrics["examples"][0]["caption"] in {p["caption"] for p in pairs}
+    capsys.readouterr()
+    assert main([*args, f"out={tmp_path / 'b'}", "limit_test=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "limit_test" in err and "Traceback" not in err and not (tmp_path / "b").exists()
+
+
 def test_pixels_decoder_draws_decoded_and_drawn_codes(lm_run, run, tmp_path, capsys):
     pytest.importorskip("diffusers")
     from frugalvision.language.seed_decoder import load_pixel_decoder
