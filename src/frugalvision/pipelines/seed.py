@@ -490,8 +490,8 @@ def run_seed_lm(cfg: SEEDJobConfig) -> dict[str, Any]:
     read = model.lm.read(_encode_pairs(seed, held, "codes (held out)", cfg.progress), progress=cfg.progress)
     truth = [c for _, c in held]
     metrics: dict[str, Any] = {
-        "train_pairs": len(train), "held_out_pairs": len(held), "limit_test": cfg.limit_test, "train_seconds": round(fit_s, 1),
-        "read_seconds": round(time.perf_counter() - t0, 1), "llm": cfg.llm,
+        "train_pairs": len(train), "held_out_pairs": len(held), "limit_test": cfg.limit_test,
+        "train_seconds": round(fit_s, 1), "read_seconds": round(time.perf_counter() - t0, 1), "llm": cfg.llm,
         "trainable_m": round(sum(v.numel() for v in model.lm.trainable_state_dict().values()) / 1e6, 2),
         "held_out_exact_caption": sum(a == b for a, b in zip(read, truth, strict=True)) / max(1, len(truth)),
         "examples": [{"caption": t, "read": r} for t, r in list(zip(truth, read, strict=True))[:8]]}
