@@ -97,6 +97,7 @@ def grid(rows: list[torch.Tensor], path: Path) -> None:
 
 
 def table(path: Path) -> str:
+    """The markdown table: one group per decoder setting (size, steps), mean ± std over decoder seeds (× LM seeds)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     head = rows[-1] if rows else {}
     out = ["# SEED codes back to pixels (small scale)", "",
@@ -104,28 +105,34 @@ def table(path: Path) -> str:
            f"trained for the steps of each row (batch {head.get('batch_size', '?')}) on {head.get('train', '?')} "
            f"training tiles, DDIM {head.get('ddim', '?')} steps, guidance {head.get('guidance', '?')}; judged on "
            f"{head.get('test', '?')} test tiles by logistic regressions on the frozen encoder's features of real "
-           f"training tiles at that size. {head.get('machine', '?')}, one decoder per row group (seed 0). "
-           "Chance: category 20 %, kind 12.5 %.", "",
-           "| decoder steps (train s) | images drawn from | runs | category judged = the tile's % | "
-           "kind judged = the tile's % |",
-           "|---|---|---|---|---|"]
-    by: dict[tuple[str, str], list] = {}
+           f"training tiles at that size. {head.get('machine', '?')}. Each decoder seed trains its own decoder and "
+           "draws with its own noise; LM-drawn rows pool every (decoder seed, LM seed) pair. Mean ± std over the "
+           "runs. Chance: category 20 %, kind 12.5 %.", "",
+           "| decoder steps | train s (mean) | images drawn from | decoder seeds | runs | "
+           "category judged = the tile's % | kind judged = the tile's % |",
+           "|---|---|---|---|---|---|---|"]
+    by: dict[tuple[int, int, str], list] = {}
+    seeds: dict[tuple[int, int], dict[int, float]] = {}
     for r in rows:
-        key = f"{r['steps']} ({r['fit_s']:.0f} s, {r.get('date', '?')})"
+        key = (r["size"], r["steps"])
+        seeds.setdefault(key, {})[r["seed"]] = r["fit_s"]
         for name, s in r["judged"].items():
-            by.setdefault((key, "LM-drawn codes" if name.startswith("LM-drawn") else name), []).append(s)
+            by.setdefault((*key, "LM-drawn codes" if name.startswith("LM-drawn") else name), []).append(s)
 
     def ms(v: list[float]) -> str:
         return f"{np.mean(v):.1f}" + (f" ± {np.std(v):.1f}" if len(v) > 1 else "")
 
-    for (key, name), ss in by.items():
-        runs = f"{len(ss)} LM seeds" if name == "LM-drawn codes" else str(len(ss))
-        out.append(f"| {key} | {name} | {runs} | {ms([s['category'] for s in ss])} | {ms([s['kind'] for s in ss])} |")
-    real = next((v[0].get("kind") for (k, n), v in by.items() if n == "real test tiles"), None)
+    for (size, steps, name), ss in sorted(by.items(), key=lambda kv: kv[0][:2]):
+        dec = seeds[(size, steps)]
+        runs = (f"{len(ss)} ({len(dec)} decoder{'s' * (len(dec) > 1)} × {len(ss) // len(dec)} LM seeds)"
+                if name == "LM-drawn codes" else str(len(ss)))
+        out.append(f"| {steps} | {np.mean(list(dec.values())):.0f} | {name} | {', '.join(map(str, sorted(dec)))} | "
+                   f"{runs} | {ms([s['category'] for s in ss])} | {ms([s['kind'] for s in ss])} |")
+    real = next((v[0].get("kind") for (_, _, n), v in by.items() if n == "real test tiles"), None)
     out += ["", f"The kind judge is itself at chance on the real test tiles ({real:.1f} %): its column says nothing "
             "about the drawings; the category column is the measure." if real is not None and real < 25 else "",
-            "Samples (`seed_pixels_samples.png`, the latest run): one test tile per category per column; rows: real, "
-            "true embedding, own codes, LM-drawn codes (first LM seed, when the LM results have drawn codes), null."]
+            "Samples (`seed_pixels_samples.png`, decoder seed 0): one test tile per category per column; rows: real, "
+            "true embedding, own codes, LM-drawn codes (first LM seed with drawn codes), null."]
     return "\n".join(out) + "\n"
 
 
@@ -227,15 +234,18 @@ def main() -> None:
     pick = [test["category"].index(c) for c in cats]
     first_lm = next((k for k in drawn if k.startswith("LM-drawn")), None)
     rows = [img_te[pick]] + [drawn[k][pick] for k in ("true embedding", "own codes", first_lm, "null") if k]
-    grid(rows, RESULTS / "seed_pixels_samples.png")
+    grid(rows, RESULTS / "seed_pixels_samples.png" if args.seed == 0 else RUNS / f"samples-s{args.seed}.png")
     row = {"size": args.size, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ddim": args.ddim,
            "guidance": args.guidance, "seed": args.seed, "train": len(img_tr), "test": len(img_te),
            "params_m": round(sum(p.numel() for p in dec.parameters()) / 1e6, 2), "fit_s": round(fit_s, 1),
            "sample_s": round(sample_s, 1), "judged": judged,
            "lm_seeds": [r["seed"] for r in lm_rows], "loss": log, "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} thread"}
-    with out.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    # one row per (size, steps, seed): a --reuse run (re-drawing with the saved decoder) replaces its earlier row
+    same = ("size", "steps", "seed")
+    old = [line for line in (out.read_text().splitlines() if out.is_file() else []) if line.strip()
+           and any(json.loads(line)[k] != row[k] for k in same)]
+    out.write_text("".join(line + "\n" for line in [*old, json.dumps(row)]))
     print(json.dumps({k: v for k, v in row.items() if k != "loss"}), flush=True)
 
 
