@@ -59,14 +59,15 @@ def _tokenizer_script() -> object:
     return mod
 
 
-def tokenizer(st, arm: str, seed: int, train: dict, stages: tuple[int, int] = (300, 400)) -> torch.nn.Module:
-    """The SEED tokenizer of ``arm`` (trained once, then read from ``runs/seed_lm``)."""
+def tokenizer(st, arm: str, seed: int, train: dict, stages: tuple[int, int] = (300, 400),
+              tag: str = "") -> torch.nn.Module:
+    """The SEED tokenizer of ``arm`` (trained once, then read from ``runs/seed_lm``; ``tag`` names other data)."""
     from safetensors.torch import load_file
 
     from frugalvision.language.seed import SEEDConfig, SEEDTokenizer
     from frugalvision.weights import write_weights
 
-    path = RUNS / f"tokenizer-{arm}-s{seed}-{stages[0]}-{stages[1]}.safetensors"
+    path = RUNS / f"tokenizer-{arm}-s{seed}-{stages[0]}-{stages[1]}{tag}.safetensors"
     if path.is_file():
         cfg = {k: v for k, v in json.loads(path.with_suffix(".json").read_text()).items() if k != "fit_s"}
         tok = SEEDTokenizer(SEEDConfig(**cfg))

@@ -53,8 +53,11 @@ def caption_kind(caption: str) -> str:
 
 
 @torch.no_grad()
-def features(split: str) -> dict:
-    """Visual tokens, image embeddings, caption embeddings, captions, categories and kinds of a split."""
+def features(split: str, source: str = "inspection") -> dict:
+    """Visual tokens, image embeddings, caption embeddings, captions, categories and kinds of a split.
+
+    ``source="trees"``: deepforest's aerial tiles (category ``trees``, kind ``none``, and their tree ``count``).
+    """
     from transformers import AutoModel, AutoTokenizer
 
     from frugalvision.language.instructions import inspection_instructions
@@ -63,7 +66,12 @@ def features(split: str) -> dict:
     from frugalvision.models.lm_encoder import minilm_path
     from frugalvision.pipelines.classification import pretrain_backbone
 
-    insts = inspection_instructions(split, tasks=["caption"])
+    if source == "trees":
+        from frugalvision.language.instructions import tree_instructions
+
+        insts = tree_instructions(split, tasks=["caption"])
+    else:
+        insts = inspection_instructions(split, tasks=["caption"])
     weights = pretrain_backbone("repvgg_a0", progress=False)
     enc, last = FeatureLevel("repvgg_a0", stride=16), FeatureLevel("repvgg_a0", stride=0)
     enc.load_classifier(weights)
@@ -85,8 +93,15 @@ def features(split: str) -> dict:
         h = lm(**b).last_hidden_state
         m = b["attention_mask"][..., None].float()
         texts.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return {"visual": torch.cat(toks), "image": torch.cat(embs), "text": torch.cat(texts), "captions": captions,
-            "category": [inst.label for inst in insts], "kind": [caption_kind(c) for c in captions]}
+    out = {"visual": torch.cat(toks), "image": torch.cat(embs), "text": torch.cat(texts), "captions": captions,
+           "category": [inst.label for inst in insts], "kind": [caption_kind(c) for c in captions]}
+    if source == "trees":
+        out["category"] = ["trees"] * len(insts)
+        out["kind"] = ["none"] * len(insts)
+        from frugalvision.language.metrics import _first_number
+
+        out["count"] = [_first_number(c, no_is_zero=True) for c in captions]
+    return out
 
 
 def recall(sim: torch.Tensor, rows: list[str], cols: list[str], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:

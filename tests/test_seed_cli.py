@@ -273,3 +273,34 @@ def test_decode_through_a_stable_unclip_folder(run, tmp_path, capsys):
     want = dec.sample(emb["embeddings"], steps=2, guidance=10.0, generator=torch.Generator().manual_seed(0))
     got = np.asarray(Image.open(tmp_path / "u" / "images" / "00000.png"), np.float32) / 255
     assert np.abs(got - want[0].permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_bundled_sources_join_and_are_scored_per_source():
+    """``data=inspection+trees``: both sources' pairs in order, each held-out caption scored by its own rule."""
+    from frugalvision.data.detection import load_deepforest
+    from frugalvision.errors import ConfigError, MissingDependencyError
+    from frugalvision.pipelines.seed import _held_out_scores, _pairs
+
+    try:
+        load_deepforest()
+    except MissingDependencyError:
+        pytest.skip("the deepforest wheel (tree images) is not installed")
+
+    tr_i, he_i = _pairs("inspection")
+    tr_t, he_t = _pairs("trees")
+    tr, he = _pairs("inspection+trees")
+    assert [c for _, c in tr] == [c for _, c in tr_i + tr_t] and [c for _, c in he] == [c for _, c in he_i + he_t]
+    assert all(c.startswith("aerial view with") for _, c in he_t)
+    keep = list(range(len(he)))
+    perfect = _held_out_scores("inspection+trees", keep, [c for _, c in he])
+    assert set(perfect) == {"inspection", "trees"} and perfect["trees"]["n"] == len(he_t)
+    assert perfect["inspection"]["acc"] == 1.0 and perfect["trees"]["count"] == 1.0
+    # a wrong count on every tree tile drops only the trees' score; a subset is scored on its own captions
+    wrong = [c if n < len(he_i) else "aerial view with 999 trees" for n, (_, c) in enumerate(he)]
+    scores = _held_out_scores("inspection+trees", keep, wrong)
+    assert scores["trees"]["count"] == 0.0 and scores["inspection"]["acc"] == 1.0
+    sub = _held_out_scores("inspection+trees", [len(he_i)], [he_t[0][1]])
+    assert set(sub) == {"trees"} and sub["trees"]["n"] == 1
+    for bad in ("inspection+", "trees+trees", "nowhere"):
+        with pytest.raises(ConfigError, match="data="):
+            _pairs(bad)

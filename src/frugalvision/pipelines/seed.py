@@ -60,8 +60,9 @@ class SEEDJobConfig:
         model: ``encode`` / ``decode`` / ``lm`` / ``pixels``: the model file of ``seed train`` (default
             ``runs/seed/model.safetensors``).
         data: ``train`` / ``lm`` / ``pixels``: ``inspection`` (the bundled benchmark's tiles and captions; its test
-            tiles held out) or a JSON-lines file of ``{"image": path, "caption": text}`` (paths relative to the
-            file; 10 % held out).
+            tiles held out), ``trees`` (deepforest's aerial tiles captioned with their tree count; its test region
+            held out), several joined by ``+`` (``inspection+trees``), or a JSON-lines file of
+            ``{"image": path, "caption": text}`` (paths relative to the file; 10 % held out).
         visual: ``train``: the frozen encoder (any registered model with ``features_only``).
         visual_weights: ``train``: ``textures`` (the encoder pre-trained on the bundled textures), a classifier or
             detector model file of that encoder, or ``none`` (random: smoke tests only).
@@ -155,17 +156,33 @@ def run_seed(cfg: SEEDJobConfig) -> dict[str, Any]:
 
 
 # ============================================================================================ train
+#: Bundled caption sources of ``data=`` (their own train / test splits); ``+`` joins several.
+BUNDLED_DATA = ("inspection", "trees")
+
+
 def _pairs(data: str) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
-    """``(image, caption)`` pairs: (train, held out)."""
-    if data == "inspection":
-        from ..language.instructions import inspection_instructions
+    """``(image, caption)`` pairs: (train, held out); ``a+b`` concatenates the sources' pairs split by split."""
+    parts = [p.strip() for p in data.split("+")] if "+" in data and not Path(data).is_file() else [data]
+    if len(parts) > 1:
+        if "" in parts or len(set(parts)) < len(parts):
+            raise ConfigError(f"data={data!r}: join distinct sources with '+', e.g. data=inspection+trees")
+        train, held = [], []
+        for part in parts:
+            tr, he = _pairs(part)
+            train += tr
+            held += he
+        return train, held
+    if data in BUNDLED_DATA:
+        from ..language.instructions import inspection_instructions, tree_instructions
         from ..language.training import sample_image
 
-        return tuple([(sample_image(i), i.answer) for i in inspection_instructions(split, tasks=["caption"])]
+        make = inspection_instructions if data == "inspection" else tree_instructions
+        return tuple([(sample_image(i), i.answer) for i in make(split, tasks=["caption"])]
                      for split in ("train", "test"))  # type: ignore[return-value]
     path = Path(data)
     if not path.is_file():
-        raise ConfigError(f"data={data!r} is neither 'inspection' nor a JSON-lines file of image / caption rows")
+        raise ConfigError(f"data={data!r} is none of {', '.join(BUNDLED_DATA)} (or several joined by '+') nor a "
+                          "JSON-lines file of image / caption rows")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -187,6 +204,29 @@ def _pairs(data: str) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
     order = g.permutation(len(rows))
     held = max(1, len(rows) // 10)
     return [rows[i] for i in order[held:]], [rows[i] for i in order[:held]]
+
+
+def _held_out_scores(data: str, keep: list[int], read: list[str]) -> dict[str, dict[str, Any]]:
+    """Per bundled source of ``data``: the caption rule's scores of the ``read`` captions of held-out pairs ``keep``.
+
+    ``keep`` indexes the held-out pairs of :func:`_pairs` (the sources' test instructions, concatenated in order).
+    Empty when a part of ``data`` is a JSON-lines file (its captions have no rule).
+    """
+    from ..language.metrics import score_answers
+
+    parts = [p.strip() for p in data.split("+")] if not Path(data).is_file() else [data]
+    if not all(p in BUNDLED_DATA for p in parts):
+        return {}
+    from ..language.instructions import inspection_instructions, tree_instructions
+
+    insts = [(p, i) for p in parts
+             for i in (inspection_instructions if p == "inspection" else tree_instructions)("test", tasks=["caption"])]
+    out = {}
+    for part in parts:
+        pos = [n for n, i in enumerate(keep) if insts[i][0] == part]
+        if pos:
+            out[part] = score_answers([insts[keep[n]][1] for n in pos], [read[n] for n in pos])["caption"]
+    return out
 
 
 @torch.no_grad()
@@ -495,12 +535,9 @@ def run_seed_lm(cfg: SEEDJobConfig) -> dict[str, Any]:
         "trainable_m": round(sum(v.numel() for v in model.lm.trainable_state_dict().values()) / 1e6, 2),
         "held_out_exact_caption": sum(a == b for a, b in zip(read, truth, strict=True)) / max(1, len(truth)),
         "examples": [{"caption": t, "read": r} for t, r in list(zip(truth, read, strict=True))[:8]]}
-    if cfg.data == "inspection":  # the benchmark's captions: category, defect kinds and locations scored apart
-        from ..language.instructions import inspection_instructions
-        from ..language.metrics import score_answers
-
-        insts = inspection_instructions("test", tasks=["caption"])
-        metrics["held_out_caption_scores"] = score_answers([insts[i] for i in keep], read)["caption"]
+    scored = _held_out_scores(cfg.data, keep, read)
+    if scored:  # bundled captions: category, defect kinds and locations (inspection) or the tree count, apart
+        metrics["held_out_caption_scores"] = scored[cfg.data] if len(scored) == 1 else scored
     out.mkdir(parents=True, exist_ok=True)
     path = save_seed_lm(model, targets[0], overwrite=cfg.overwrite, data=cfg.data, seed=cfg.seed,
                         tokenizer_file=str(cfg.model), steps=cfg.lm_steps)
