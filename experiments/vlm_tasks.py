@@ -38,6 +38,8 @@ SOURCES = {"inspection": "defects", "trees": "trees"}  # the VLM's data name →
 COLUMNS = (("refer", "acc"), ("identify", "acc"), ("vqa", "acc"), ("detection", "ap50"), ("caption", "acc"),
            ("caption", "category"), ("caption", "kinds"), ("caption", "count"), ("grounding", "acc"),
            ("all", "malformed"))
+#: VQA per question type (``score_answers``' ``acc/<type>``), a second table per source
+VQA_TYPES = ("category", "count", "defect", "kind")
 
 
 def detector(source: str, epochs: int, threads: int) -> Path:
@@ -102,6 +104,18 @@ def table(path: Path) -> str:
             train_s = [r["train_s"] for r in src if r["arm"] == arm]
             out.append(f"| {arm} | {len(ss)} | {np.mean(train_s):.0f} | " if train_s else f"| {arm} | {len(ss)} | — | ")
             out[-1] += " | ".join(ms([s.get(t, {}).get(m) for s in ss]) for t, m in COLUMNS) + " |"
+        types = [t for t in VQA_TYPES if any(f"acc/{t}" in s.get("vqa", {}) for ss in arms.values() for s in ss)]
+        if types:
+            out += ["", f"VQA by question type ({source}; questions per type in the first run's draw: "
+                    + ", ".join(f"{t} {src[0]['scores']['vqa'].get(f'n/{t}', 0)}" for t in types)
+                    + "; count MAE in trees or defects, not %):", "",
+                    "| arm | " + " | ".join(f"{t} acc" for t in types) + " | count MAE |",
+                    "|---|" + "---|" * (len(types) + 1)]
+            for arm, ss in arms.items():
+                mae = [s["vqa"]["count_mae"] for s in ss if s.get("vqa", {}).get("count_mae") is not None]
+                out.append(f"| {arm} | " + " | ".join(ms([s.get("vqa", {}).get(f"acc/{t}") for s in ss])
+                                                     for t in types)
+                           + (f" | {np.mean(mae):.2f} |" if mae else " | — |"))
         out.append("")
     return "\n".join(out)
 
