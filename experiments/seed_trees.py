@@ -155,24 +155,26 @@ def table(path: Path) -> str:
            f"inspection test tiles. {data.get('machine', '?')}, {data.get('threads', '?')} thread, "
            f"{data.get('date', '?')}. Mean ± std over LM seeds.", "",
            "## Trees: counts from codes (read) and codes for a count (draw)", "",
-           "| source of the answer | LM seeds | read: count exact % | read: count MAE | draw: judged a tree tile % "
-           "| draw: judged count MAE | draw: r(asked, judged) |",
-           "|---|---|---|---|---|---|---|"]
+           "| source of the answer | LM seeds | read: count exact % | read: no count % | read: count MAE (answers with "
+           "one) | draw: judged a tree tile % | draw: judged count MAE | draw: r(asked, judged) | draw: distinct |",
+           "|---|---|---|---|---|---|---|---|---|"]
     if data:
         rp = data["read_prior"]
-        out.append(f"| training mean count ({data['prior_count']:.1f}) as the answer | – | {rp['exact']:.1f} | "
-                   f"{rp['mae']:.1f} | – | – | – |")
+        out.append(f"| training mean count ({data['prior_count']:.1f}) as the answer | – | {rp['exact']:.1f} | 0.0 | "
+                   f"{rp['mae']:.1f} | – | – | – | – |")
         for name, key in (("true embedding (the judges' own error)", "true_embedding"),
                           ("the tile's own codes, decoded", "own_codes")):
             j = data[key]
-            out.append(f"| {name} | – | – | – | {j['judged_trees']:.1f} | {j['count_mae']:.1f} | {j['count_r']:.2f} |")
+            out.append(f"| {name} | – | – | – | – | {j['judged_trees']:.1f} | {j['count_mae']:.1f} | "
+                       f"{j['count_r']:.2f} | {data['test_trees']} tiles |")
     if runs:
         rd = [r["trees_read"] for r in runs]
         dr = [r["trees_draw"] for r in runs]
         out.append(f"| LM (codes in, caption out / caption in, codes out) | {len(runs)} | "
-                   f"{ms([x['exact'] for x in rd])} | {ms([x['mae'] for x in rd])} | "
+                   f"{ms([x['exact'] for x in rd])} | {ms([x['malformed'] for x in rd])} | "
+                   f"{ms([x['mae'] for x in rd])} | "
                    f"{ms([x['judged_trees'] for x in dr])} | {ms([x['count_mae'] for x in dr])} | "
-                   f"{ms([x['count_r'] for x in dr], 2)} |")
+                   f"{ms([x['count_r'] for x in dr], 2)} | {ms([x['distinct'] for x in dr], 0)} |")
         out += ["", "## Inspection captions with the trees added (compare `seed_lm.md`, the LM on inspection alone)",
                 "",
                 "| LM seeds | test tiles | read: category % | read: kinds % | read: malformed % "
