@@ -160,9 +160,14 @@ def run_seed(cfg: SEEDJobConfig) -> dict[str, Any]:
 BUNDLED_DATA = ("inspection", "trees")
 
 
+def _sources(data: str) -> list[str]:
+    """The parts of ``data=``: sources joined by ``+`` (a file whose name has a ``+`` stays one part)."""
+    return [p.strip() for p in data.split("+")] if "+" in data and not Path(data).is_file() else [data]
+
+
 def _pairs(data: str) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
     """``(image, caption)`` pairs: (train, held out); ``a+b`` concatenates the sources' pairs split by split."""
-    parts = [p.strip() for p in data.split("+")] if "+" in data and not Path(data).is_file() else [data]
+    parts = _sources(data)
     if len(parts) > 1:
         if "" in parts or len(set(parts)) < len(parts):
             raise ConfigError(f"data={data!r}: join distinct sources with '+', e.g. data=inspection+trees")
@@ -214,7 +219,7 @@ def _held_out_scores(data: str, keep: list[int], read: list[str]) -> dict[str, d
     """
     from ..language.metrics import score_answers
 
-    parts = [p.strip() for p in data.split("+")] if not Path(data).is_file() else [data]
+    parts = _sources(data)
     if not all(p in BUNDLED_DATA for p in parts):
         return {}
     from ..language.instructions import inspection_instructions, tree_instructions
