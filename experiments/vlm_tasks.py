@@ -7,6 +7,9 @@
     text          MiniGPT-v2 on SmolLM2-135M-Instruct (``frugalvision vlm train``'s default stages: ``align`` on
                   captions, ``multitask`` every task equally often, ``mixed`` the natural mix; ``--steps`` per stage)
     text-random   the same with the LLM's weights random (does language pretraining help?)
+    prior         no image and no model: each test question gets the most common training answer to the same task
+                  and question type (for ``[refer]`` / ``[detection]``, whose question names the kind, the mean
+                  training box of that kind) — what the question alone gives, e.g. "1" to "how many defects?"
     detector      YOLOv6-n trained on the source (``frugalvision detect train data=defects|trees``, seed 0,
                   ``--detector-epochs``), its boxes turned into answers by the data's own templates (no language
                   model); scored on the same test instructions as each text run (the run's ``baseline_detector=``)
@@ -25,6 +28,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 RUNS = Path(os.environ.get("FV_RUNS", "runs")) / "vlm_tasks"
-ARMS = ("text", "text-random")
+ARMS = ("text", "text-random", "prior")
 SOURCES = {"inspection": "defects", "trees": "trees"}  # the VLM's data name → the detector's
 #: (task, metric) pairs of the table, in order; the metric names are ``score_answers``'
 COLUMNS = (("refer", "acc"), ("identify", "acc"), ("vqa", "acc"), ("detection", "ap50"), ("caption", "acc"),
@@ -72,6 +76,54 @@ def run_text(source: str, arm: str, seed: int, args: argparse.Namespace, det: Pa
             "trainable_m": max(s.get("trainable_params", 0) for s in hist["stages"]) / 1e6}
 
 
+def _prior_key(inst: Any) -> tuple[str, str, str]:
+    """What a blind answerer may condition on: the task, the question type, and the kind where the question names it."""
+    return inst.task, inst.qtype, inst.label if inst.task in ("refer", "detection") else ""
+
+
+def prior_answers(train: list, test: list) -> list[str]:
+    """Each test instruction's answer from the training answers alone (see the module docstring's ``prior``)."""
+    from collections import Counter
+
+    from frugalvision.language.instructions import detection_answer
+
+    answers: dict[tuple[str, str, str], Counter] = {}
+    boxes: dict[tuple[str, str, str], list[list[float]]] = {}
+    for i in train:
+        answers.setdefault(_prior_key(i), Counter())[i.answer] += 1
+        boxes.setdefault(_prior_key(i), []).extend(
+            [b[0] / i.width, b[1] / i.height, b[2] / i.width, b[3] / i.height] for b in i.boxes)
+    out = []
+    for i in test:
+        key = _prior_key(i)
+        if key not in answers:
+            raise SystemExit(f"prior: no training instruction of task {key[0]!r}, type {key[1]!r}, kind {key[2]!r}")
+        common = answers[key].most_common(1)[0][0]
+        if i.task in ("refer", "detection") and boxes[key]:
+            m = np.mean(boxes[key], 0)
+            box = [m[0] * i.width, m[1] * i.height, m[2] * i.width, m[3] * i.height]
+            phrase = common.split("</p>")[0].removeprefix("<p>") if common.startswith("<p>") else i.label
+            common = detection_answer(phrase, [box], i.width, i.height)
+            if i.task == "refer":
+                common = common.split("</p> ", 1)[1]
+        out.append(common)
+    return out
+
+
+def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
+    """The blind prior on the same seeded test draw as the text run of ``seed``."""
+    from frugalvision.language.metrics import score_answers
+    from frugalvision.language.training import limit_per_task
+    from frugalvision.pipelines.vlm import VLMConfig, vlm_data
+
+    cfg = VLMConfig(action=["test"], data=source, seed=seed)
+    train = vlm_data(source, None, "train", cfg, None)
+    test = limit_per_task(vlm_data(source, None, "test", cfg, None), args.limit_test, seed)
+    scores = score_answers(test, prior_answers(train, test))
+    return {"scores": scores, "detector_scores": None, "train_s": 0.0, "answer_s": 0.0,
+            "test_instructions": len(test), "steps": [0, 0, 0], "trainable_m": 0.0}
+
+
 def table(path: Path) -> str:
     """The markdown table: per source, one row per arm (mean ± std over seeds), one column per task metric."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -97,7 +149,8 @@ def table(path: Path) -> str:
         arms: dict[str, list[dict]] = {}
         for r in src:
             arms.setdefault(r["arm"], []).append(r["scores"])
-        dets = [r["detector_scores"] for r in src if r.get("detector_scores")]
+        # one detector score per test draw: runs of the same seed share their draw (and so the detector's answers)
+        dets = list({r["seed"]: r["detector_scores"] for r in src if r.get("detector_scores")}.values())
         if dets:
             arms["detector + templates"] = dets
         for arm, ss in arms.items():
@@ -143,11 +196,13 @@ def main() -> None:
     base = {"llm": args.llm, "steps": args.steps, "limit_test": args.limit_test, "threads": args.threads,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     for source in args.sources:
-        det = detector(source, args.detector_epochs, args.threads)
+        needs_det = any(arm != "prior" for arm in args.arms)
+        det = detector(source, args.detector_epochs, args.threads) if needs_det else Path()
         for arm in args.arms:
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                row = {**base, "source": source, "arm": arm, "seed": seed, **run_text(source, arm, seed, args, det),
+                res = run_prior(source, seed, args) if arm == "prior" else run_text(source, arm, seed, args, det)
+                row = {**base, "source": source, "arm": arm, "seed": seed, **res,
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

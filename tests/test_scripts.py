@@ -64,3 +64,30 @@ def test_vlm_speed_quick_on_the_tiny_llm(tmp_path: Path, monkeypatch: pytest.Mon
     assert all(r["token_agreement"] == "1.0" for r in rows if r["dtype"] == "fp32")
     md = out.with_suffix(".md").read_text()
     assert md.startswith("# ") and "Command:" in md and "KV cache vs none" in md and "bf16 vs fp32" in md
+
+
+def test_vlm_tasks_prior_answers_from_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blind prior: the most common training answer per task and question type; refer → the kind's mean box."""
+    from frugalvision.language.instructions import Instruction
+    from frugalvision.language.metrics import score_answers
+
+    module = _load(ROOT / "experiments" / "vlm_tasks.py", monkeypatch)
+
+    def inst(task: str, answer: str, qtype: str = "", label: str = "", boxes=()) -> Instruction:
+        return Instruction("a.png", None, 100, 100, task, f"[{task}] q", answer, qtype or task, list(boxes), label)
+
+    train = [inst("vqa", "2", "count"), inst("vqa", "2", "count"), inst("vqa", "1", "count"),
+             inst("vqa", "brick", "category", "brick"), inst("vqa", "brick", "category", "brick"),
+             inst("vqa", "moon", "category", "moon"),
+             inst("refer", "{<0><0><20><20>}", label="crack", boxes=[(0, 0, 20, 20)]),
+             inst("refer", "{<20><20><40><40>}", label="crack", boxes=[(20, 20, 40, 40)]),
+             inst("refer", "{<90><90><100><100>}", label="hole", boxes=[(90, 90, 100, 100)])]
+    # the test answers differ from the training majority: a prior that peeks at them would score
+    test = [inst("vqa", "1", "count"), inst("vqa", "moon", "category", "moon"),
+            inst("refer", "{<10><10><30><30>}", label="crack", boxes=[(10, 10, 30, 30)])]
+    answers = module.prior_answers(train, test)
+    assert answers == ["2", "brick", "{<10><10><30><30>}"]  # refer: the crack's mean box, not the hole's
+    scores = score_answers(test, answers)
+    assert scores["vqa"]["acc"] == 0.0 and scores["refer"]["acc"] == 1.0
+    with pytest.raises(SystemExit, match="no training instruction"):
+        module.prior_answers(train, [inst("identify", "crack", label="crack", boxes=[(0, 0, 9, 9)])])
