@@ -127,14 +127,16 @@ def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
 def table(path: Path) -> str:
     """The markdown table: per source, one row per arm (mean ± std over seeds), one column per task metric."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    head = rows[-1] if rows else {}
-    out = ["# Every MiniGPT-v2 task: SmolLM2 VLM vs random-init LLM vs detector + templates", "",
+    head = next((r for r in reversed(rows) if r["arm"] != "prior"), rows[-1] if rows else {})
+    out = ["# Every MiniGPT-v2 task: SmolLM2 VLM vs random-init LLM vs detector + templates vs a blind prior", "",
            f"Frozen encoder RepVGG-A0 (textures, stride 16) for every VLM; {head.get('llm', '?')}; steps per stage "
            f"{head.get('steps', '?')} (batch 8); test: a seeded draw of {head.get('limit_test', '?')} instructions "
-           f"per task (each run's seed; the detector row is scored on every text run's draw); "
-           f"{head.get('machine', '?')}, {head.get('threads', '?')} thread per job, {head.get('date', '?')}. "
-           "Percentages; mean ± std over runs. `detection` is AP50; caption `acc` needs category, kinds and "
-           "locations right; malformed: answers without the task's format.", ""]
+           f"per task (each run's seed; the detector row is scored once per seed's draw, the prior on seeds 0-2's "
+           f"draws, from the training answers alone); {head.get('machine', '?')}, {head.get('threads', '?')} "
+           f"thread per job, {head.get('date', '?')}. Percentages; mean ± std over runs. `detection` is AP50; "
+           "caption `acc` needs the defect kinds and their locations right (a defect-free tile: no defect named), "
+           "`category` the surface, trees' `count` the number of trees; malformed: answers without the task's "
+           "format.", ""]
 
     def ms(vals: list[float]) -> str:
         vals = [100 * v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
