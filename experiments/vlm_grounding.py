@@ -250,7 +250,7 @@ def run_dense_frozen(seed: int, args: argparse.Namespace, test: list) -> dict:
 
 def run_detector(args: argparse.Namespace, test: list) -> dict:
     from frugalvision.pipelines.detection import DetectConfig, run_detect
-    from frugalvision.pipelines.vlm import _baseline
+    from frugalvision.pipelines.vlm import detector_answers
 
     out = RUNS / "detector-s0"
     t0 = time.perf_counter()
@@ -258,7 +258,7 @@ def run_detector(args: argparse.Namespace, test: list) -> dict:
         run_detect(DetectConfig(action=["train"], data="defects", model="yolov6_n", epochs=args.detector_epochs,
                                 out=str(out), overwrite=True, seed=0, progress=False, threads=args.threads))
     train_s = time.perf_counter() - t0
-    answers, _ = _baseline(str(out / "model.safetensors"), test, "cpu", False)
+    answers, _ = detector_answers(str(out / "model.safetensors"), test, "cpu", False)
     return {**score(test, answers), "train_s": round(train_s, 1), "steps": 0, "examples": answers[:3]}
 
 

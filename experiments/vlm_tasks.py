@@ -12,7 +12,8 @@
                   training box of that kind) — what the question alone gives, e.g. "1" to "how many defects?"
     detector      YOLOv6-n trained on the source (``frugalvision detect train data=defects|trees``, seed 0,
                   ``--detector-epochs``), its boxes turned into answers by the data's own templates (no language
-                  model); scored on the same test instructions as each text run (the run's ``baseline_detector=``)
+                  model); scored on the same test instructions as each text run (the run's ``baseline_detector=``),
+                  or alone on a seed's draw (``--arms detector``, no VLM trained)
 
 Every arm reads the same frozen encoder (RepVGG-A0 pre-trained on the bundled textures, stride 16). The test is a
 seeded draw of ``--limit-test`` instructions per task (the run's seed; the detector row is scored on each text run's
@@ -36,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 RUNS = Path(os.environ.get("FV_RUNS", "runs")) / "vlm_tasks"
-ARMS = ("text", "text-random", "prior")
+ARMS = ("text", "text-random", "prior", "detector")
 SOURCES = {"inspection": "defects", "trees": "trees"}  # the VLM's data name → the detector's
 #: (task, metric) pairs of the table, in order; the metric names are ``score_answers``'
 COLUMNS = (("refer", "acc"), ("identify", "acc"), ("vqa", "acc"), ("detection", "ap50"), ("caption", "acc"),
@@ -124,10 +125,25 @@ def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
             "test_instructions": len(test), "steps": [0, 0, 0], "trainable_m": 0.0}
 
 
+def run_detector(source: str, seed: int, args: argparse.Namespace, det: Path) -> dict:
+    """Detector + templates alone on the seeded test draw of ``seed`` (the same draw as that seed's text run)."""
+    from frugalvision.language.metrics import score_answers
+    from frugalvision.language.training import limit_per_task
+    from frugalvision.pipelines.vlm import VLMConfig, detector_answers, vlm_data
+
+    test = limit_per_task(vlm_data(source, None, "test", VLMConfig(action=["test"], data=source, seed=seed), None),
+                          args.limit_test, seed)
+    t0 = time.perf_counter()
+    answers, _ = detector_answers(str(det), test)
+    return {"scores": None, "detector_scores": score_answers(test, answers), "train_s": None,
+            "answer_s": round(time.perf_counter() - t0, 1), "test_instructions": len(test), "steps": None,
+            "trainable_m": None}
+
+
 def table(path: Path) -> str:
     """The markdown table: per source, one row per arm (mean ± std over seeds), one column per task metric."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    head = next((r for r in reversed(rows) if r["arm"] != "prior"), rows[-1] if rows else {})
+    head = next((r for r in reversed(rows) if r["arm"] not in ("prior", "detector")), rows[-1] if rows else {})
     out = ["# Every MiniGPT-v2 task: SmolLM2 VLM vs random-init LLM vs detector + templates vs a blind prior", "",
            f"Frozen encoder RepVGG-A0 (textures, stride 16) for every VLM; {head.get('llm', '?')}; steps per stage "
            f"{head.get('steps', '?')} (batch 8); test: a seeded draw of {head.get('limit_test', '?')} instructions "
@@ -150,19 +166,21 @@ def table(path: Path) -> str:
         src = [r for r in rows if r["source"] == source]
         arms: dict[str, list[dict]] = {}
         for r in src:
-            arms.setdefault(r["arm"], []).append(r["scores"])
+            if r.get("scores") is not None:  # a detector-only row has none
+                arms.setdefault(r["arm"], []).append(r["scores"])
         # one detector score per test draw: runs of the same seed share their draw (and so the detector's answers)
         dets = list({r["seed"]: r["detector_scores"] for r in src if r.get("detector_scores")}.values())
         if dets:
             arms["detector + templates"] = dets
         for arm, ss in arms.items():
-            train_s = [r["train_s"] for r in src if r["arm"] == arm]
+            train_s = [r["train_s"] for r in src if r["arm"] == arm and r.get("train_s") is not None]
             out.append(f"| {arm} | {len(ss)} | {np.mean(train_s):.0f} | " if train_s else f"| {arm} | {len(ss)} | — | ")
             out[-1] += " | ".join(ms([s.get(t, {}).get(m) for s in ss]) for t, m in COLUMNS) + " |"
         types = [t for t in VQA_TYPES if any(f"acc/{t}" in s.get("vqa", {}) for ss in arms.values() for s in ss)]
         if types:
+            first = next(ss[0] for ss in arms.values() if "vqa" in ss[0])
             out += ["", f"VQA by question type ({source}; questions per type in the first run's draw: "
-                    + ", ".join(f"{t} {src[0]['scores']['vqa'].get(f'n/{t}', 0)}" for t in types)
+                    + ", ".join(f"{t} {first['vqa'].get(f'n/{t}', 0)}" for t in types)
                     + "; count MAE in trees or defects, not %):", "",
                     "| arm | " + " | ".join(f"{t} acc" for t in types) + " | count MAE |",
                     "|---|" + "---|" * (len(types) + 1)]
@@ -203,7 +221,10 @@ def main() -> None:
         for arm in args.arms:
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                res = run_prior(source, seed, args) if arm == "prior" else run_text(source, arm, seed, args, det)
+                if arm in ("prior", "detector"):
+                    res = run_prior(source, seed, args) if arm == "prior" else run_detector(source, seed, args, det)
+                else:
+                    res = run_text(source, arm, seed, args, det)
                 row = {**base, "source": source, "arm": arm, "seed": seed, **res,
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 with out.open("a") as f:

@@ -515,8 +515,8 @@ def _item_mark(inst: Any, answer: str) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _baseline(path: str, insts: list[Any], device: str, progress: bool) -> tuple[list[str], str]:
-    """Detector + templates answers, and what the baseline is."""
+def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress: bool = False) -> tuple[list[str], str]:
+    """The "detector + templates" baseline: a detector model file's boxes as answers to ``insts``, and a note on it."""
     from ..detect.infer import detect_images
     from ..language.metrics import template_answers
     from ..language.training import sample_image
@@ -580,7 +580,7 @@ def evaluate_vlm(cfg: VLMConfig, model: Any, info: dict[str, Any], out: Path,
     baseline, note = None, ("no detector + templates row: pass baseline_detector=<detector model file> for one "
                             "(templates fed by the ground truth score 100 % and are no baseline)")
     if cfg.baseline_detector:
-        baseline, note = _baseline(cfg.baseline_detector, test, cfg.device, cfg.progress)
+        baseline, note = detector_answers(cfg.baseline_detector, test, cfg.device, cfg.progress)
     sources = sorted({i.source or "data" for i in test})
     scores: dict[str, dict[str, Any]] = {}
     md = [f"# VLM test: {info.get('name')} on {info.get('llm')} ({info.get('llm_init', 'pretrained')})", "",
