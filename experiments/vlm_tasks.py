@@ -9,7 +9,8 @@
     text-random   the same with the LLM's weights random (does language pretraining help?)
     prior         no image and no model: each test question gets the most common training answer to the same task
                   and question type (for ``[refer]`` / ``[detection]``, whose question names the kind, the mean
-                  training box of that kind) — what the question alone gives, e.g. "1" to "how many defects?"
+                  training box of that kind) — what the question alone gives, e.g. the training majority "2" to
+                  "how many defects?"
     detector      YOLOv6-n trained on the source (``frugalvision detect train data=defects|trees``, seed 0,
                   ``--detector-epochs``), its boxes turned into answers by the data's own templates (no language
                   model); scored on the same test instructions as each text run (the run's ``baseline_detector=``),
@@ -111,15 +112,20 @@ def prior_answers(train: list, test: list) -> list[str]:
     return out
 
 
-def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
-    """The blind prior on the same seeded test draw as the text run of ``seed``."""
-    from frugalvision.language.metrics import score_answers
+def _split(source: str, split: str, seed: int, limit: int = 0) -> list:
+    """A source's instructions as ``frugalvision vlm`` builds them for ``seed`` (test: its seeded draw of ``limit``)."""
     from frugalvision.language.training import limit_per_task
     from frugalvision.pipelines.vlm import VLMConfig, vlm_data
 
-    cfg = VLMConfig(action=["test"], data=source, seed=seed)
-    train = vlm_data(source, None, "train", cfg, None)
-    test = limit_per_task(vlm_data(source, None, "test", cfg, None), args.limit_test, seed)
+    insts = vlm_data(source, None, split, VLMConfig(action=["test"], data=source, seed=seed), None)
+    return limit_per_task(insts, limit, seed) if split == "test" else insts
+
+
+def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
+    """The blind prior on the same seeded test draw as the text run of ``seed``."""
+    from frugalvision.language.metrics import score_answers
+
+    train, test = _split(source, "train", seed), _split(source, "test", seed, args.limit_test)
     scores = score_answers(test, prior_answers(train, test))
     return {"scores": scores, "detector_scores": None, "train_s": 0.0, "answer_s": 0.0,
             "test_instructions": len(test), "steps": [0, 0, 0], "trainable_m": 0.0}
@@ -128,11 +134,9 @@ def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
 def run_detector(source: str, seed: int, args: argparse.Namespace, det: Path) -> dict:
     """Detector + templates alone on the seeded test draw of ``seed`` (the same draw as that seed's text run)."""
     from frugalvision.language.metrics import score_answers
-    from frugalvision.language.training import limit_per_task
-    from frugalvision.pipelines.vlm import VLMConfig, detector_answers, vlm_data
+    from frugalvision.pipelines.vlm import detector_answers
 
-    test = limit_per_task(vlm_data(source, None, "test", VLMConfig(action=["test"], data=source, seed=seed), None),
-                          args.limit_test, seed)
+    test = _split(source, "test", seed, args.limit_test)
     t0 = time.perf_counter()
     answers, _ = detector_answers(str(det), test)
     return {"scores": None, "detector_scores": score_answers(test, answers), "train_s": None,
@@ -147,7 +151,7 @@ def table(path: Path) -> str:
     out = ["# Every MiniGPT-v2 task: SmolLM2 VLM vs random-init LLM vs detector + templates vs a blind prior", "",
            f"Frozen encoder RepVGG-A0 (textures, stride 16) for every VLM; {head.get('llm', '?')}; steps per stage "
            f"{head.get('steps', '?')} (batch 8); test: a seeded draw of {head.get('limit_test', '?')} instructions "
-           f"per task (each run's seed; the detector row is scored once per seed's draw, the prior on seeds 0-2's "
+           f"per task (each run's seed; the detector row is scored once per seed's draw, the prior on the same "
            f"draws, from the training answers alone); {head.get('machine', '?')}, {head.get('threads', '?')} "
            f"thread per job, {head.get('date', '?')}. Percentages; mean ± std over runs. `detection` is AP50; "
            "caption `acc` needs the defect kinds and their locations right (a defect-free tile: no defect named), "
