@@ -219,6 +219,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = {"llm": args.llm, "steps": args.steps, "limit_test": args.limit_test, "threads": args.threads,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    from frugalvision.pipelines.vlm import TREE_MAX_BOXES, TREE_TILE
+
+    tiling = {"trees": {"tree_tile": TREE_TILE, "tree_max_boxes": TREE_MAX_BOXES}}
     for source in args.sources:
         needs_det = any(arm != "prior" for arm in args.arms)
         det = detector(source, args.detector_epochs, args.threads) if needs_det else Path()
@@ -229,7 +232,7 @@ def main() -> None:
                     res = run_prior(source, seed, args) if arm == "prior" else run_detector(source, seed, args, det)
                 else:
                     res = run_text(source, arm, seed, args, det)
-                row = {**base, "source": source, "arm": arm, "seed": seed, **res,
+                row = {**base, "source": source, "arm": arm, "seed": seed, **res, **tiling.get(source, {}),
                        "wall_s": round(time.perf_counter() - t0, 1)}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -172,6 +172,22 @@ def test_tree_detection_cap_keeps_the_largest(trees):
     assert score_answers(capped, _answers(capped))["detection"]["ap50"] == 1.0
 
 
+def test_vlm_tree_data_follows_the_tiling_config(trees, monkeypatch):
+    import frugalvision.data.detection as det
+    from frugalvision.pipelines.vlm import TREE_MAX_BOXES, TREE_TILE, VLMConfig, vlm_data
+
+    monkeypatch.setattr(det, "load_deepforest", lambda: trees)  # the fixture's images, loaded once
+    for tile, cap in ((0, 0), (300, 2)):
+        cfg = VLMConfig(action=["test"], data="trees", tree_tile=tile, tree_max_boxes=cap)
+        insts = vlm_data("trees", None, "test", cfg, ["caption", "detection"])
+        want_tile, want_cap = tile or TREE_TILE, cap or TREE_MAX_BOXES
+        assert max(max(i.width, i.height) for i in insts) == want_tile
+        found = [i for i in insts if i.task == "detection"]
+        assert max(len(i.boxes) for i in found) == want_cap and any(i.ignore for i in found)
+        assert len([i for i in insts if i.task == "caption"]) == len(tile_boxset(split_by_region(trees, 0.7)[1],
+                                                                                 want_tile, 0).samples)
+
+
 # ----------------------------------------------------------------------------------------------- JSONL
 def test_jsonl_round_trip_and_bad_lines(tmp_path, test_insts):
     path = save_jsonl(test_insts[:50], tmp_path / "test.jsonl")

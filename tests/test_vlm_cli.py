@@ -22,7 +22,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from frugalvision.cli import main
-from frugalvision.weights import read_model_info, read_weights, save_model_file, tensor_names
+from frugalvision.weights import (
+    MODEL_META,
+    read_model_info,
+    read_weights,
+    save_model_file,
+    tensor_names,
+    write_weights,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # check_report, as test_demo.py does
 
@@ -72,6 +79,7 @@ def test_train_writes_the_run_folder(run):
     assert info["visual_tokens"] == 4 and info["img_size"] == 64 and info["lora"]["r"] == 4
     assert info["llm_fingerprint"]["sha256"] and "[task]" in info["prompt_format"] and info["chat_template"]
     assert info["tasks"] == ["caption", "grounding", "vqa", "refer", "identify", "detection"]
+    assert info["trees"] == {"tile": 200, "max_boxes": 6}  # the tree tiling `test` rebuilds its data with
     # only the projector, LoRA, ln_vision and the visual encoder: never the LLM's own weights
     names = tensor_names(run / "model.safetensors")
     llm_names = [n for n in names if n.startswith("llm.")]
@@ -134,6 +142,27 @@ def test_vlm_test_and_the_report_in_headless_chromium(run, tmp_path):
     assert info["images"] >= 1 + 6 * 2 and info["broken"] == 0, info  # loss curve + 2 examples of 6 tasks
     assert info["errors"] == [], info["errors"]
     assert info["title"].startswith("frugalvision VLM")
+
+
+def test_test_rebuilds_the_tree_tiling_of_the_model_file(run, tmp_path, monkeypatch):
+    import frugalvision.pipelines.vlm as pv
+
+    model = tmp_path / "model.safetensors"
+    info = {**read_model_info(run / "model.safetensors"), "trees": {"tile": 300, "max_boxes": 2}}
+    write_weights(model, read_weights(run / "model.safetensors"), metadata={MODEL_META: json.dumps(info)})
+    seen = []
+    real = pv.vlm_data
+
+    def spy(data, test_data, split, cfg, tasks):
+        seen.append((cfg.tree_tile, cfg.tree_max_boxes))
+        return real("inspection", None, split, cfg, tasks)  # no tree images needed: only the tiling is checked
+
+    monkeypatch.setattr(pv, "vlm_data", spy)
+    common = ["vlm", "test", f"model_file={model}", "data=trees", "limit_test=1", "max_new_tokens=2",
+              "progress=false", "device=cpu", "report_examples=0"]
+    assert main([*common, f"out={tmp_path / 'a'}"]) == 0
+    assert main([*common, f"out={tmp_path / 'b'}", "tree_tile=250"]) == 0  # the user's value wins
+    assert seen == [(300, 2), (250, 2)]
 
 
 # --------------------------------------------------------------------------------------------- ask / chat

@@ -66,6 +66,10 @@ def vlm_needs(llm: str, lora: bool = True) -> list[tuple[str, str, str]]:
     return out
 
 
+#: Tree tiles' side and the most boxes a tree ``[detection]`` answer has (``VLMConfig.tree_tile``, ``tree_max_boxes``)
+TREE_TILE, TREE_MAX_BOXES = 200, 6
+
+
 @dataclass
 class VLMConfig:
     """Grounded VQA (MiniGPT-v2 / MiniGPT-4 on SmolLM2): ``train`` (in stages, then test) | ``test``.
@@ -80,6 +84,13 @@ class VLMConfig:
         tasks: Tasks to train and test: caption, grounding, vqa, refer, identify, detection; all the data has when
             empty (``test``: the model file's tasks).
         categories: Inspection categories (brick, grass, gravel, moon, ihc); all when empty.
+        tree_tile: Side in pixels of the tree tiles cut from deepforest's images; 0: the model file's (``test``),
+            else 200 (6 crowns per tile on average, 3.6x as many tiles as 400, and each crown three times the
+            pixels after the resize to ``img_size``).
+        tree_max_boxes: Most boxes a tree ``[detection]`` answer lists (the largest; the rest are neither hits nor
+            misses); 0: the model file's (``test``), else 6, so that the answer (about 19 SmolLM2 tokens a box) fits
+            the 128 tokens a detection answer may generate: longer training answers teach lists the model can
+            never finish at test time.
         limit_test: At most this many test instructions per task and source (a seeded draw, so ``test`` is quick
             on CPU); 0 = all.
         arch: ``minigpt_v2`` (4 visual tokens concatenated, one Linear, LoRA) or ``minigpt4`` (Q-Former + Linear).
@@ -139,6 +150,8 @@ class VLMConfig:
     test_data: str | None = None
     tasks: list[str] = field(default_factory=list)
     categories: list[str] = field(default_factory=list)
+    tree_tile: int = 0
+    tree_max_boxes: int = 0
     limit_test: int = 0
     arch: str = "minigpt_v2"
     llm: str = "smollm2"
@@ -177,7 +190,8 @@ class VLMConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for key, low in (("limit_test", 0), ("img_size", 8), ("lora_r", 1), ("num_queries", 1), ("qformer_layers", 1),
+        for key, low in (("limit_test", 0), ("tree_tile", 0), ("tree_max_boxes", 0), ("img_size", 8), ("lora_r", 1),
+                         ("num_queries", 1), ("qformer_layers", 1),
                          ("batch_size", 1), ("test_batch_size", 1), ("max_new_tokens", 0), ("budget", 0),
                          ("report_examples", 0), ("ckpt_every", 0), ("threads", 0), ("weight_decay", 0),
                          ("grad_clip", 0)):
@@ -215,7 +229,9 @@ def _trees(split: str, cfg: VLMConfig, tasks: list[str] | None) -> list[Any]:
     from ..language.instructions import tree_instructions
 
     allowed = ("caption", "vqa", "refer", "detection")
-    return tree_instructions(split, seed=cfg.seed, tasks=[t for t in tasks if t in allowed] if tasks else None)
+    return tree_instructions(split, tile=cfg.tree_tile or TREE_TILE, seed=cfg.seed,
+                             max_boxes=cfg.tree_max_boxes or TREE_MAX_BOXES,
+                             tasks=[t for t in tasks if t in allowed] if tasks else None)
 
 
 def _check_tasks(tasks: list[str]) -> list[str]:
@@ -478,6 +494,7 @@ def train_vlm(cfg: VLMConfig) -> dict[str, Any]:
     model.cpu().eval()
     model_path = out / "model.safetensors"
     save_vlm(model, model_path, tasks=have, data=data, test_data=cfg.test_data, categories=cfg.categories or None,
+             trees={"tile": cfg.tree_tile or TREE_TILE, "max_boxes": cfg.tree_max_boxes or TREE_MAX_BOXES},
              visual_weights=str(weights) if weights else "none",
              train={"stages": [{k: r[k] for k in ("stage", "kind", "tasks", "steps", "lr", "seconds", "final_loss")}
                                for r in records], "seconds": round(train_s, 1), "instructions": len(train),
@@ -570,6 +587,9 @@ def evaluate_vlm(cfg: VLMConfig, model: Any, info: dict[str, Any], out: Path,
     tasks = _check_tasks(cfg.tasks) if cfg.tasks else list(info.get("tasks") or []) or None
     if not cfg.categories and info.get("categories"):
         cfg.categories = list(info["categories"])
+    trees = info.get("trees") or {}
+    cfg.tree_tile = cfg.tree_tile or int(trees.get("tile", 0))
+    cfg.tree_max_boxes = cfg.tree_max_boxes or int(trees.get("max_boxes", 0))
     test = vlm_data(data, cfg.test_data or info.get("test_data"), "test", cfg, tasks)
     test = limit_per_task(test, cfg.limit_test, cfg.seed)
     dev = resolve_device(cfg.device)
