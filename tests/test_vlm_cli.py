@@ -308,7 +308,7 @@ def test_minigpt4_on_a_random_llm_with_the_detector_baseline(tmp_path, capsys):
     out = tmp_path / "v4"
     argv = [*TINY, "arch=minigpt4", "llm_init=random", "lora=false", "num_queries=4", "steps=1",
             "stages=align:caption+vqa,mixed:all", "tasks=[caption,vqa,refer]", "limit_test=2", f"out={out}",
-            f"baseline_detector={det}"]
+            f"baseline_detector={det}", "baseline_threshold=count"]
     assert main(["vlm", "train", *argv]) == 0
     info = read_model_info(out / "model.safetensors")
     assert info["name"] == "minigpt4" and info["llm_init"] == "random" and info["lora"] is None
@@ -318,7 +318,32 @@ def test_minigpt4_on_a_random_llm_with_the_detector_baseline(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["scores"]["inspection"]) == {"VLM", "detector + templates"}
     assert "yolov6_test" in metrics["baseline"] and "detector + templates" in (out / "metrics.md").read_text()
+    assert "counts, captions and grounding at score >=" in metrics["baseline"]  # the threshold set on training counts
     assert metrics["tasks"] == ["caption", "vqa", "refer"]
+
+
+def test_count_threshold_moves_only_the_answers_that_count(monkeypatch):
+    import frugalvision.pipelines.vlm as pv
+    import frugalvision.weights as fw
+    from frugalvision.language.instructions import Instruction
+
+    def inst(key, task, answer, qtype="", label="crack"):
+        return Instruction(key, None, 100, 100, task, f"[{task}] q", answer, qtype=qtype, label=label,
+                           source="inspection")
+
+    # one confident crack and a low-scoring second one: 0.25 counts two, the training counts say one
+    preds = {k: ([[10, 10, 30, 30], [60, 60, 80, 80]], ["crack", "crack"], [0.9, 0.3]) for k in ("t.png", "a.png")}
+    monkeypatch.setattr(fw, "load_model_file", lambda path: (None, {"kind": "detector", "classes": ["crack"],
+                                                                    "conf_thres": 0.25, "img_size": 64}))
+    monkeypatch.setattr(pv, "_detect", lambda det, info, insts, device, progress: preds)
+    test = [inst("t.png", "vqa", "1", "count", ""), inst("t.png", "detection", "", label="crack")]
+    file_answers, _ = pv.detector_answers("d", test)
+    answers, note = pv.detector_answers("d", test, calibrate=[inst("a.png", "vqa", "1", "count", "")])
+    assert file_answers[0] == "2" and answers[0] == "1"  # the count moved to the calibrated threshold (0.35)
+    assert answers[1] == file_answers[1] and answers[1].count("{") == 2  # the boxes kept the file's
+    assert "score >= 0.35" in note and "MAE 0.00" in note
+    with pytest.raises(pv.DataError, match="no count question"):
+        pv.detector_answers("d", test, calibrate=[inst("a.png", "detection", "", label="crack")])
 
 
 def test_visual_encoder_from_a_detector_backbone(tmp_path: Path) -> None:

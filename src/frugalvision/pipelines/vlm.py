@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._deps import require_all
@@ -132,6 +133,9 @@ class VLMConfig:
         baseline_detector: A detector model file (``frugalvision detect train``) for the "detector + templates"
             row of the metrics; without one that row is left out (templates fed by the ground truth are not a
             baseline).
+        baseline_threshold: The detector's score threshold: ``file`` (the model file's ``conf_thres``) or
+            ``count`` (answers that state a number use the threshold whose counts best match the training split's
+            count answers; the rest the file's).
         report_examples: Test examples shown per task in the report.
         out: Run folder.
         model_file: The model file ``test`` uses (default ``<out>/model.safetensors``).
@@ -177,6 +181,7 @@ class VLMConfig:
     test_batch_size: int = 8
     max_new_tokens: int = 0
     baseline_detector: str | None = None
+    baseline_threshold: str = "file"
     report_examples: int = 4
     out: str = "runs/vlm"
     model_file: str | None = None
@@ -201,6 +206,8 @@ class VLMConfig:
             check_number(f"steps[{i}]", s, 1)
         for i, v in enumerate(self.lr):
             check_number(f"lr[{i}]", v, 0, 10, low_open=True)
+        if self.baseline_threshold not in ("file", "count"):
+            raise ConfigError(f"baseline_threshold must be file or count, got {self.baseline_threshold!r}")
         if self.resume not in (None, "auto"):
             raise ConfigError(f"resume must be auto (or unset), got {self.resume!r}")
 
@@ -532,19 +539,11 @@ def _item_mark(inst: Any, answer: str) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress: bool = False) -> tuple[list[str], str]:
-    """The "detector + templates" baseline: a detector model file's boxes as answers to ``insts``, and a note on it."""
+def _detect(det: Any, info: dict[str, Any], insts: list[Any], device: str, progress: bool) -> dict[str, Any]:
+    """``{sample key: (boxes, labels, scores)}``: the detector on each sample's pixels (its window, when it has one)."""
     from ..detect.infer import detect_images
-    from ..language.metrics import template_answers
     from ..language.training import sample_image
-    from ..weights import load_model_file
 
-    det, info = load_model_file(path)
-    if info["kind"] not in ("detector", "mask_frozen"):
-        raise ConfigError(f"baseline_detector {path} holds a {info['kind']} model; give a detector model file "
-                          "(frugalvision detect train)")
-    if info["kind"] == "mask_frozen":
-        det = det.detector
     size = int(info["img_size"])
     samples: dict[str, Any] = {}
     for inst in insts:
@@ -561,13 +560,78 @@ def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress:
         dets = detect_images(det, files, size, int(info.get("tile", size)), int(info.get("overlap", 64)),
                              conf_thres=0.001, iou_thres=float(info.get("iou_thres", 0.65)), device=device,
                              progress=progress)
-    preds = {k: (d["boxes"], d["labels"], d["scores"]) for k, d in zip(samples, dets, strict=True)}
+    return {k: (d["boxes"], d["labels"], d["scores"]) for k, d in zip(samples, dets, strict=True)}
+
+
+#: Score thresholds :func:`count_threshold` tries.
+THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def count_threshold(preds: dict[str, Any], insts: list[Any]) -> tuple[float, float]:
+    """The score threshold whose detection counts best match the ``count`` questions of ``insts`` (lowest MAE).
+
+    Returns:
+        ``(threshold, mean absolute count error)``; ties go to the lower threshold.
+
+    Raises:
+        DataError: If ``insts`` has no count question.
+
+    Example:
+        >>> from frugalvision.language.instructions import Instruction
+        >>> q = Instruction("a.png", None, 9, 9, "vqa", "[vqa] how many trees are there?", "1", qtype="count")
+        >>> count_threshold({"a.png": ([[0, 0, 2, 2], [4, 4, 6, 6]], [0, 0], [0.9, 0.3])}, [q])
+        (0.35, 0.0)
+    """
+    counts = [(int(i.answer), np.asarray(preds[i.key][2], dtype=float) if i.key in preds else np.zeros(0))
+              for i in insts if i.task == "vqa" and i.qtype == "count"]
+    if not counts:
+        raise DataError("no count question to set the detector's threshold with")
+    mae = [float(np.mean([abs(int((sc >= t).sum()) - n) for n, sc in counts])) for t in THRESHOLD_GRID]
+    best = int(np.argmin(mae))
+    return THRESHOLD_GRID[best], mae[best]
+
+
+def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress: bool = False,
+                     calibrate: list[Any] | None = None) -> tuple[list[str], str]:
+    """The "detector + templates" baseline: a detector model file's boxes as answers to ``insts``, and a note on it.
+
+    Args:
+        path: Detector (or Mask Frozen) model file.
+        insts: Instructions to answer.
+        device: Where the detector runs.
+        progress: Show progress bars.
+        calibrate: Training instructions: when given, answers that state a number (count questions, captions,
+            grounded captions) use the score threshold whose detection counts best match their ``count`` answers
+            (:func:`count_threshold`); boxes, kinds and yes/no keep the model file's ``conf_thres`` (a threshold
+            set for counting drops boxes that AP and ``[refer]`` need).
+    """
+    from ..language.metrics import template_answers
+    from ..weights import load_model_file
+
+    det, info = load_model_file(path)
+    if info["kind"] not in ("detector", "mask_frozen"):
+        raise ConfigError(f"baseline_detector {path} holds a {info['kind']} model; give a detector model file "
+                          "(frugalvision detect train)")
+    if info["kind"] == "mask_frozen":
+        det = det.detector
     threshold = float(info.get("conf_thres", 0.25))
+    preds = _detect(det, info, insts, device, progress)
     answers = template_answers(insts, preds, class_names=list(info["classes"]), score_threshold=threshold)
-    note = (f"detector + templates: {info.get('name')} from {path} (score >= {threshold}), answers written by the "
-            "data's own templates; no classifier, so captions say 'a surface' and the category question is "
-            "answered 'unknown'")
+    how = f"score >= {threshold}"
+    if calibrate:
+        counted, mae = count_threshold(_detect(det, info, calibrate, device, progress), calibrate)
+        recount = template_answers(insts, preds, class_names=list(info["classes"]), score_threshold=counted)
+        answers = [b if _counts(i) else a for i, a, b in zip(insts, answers, recount, strict=True)]
+        how += (f"; counts, captions and grounding at score >= {counted}, the threshold whose counts best match "
+                f"the training count answers (MAE {mae:.2f} there)")
+    note = (f"detector + templates: {info.get('name')} from {path} ({how}), answers written by the data's own "
+            "templates; no classifier, so captions say 'a surface' and the category question is answered 'unknown'")
     return answers, note
+
+
+def _counts(inst: Any) -> bool:
+    """Whether an answer states how many things there are (a count question, a caption, a grounded caption)."""
+    return inst.task in ("caption", "grounding") or (inst.task == "vqa" and inst.qtype == "count")
 
 
 def _md_rows(md: str) -> list[dict[str, str]]:
@@ -600,7 +664,8 @@ def evaluate_vlm(cfg: VLMConfig, model: Any, info: dict[str, Any], out: Path,
     baseline, note = None, ("no detector + templates row: pass baseline_detector=<detector model file> for one "
                             "(templates fed by the ground truth score 100 % and are no baseline)")
     if cfg.baseline_detector:
-        baseline, note = detector_answers(cfg.baseline_detector, test, cfg.device, cfg.progress)
+        train = vlm_data(data, None, "train", cfg, ["vqa"]) if cfg.baseline_threshold == "count" else None
+        baseline, note = detector_answers(cfg.baseline_detector, test, cfg.device, cfg.progress, calibrate=train)
     sources = sorted({i.source or "data" for i in test})
     scores: dict[str, dict[str, Any]] = {}
     md = [f"# VLM test: {info.get('name')} on {info.get('llm')} ({info.get('llm_init', 'pretrained')})", "",
