@@ -154,6 +154,8 @@ def table(path: Path) -> str:
     """The markdown table: per source, one row per arm (mean ± std over seeds), one column per task metric."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     head = next((r for r in reversed(rows) if r["arm"] not in ("prior", "detector")), rows[-1] if rows else {})
+    tiles = {r["tree_tile"] for r in rows if r.get("tree_tile")}
+    caps = {r["tree_max_boxes"] for r in rows if r.get("tree_max_boxes")}
     out = ["# Every MiniGPT-v2 task: SmolLM2 VLM vs random-init LLM vs detector + templates vs a blind prior", "",
            f"Frozen encoder RepVGG-A0 (textures, stride 16) for every VLM; {head.get('llm', '?')}; steps per stage "
            f"{head.get('steps', '?')} (batch 8); test: a seeded draw of {head.get('limit_test', '?')} instructions "
@@ -162,7 +164,11 @@ def table(path: Path) -> str:
            f"thread per job, {head.get('date', '?')}. Percentages; mean ± std over runs. `detection` is AP50; "
            "caption `acc` needs the defect kinds and their locations right (a defect-free tile: no defect named), "
            "`category` the surface, trees' `count` the number of trees; malformed: answers without the task's "
-           "format.", ""]
+           "format." + (f" Trees: {tiles.pop()}-px tiles, at most {caps.pop()} boxes per `[detection]` answer (the "
+                        "largest; the others neither hit nor miss)." if len(tiles) == 1 == len(caps) else ""),
+           "`detector + templates` counts (count question, captions) at the score threshold whose counts best match "
+           "the training count answers, and keeps the detector file's 0.25 for boxes, kinds and yes/no; "
+           "`detector, file threshold` uses 0.25 everywhere.", ""]
 
     def ms(vals: list[float]) -> str:
         vals = [100 * v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
