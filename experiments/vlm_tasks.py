@@ -137,14 +137,13 @@ def run_prior(source: str, seed: int, args: argparse.Namespace) -> dict:
 def run_detector(source: str, seed: int, args: argparse.Namespace, det: Path) -> dict:
     """Detector + templates alone on the seeded test draw of ``seed`` (the same draw as that seed's text run)."""
     from frugalvision.language.metrics import score_answers
-    from frugalvision.pipelines.vlm import detector_answers
+    from frugalvision.pipelines.vlm import detector_answer_sets
 
     test = _split(source, "test", seed, args.limit_test)
     t0 = time.perf_counter()
-    answers, note = detector_answers(str(det), test, calibrate=[i for i in _split(source, "train", seed)
-                                                                 if i.task == "vqa"])
+    file_answers, answers, note = detector_answer_sets(
+        str(det), test, calibrate=[i for i in _split(source, "train", seed) if i.task == "vqa"])
     answer_s = round(time.perf_counter() - t0, 1)
-    file_answers, _ = detector_answers(str(det), test)
     return {"scores": None, "detector_scores": score_answers(test, answers),
             "detector_file_scores": score_answers(test, file_answers), "detector_note": note, "train_s": None,
             "answer_s": answer_s, "test_instructions": len(test), "steps": None, "trainable_m": None}

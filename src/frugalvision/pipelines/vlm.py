@@ -595,6 +595,19 @@ def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress:
                      calibrate: list[Any] | None = None) -> tuple[list[str], str]:
     """The "detector + templates" baseline: a detector model file's boxes as answers to ``insts``, and a note on it.
 
+    Args, as :func:`detector_answer_sets`, whose counting answers (with ``calibrate``) or file-threshold answers
+    (without) this returns.
+    """
+    at_file, counted, note = detector_answer_sets(path, insts, device, progress, calibrate)
+    return counted if calibrate else at_file, note
+
+
+def detector_answer_sets(path: str, insts: list[Any], device: str = "cpu", progress: bool = False,
+                         calibrate: list[Any] | None = None) -> tuple[list[str], list[str], str]:
+    """The detector baseline's answers at the file's threshold and with counts at the counting threshold, one pass.
+
+    The two lists are the same when ``calibrate`` is not given; the note describes the second.
+
     Args:
         path: Detector (or Mask Frozen) model file.
         insts: Instructions to answer.
@@ -617,6 +630,7 @@ def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress:
     threshold = float(info.get("conf_thres", 0.25))
     preds = _detect(det, info, insts, device, progress)
     answers = template_answers(insts, preds, class_names=list(info["classes"]), score_threshold=threshold)
+    at_file = answers
     how = f"score >= {threshold}"
     if calibrate:
         counted, mae = count_threshold(_detect(det, info, calibrate, device, progress), calibrate)
@@ -626,7 +640,7 @@ def detector_answers(path: str, insts: list[Any], device: str = "cpu", progress:
                 f"the training count answers (MAE {mae:.2f} there)")
     note = (f"detector + templates: {info.get('name')} from {path} ({how}), answers written by the data's own "
             "templates; no classifier, so captions say 'a surface' and the category question is answered 'unknown'")
-    return answers, note
+    return at_file, answers, note
 
 
 def _counts(inst: Any) -> bool:
